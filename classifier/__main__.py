@@ -1,0 +1,3 @@
+from classifier.cli import cli_main
+
+cli_main()

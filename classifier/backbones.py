@@ -1,0 +1,93 @@
+"""timm backbones: creation by name, pretrained weights from the hub or a local file, and their data config."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def check_backbone_name(name: str) -> None:
+    """Fail early, with the closest timm names, instead of timm's bare `Unknown model`."""
+    if timm.is_model(name):
+        return
+    matches = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(matches)}?" if matches else " See timm.list_models() for the names."
+    raise ValueError(f"--model.backbone {name!r} is not a timm model.{hint}")
+
+
+def backbone_data_config(name: str) -> dict[str, Any]:
+    """Input size, interpolation, mean/std and crop percentage the backbone was trained with."""
+    check_backbone_name(name)
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool | str = False,
+    drop_rate: float = 0.0,
+    image_size: int | None = None,
+) -> nn.Module:
+    """A timm model with a fresh `num_classes` head; `pretrained` is False, True (the hub) or a local file."""
+    check_backbone_name(name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = image_size  # ViT-style models build position embeddings for one size
+    if pretrained is True:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except (OSError, RuntimeError) as error:
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {name!r} from the hub ({error}). Offline? "
+                "Pass a local weights file instead: --model.pretrained path/to/weights.pth"
+            ) from error
+    model = timm.create_model(name, **kwargs)
+    if isinstance(pretrained, str) and pretrained:
+        load_local_weights(model, Path(pretrained))
+    return model
+
+
+def load_local_weights(model: nn.Module, path: Path) -> None:
+    """Load a timm/torchvision state dict or a checkpoint of this project, dropping a head of another shape."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--model.pretrained {path} does not exist")
+    try:
+        state = timm.models.load_state_dict(str(path))  # weights_only; unwraps state_dict/model, strips module.
+    except Exception as error:
+        raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
+    state = {key.removeprefix("backbone."): value for key, value in state.items()}
+    own = model.state_dict()
+    head = _head_prefixes(model)
+    dropped = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
+    wrong = [key for key in dropped if not key.startswith(head)]
+    missing = [key for key in own if key not in state and not key.startswith(head)]
+    unexpected = [key for key in state if key not in own]
+    if wrong or missing or unexpected:
+        raise ValueError(
+            f"--model.pretrained {path} does not fit {type(model).__name__}: "
+            f"{len(wrong)} tensors of another shape {wrong[:3]}, {len(missing)} missing {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    for key in dropped:
+        del state[key]
+    if dropped:
+        log.info("Pretrained head %s has another shape; it is dropped and trained from scratch.", ", ".join(dropped))
+    model.load_state_dict(state, strict=False)
+    log.info("Loaded pretrained weights from %s", path)
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier head, from timm's pretrained_cfg."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return tuple(f"{name}." for name in names)
+

@@ -1,0 +1,178 @@
+"""`classifier fit|validate|test|predict`: LightningCLI plus checkpoint-restored settings and `--ckpt_path last`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from classifier.callbacks import PredictionWriter, RNGStateCheckpoint
+from classifier.data import ImageFolderDataModule
+from classifier.module import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+# (source, target, when): the model and the data agree on these, so no config repeats them
+LINKS = (
+    ("model.backbone", "data.backbone", "parse"),
+    ("data.image_size", "model.image_size", "parse"),
+    ("data.class_names", "model.class_names", "instantiate"),
+)
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+class ClassifierCLI(LightningCLI):
+    """LightningCLI for ImageClassifier on ImageFolderDataModule."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        super().__init__(
+            ImageClassifier,
+            ImageFolderDataModule,
+            trainer_defaults={"callbacks": [RNGStateCheckpoint()]},
+            save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
+            auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/f1_macro",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults({"early_stopping.patience": 10})
+        parser.link_arguments("checkpoint.monitor", "early_stopping.monitor")
+        parser.link_arguments("checkpoint.mode", "early_stopping.mode")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+        for source, target, apply_on in LINKS:
+            parser.link_arguments(source, target, apply_on=apply_on)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse; then, given a checkpoint, parse again on top of its model and data settings."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand is None or isinstance(args, (dict, Namespace)):
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if subcommand == "fit" and ckpt_path == "last":
+            ckpt_path = find_last_checkpoint(config)
+        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+            return
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
+        argv = list(sys.argv[1:] if args is None else args)
+        at = argv.index(subcommand) + 1
+        argv[at:at] = [f"--{key}={yaml.safe_dump(value)}" for key, value in checkpoint_settings(ckpt_path).items()]
+        self.config = parser.parse_args(argv)
+        config = self.config[subcommand]
+        config.ckpt_path = str(ckpt_path)
+        place_logger(config, Path(ckpt_path), resume=subcommand == "fit")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("fast_dev_run"):
+            # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt even under fast_dev_run, into the cwd
+            config.checkpoint.save_last = False
+
+    def _parse_ckpt_path(self) -> None:
+        """Done in `parse_arguments`, for the datamodule too and below command-line flags."""
+
+    def after_fit(self) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        if self.trainer.is_global_zero and checkpoint is not None and checkpoint.best_model_path:
+            score = checkpoint.best_model_score
+            log.info(
+                "Best checkpoint (%s = %.4f): %s\nEvaluate it with: classifier test --ckpt_path %s",
+                checkpoint.monitor,
+                float(score) if score is not None else float("nan"),
+                checkpoint.best_model_path,
+                checkpoint.best_model_path,
+            )
+
+
+def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
+    """The model and data arguments a checkpoint was trained with, less those that links derive."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    derived = {target for _, target, _ in LINKS}
+    settings = {}
+    for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):
+        hparams = checkpoint.get(key) or {}
+        settings[group] = {
+            name: value
+            for name, value in hparams.items()
+            if not name.startswith("_") and f"{group}.{name}" not in derived
+        }
+    return {group: values for group, values in settings.items() if values}
+
+
+def _logger_root(trainer: Namespace) -> Optional[Path]:
+    """The folder holding the logger's version_N run folders."""
+    logger = trainer.get("logger")
+    if logger in (None, True):
+        return Path(trainer.get("default_root_dir") or ".") / "lightning_logs"
+    if isinstance(logger, Namespace) and "save_dir" in logger.get("init_args", {}):
+        return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
+    return None
+
+
+def find_last_checkpoint(config: Namespace) -> Optional[Path]:
+    """The newest `last.ckpt` among this config's runs, so a resume does not depend on the new version_N."""
+    if config.checkpoint.get("dirpath"):
+        candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
+    else:
+        root = _logger_root(config.trainer)
+        if root is None:
+            raise ValueError("--ckpt_path last needs a TensorBoard or CSV logger, or --checkpoint.dirpath")
+        candidates = list(root.glob("version_*/checkpoints/last.ckpt"))
+    found = [path for path in candidates if path.is_file()]
+    if not found:
+        log.warning("--ckpt_path last: no earlier run with a last.ckpt; training from scratch.")
+        return None
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:
+    """Resume into the checkpoint's run folder; file a validate/test/predict run beside it."""
+    checkpoints = ckpt_path.resolve().parent
+    if checkpoints.name != "checkpoints" or not checkpoints.parent.name.startswith("version_"):
+        return
+    version_dir = checkpoints.parent
+    logger = config.trainer.get("logger")
+    if logger in (None, True):
+        logger = Namespace(class_path=TENSORBOARD, init_args=Namespace(save_dir=str(version_dir.parent.parent)))
+        logger.init_args.name = version_dir.parent.name
+        config.trainer.logger = logger
+    elif not resume or not isinstance(logger, Namespace):
+        return
+    if resume:
+        logger.init_args.version = version_dir.name
+
+
+def configure_logging() -> None:
+    """Show this package's INFO messages (where files went) on the console."""
+    package = logging.getLogger("classifier")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
+def cli_main(args: ArgsType = None) -> None:
+    """Entry point of the `classifier` command; `args` lets tests drive it without a subprocess."""
+    configure_logging()
+    ClassifierCLI(args=args)

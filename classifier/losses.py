@@ -1,0 +1,46 @@
+"""Classification losses; each is a small module with `forward(logits, target) -> Tensor`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., 2017): down-weights easy examples; with gamma=0 it equals (weighted) cross-entropy."""
+
+    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        log_p = F.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
+        weight = self.weight[target] if self.weight is not None else torch.ones_like(log_p)
+        loss = -weight * (1 - log_p.exp()).pow(self.gamma) * log_p
+        return loss.sum() / weight.sum()
+
+
+def build_loss(
+    name: Literal["ce", "focal"], num_classes: int, weighted: bool, label_smoothing: float, focal_gamma: float
+) -> nn.Module:
+    """The loss module; `weighted` gives it a per-class `weight` buffer that is saved with the checkpoint."""
+    weight = torch.ones(num_classes) if weighted else None
+    if name == "ce":
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    if name == "focal":
+        if label_smoothing:
+            raise ValueError("--model.label_smoothing applies to --model.loss ce only; set it to 0 for focal")
+        return FocalLoss(gamma=focal_gamma, weight=weight)
+    raise ValueError(f"--model.loss {name!r} is not one of: ce, focal")
+
+
+def inverse_frequency_weights(class_counts: list[int]) -> Tensor:
+    """n / (k * count): every class contributes equally to the loss, whatever its size."""
+    counts = torch.tensor(class_counts, dtype=torch.float)
+    if (counts == 0).any():
+        raise ValueError("class_weights=auto needs every class in the train split; some have no images")
+    return counts.sum() / (len(counts) * counts)

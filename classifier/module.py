@@ -1,0 +1,126 @@
+"""The LightningModule: a timm backbone, its loss and per-stage torchmetrics."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torch.optim.lr_scheduler import CosineAnnealingLR
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from classifier.backbones import create_backbone
+from classifier.losses import build_loss, inverse_frequency_weights
+
+STAGES = ("train", "val", "test")
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """acc, balanced_acc, f1_macro, f1_weighted and, past 5 classes, top5_acc, named `{prefix}{name}`."""
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "balanced_acc": MulticlassAccuracy(num_classes, average="macro"),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        "f1_weighted": MulticlassF1Score(num_classes, average="weighted"),
+    }
+    if num_classes > 5:
+        metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class ImageClassifier(LightningModule):
+    """Image classification with any timm backbone."""
+
+    def __init__(
+        self,
+        class_names: list[str],
+        backbone: str = "resnet18",
+        pretrained: Union[bool, str] = False,
+        drop_rate: float = 0.0,
+        image_size: Optional[int] = None,
+        loss: Literal["ce", "focal"] = "ce",
+        label_smoothing: float = 0.0,
+        focal_gamma: float = 2.0,
+        class_weights: Union[Literal["auto"], list[float], None] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Optional[LRSchedulerCallable] = None,
+    ) -> None:
+        """
+        Args:
+            class_names: Class names in index order (linked from the datamodule).
+            backbone: Any timm model name.
+            pretrained: False, True for the hub's weights, or a path to a local weights file.
+            drop_rate: Dropout before the classifier head.
+            image_size: Input size, for backbones built for one size (linked from the datamodule).
+            loss: ce (cross-entropy) or focal.
+            label_smoothing: Label smoothing of the ce loss.
+            focal_gamma: Focusing parameter of the focal loss.
+            class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
+            optimizer: Optimizer; AdamW by default.
+            scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.class_names = list(class_names)
+        num_classes = len(self.class_names)
+        if isinstance(class_weights, list) and len(class_weights) != num_classes:
+            raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
+        self.backbone = create_backbone(backbone, num_classes, pretrained, drop_rate, image_size)
+        self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
+        if isinstance(class_weights, list):
+            self.criterion.weight.copy_(torch.tensor(class_weights))
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", classification_metrics(num_classes, prefix=f"{stage}/"))
+            setattr(self, f"{stage}_loss", MeanMetric())
+
+    def setup(self, stage: str) -> None:
+        """Class weights come from the train split, known only once the datamodule is set up."""
+        if stage == "fit" and self.hparams.class_weights == "auto":
+            counts = self.trainer.datamodule.class_counts
+            self.criterion.weight.copy_(inverse_frequency_weights(counts))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
+        images, targets, _ = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
+        metrics.update(logits, targets)
+        mean_loss.update(loss.detach(), weight=len(targets))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
+        return loss, logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, _ = self._step(batch, "train")
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")[1]
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "test")[1]
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0])
+
+    def on_train_start(self) -> None:
+        """The sanity check must not leak into the first epoch's validation metrics."""
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer(self.parameters())
+        if self.scheduler is not None:
+            scheduler = self.scheduler(optimizer)
+        else:
+            scheduler = CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

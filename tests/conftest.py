@@ -1,0 +1,67 @@
+"""Shared fixtures: real digit images on disk, and a tiny CPU config each test copies into its tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from classifier.digits import write_digits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 1,797 scikit-learn digits as PNG class folders."""
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 digits per class: enough to train a tiny model for a couple of epochs in seconds."""
+    root = tmp_path_factory.mktemp("small") / "digits"
+    for class_dir in sorted(digits_dir.iterdir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:20]:
+            shutil.copy(image, root / class_dir.name / image.name)
+    return root
+
+
+def tiny_config(tmp_path: Path, data_dir: Path, **overrides: dict) -> Path:
+    """A config for `test_resnet` on 32 px images, logging under tmp_path/lightning_logs/tiny."""
+    config = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 2,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "lightning_logs"), "name": "tiny"},
+            },
+        },
+        "model": {"backbone": "test_resnet"},
+        "data": {"data_dir": str(data_dir), "image_size": 32, "batch_size": 32, "num_workers": 0, "hflip": 0.0},
+    }
+    for group, values in overrides.items():
+        config.setdefault(group, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_dir(tmp_path: Path, version: int) -> Path:
+    return tmp_path / "lightning_logs" / "tiny" / f"version_{version}"
+
+
+def save_image(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
