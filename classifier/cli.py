@@ -35,7 +35,7 @@ class ClassifierCLI(LightningCLI):
         super().__init__(
             ImageClassifier,
             ImageFolderDataModule,
-            trainer_defaults={"callbacks": [RNGStateCheckpoint()]},
+            trainer_defaults={"callbacks": [RNGStateCheckpoint(), latest_checkpoint()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
             args=args,
@@ -49,7 +49,6 @@ class ClassifierCLI(LightningCLI):
                 "checkpoint.monitor": "val/f1_macro",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
             }
         )
         parser.add_lightning_class_args(EarlyStopping, "early_stopping")
@@ -82,12 +81,6 @@ class ClassifierCLI(LightningCLI):
         config.ckpt_path = str(ckpt_path)
         place_logger(config, Path(ckpt_path), resume=subcommand == "fit")
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.trainer.get("fast_dev_run"):
-            # Lightning 2.6's ModelCheckpoint.on_train_end saves last.ckpt even under fast_dev_run, into the cwd
-            config.checkpoint.save_last = False
-
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, for the datamodule too and below command-line flags."""
 
@@ -102,6 +95,14 @@ class ClassifierCLI(LightningCLI):
                 checkpoint.best_model_path,
                 checkpoint.best_model_path,
             )
+
+
+def latest_checkpoint() -> ModelCheckpoint:
+    """`last.ckpt`, rewritten every epoch, to resume from.
+
+    Lightning 2.6's `save_last=True` rewrites last.ckpt only in epochs that also save a top-k checkpoint.
+    """
+    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
@@ -131,14 +132,10 @@ def _logger_root(trainer: Namespace) -> Optional[Path]:
 
 def find_last_checkpoint(config: Namespace) -> Optional[Path]:
     """The newest `last.ckpt` among this config's runs, so a resume does not depend on the new version_N."""
-    if config.checkpoint.get("dirpath"):
-        candidates = [Path(config.checkpoint.dirpath) / "last.ckpt"]
-    else:
-        root = _logger_root(config.trainer)
-        if root is None:
-            raise ValueError("--ckpt_path last needs a TensorBoard or CSV logger, or --checkpoint.dirpath")
-        candidates = list(root.glob("version_*/checkpoints/last.ckpt"))
-    found = [path for path in candidates if path.is_file()]
+    root = _logger_root(config.trainer)
+    if root is None:
+        raise ValueError("--ckpt_path last needs a TensorBoard or CSV logger, to find the runs of this config")
+    found = list(root.glob("version_*/checkpoints/last.ckpt"))
     if not found:
         log.warning("--ckpt_path last: no earlier run with a last.ckpt; training from scratch.")
         return None

@@ -52,6 +52,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, **overrides: dict) -> Path:
     }
     for group, values in overrides.items():
         config.setdefault(group, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -1,0 +1,118 @@
+"""Resume parity, mixed precision and DDP: the trainer features a user scales up with."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from classifier import ImageFolderDataModule, cli_main
+from tests.conftest import run_dir, tiny_config
+
+CLASSIFIER = str(Path(sys.executable).parent / "classifier")
+
+
+def final_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def resumable_config(tmp_path: Path, data_dir: Path) -> Path:
+    """Random crops, flips and dropout, so that a resume with other RNG draws would show."""
+    return tiny_config(
+        tmp_path,
+        data_dir,
+        trainer={"max_epochs": 4, "deterministic": True},
+        model={
+            "drop_rate": 0.3,
+            # the schedule's length is fixed, so stopping early does not change it
+            "scheduler": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 4}},
+        },
+        data={"hflip": 0.5, "crop_scale": [0.5, 1.0]},
+    )
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_with_the_same_weights(small_digits: Path, tmp_path: Path) -> None:
+    uninterrupted = resumable_config(tmp_path / "a", small_digits)
+    cli_main(["fit", "--config", str(uninterrupted)])
+
+    config = resumable_config(tmp_path / "b", small_digits)
+    cli_main(["fit", "--config", str(config), "--trainer.max_epochs", "2"])  # stopped after epoch 2
+    steps_per_epoch = int((ImageFolderDataModule(str(small_digits)).splits.split == "train").sum()) // 32
+    stopped = torch.load(run_dir(tmp_path / "b", 0) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["epoch"] == 1 and stopped["global_step"] == 2 * steps_per_epoch
+    cli_main(["fit", "--config", str(config), "--ckpt_path", "last"])
+
+    assert sorted(p.name for p in (tmp_path / "b" / "lightning_logs" / "tiny").iterdir()) == ["version_0"]
+    resumed, expected = final_weights(tmp_path / "b"), final_weights(tmp_path / "a")
+    assert torch.load(run_dir(tmp_path / "b", 0) / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_last_without_an_earlier_run_starts_fresh(small_digits: Path, tmp_path: Path, caplog) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    with caplog.at_level("WARNING", logger="classifier"):
+        cli_main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert "no earlier run with a last.ckpt; training from scratch" in caplog.text
+    assert (run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_missing_checkpoint_path_is_named(small_digits: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=f"--ckpt_path {tmp_path / 'gone.ckpt'} does not exist"):
+        cli_main(["test", "--ckpt_path", str(tmp_path / "gone.ckpt")])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "precision": precision})
+    cli_main(["fit", "--config", str(config)])
+    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
+    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+    assert all(value == value for value in metrics.values())  # no NaN
+    assert final_weights(tmp_path)["backbone.fc.weight"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_on_gpu(precision: str, small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"accelerator": "gpu", "max_epochs": 3, "precision": precision})
+    cli_main(["fit", "--config", str(config)])
+    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
+    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.3
+
+
+def run_classifier(*args: str, cwd: Path) -> None:
+    """The installed `classifier` command, as a user runs it (DDP re-launches it per rank)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([CLASSIFIER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
+    # 31 test images: an odd count, which a padding DistributedSampler would evaluate one image twice for
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, data={"test_fraction": 0.155})
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    run_classifier("fit", "--config", str(config), *ddp, cwd=tmp_path)
+    best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
+    assert best.is_file() and (run_dir(tmp_path, 0) / "splits.csv").is_file()
+
+    cli_main(["test", "--ckpt_path", str(best)])
+    run_classifier("test", "--ckpt_path", str(best), *ddp, cwd=tmp_path)
+    single = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+    synced = json.loads((run_dir(tmp_path, 2) / "metrics.json").read_text())
+    assert single.keys() == synced.keys()
+    for name, value in single.items():
+        assert synced[name] == pytest.approx(value, abs=1e-6), name
+    single_rows = (run_dir(tmp_path, 1) / "predictions.csv").read_text().splitlines()
+    synced_rows = (run_dir(tmp_path, 2) / "predictions.csv").read_text().splitlines()
+    assert len(synced_rows) == len(single_rows) == 32  # header + 31 test images, none twice
+    for mine, theirs in zip(single_rows[1:], synced_rows[1:]):
+        assert mine.split(",")[:3] == theirs.split(",")[:3]
