@@ -90,4 +90,3 @@ def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     return tuple(f"{name}." for name in names)
-

@@ -7,7 +7,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class RNGStateCheckpoint(Callback):
 class PredictionWriter(Callback):
     """Writes `predictions.csv` for validate, test and predict, and `metrics.json` for validate and test."""
 
-    def __init__(self, output: Optional[str] = None) -> None:
+    def __init__(self, output: str | None = None) -> None:
         """
         Args:
             output: Where predictions.csv goes; by default into the run folder.
@@ -85,33 +85,38 @@ class PredictionWriter(Callback):
         if not trainer.is_global_zero:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        paths = trainer.datamodule.paths(stage)
-        classes = pl_module.class_names
-        confidence, predicted = probs.max(dim=-1)
         output = Path(self.output) if self.output else run_dir / "predictions.csv"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with open(output, "w", newline="") as file:
-            writer = csv.writer(file)
-            labelled = stage != "predict"
-            writer.writerow(["path", "target", "prediction", "confidence"] if labelled else ["path", "prediction", "confidence"])
-            for row, target, index, score in zip(rows.tolist(), targets.tolist(), predicted.tolist(), confidence.tolist()):
-                head = [str(paths[row])] + ([classes[target]] if labelled else [])
-                writer.writerow(head + [classes[index], f"{score:.6f}"])
-        log.info("Predictions for %d images: %s", len(rows), output)
+        paths = [trainer.datamodule.paths(stage)[row] for row in rows.tolist()]
+        write_predictions(output, paths, targets if stage != "predict" else None, probs, pl_module.class_names)
+        log.info("Predictions for %d images: %s", len(paths), output)
         if stage != "predict":
             metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")}
             (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             log.info("Metrics: %s", run_dir / "metrics.json")
 
 
+def write_predictions(
+    output: Path, paths: list[Path], targets: Tensor | None, probs: Tensor, classes: list[str]
+) -> None:
+    """`path,[target,]prediction,confidence` per image, with class names rather than indices."""
+    confidence, predicted = probs.max(dim=-1)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path"] + (["target"] if targets is not None else []) + ["prediction", "confidence"])
+        for i, path in enumerate(paths):
+            target = [classes[targets[i]]] if targets is not None else []
+            writer.writerow([str(path), *target, classes[predicted[i]], f"{confidence[i]:.6f}"])
+
+
 def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
     """Every rank's (rows, targets, probabilities), concatenated and ordered by row."""
-    local = [torch.cat(parts) for parts in zip(*outputs)] if outputs else None
+    local = [torch.cat(parts) for parts in zip(*outputs, strict=True)] if outputs else None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         everyone: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, local)
         parts = [part for part in everyone if part is not None]
-        local = [torch.cat(column) for column in zip(*parts)] if parts else None
+        local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
     if local is None:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     order = local[0].argsort()

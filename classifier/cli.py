@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -120,7 +120,7 @@ def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
     return {group: values for group, values in settings.items() if values}
 
 
-def _logger_root(trainer: Namespace) -> Optional[Path]:
+def _logger_root(trainer: Namespace) -> Path | None:
     """The folder holding the logger's version_N run folders."""
     logger = trainer.get("logger")
     if logger in (None, True):
@@ -130,7 +130,7 @@ def _logger_root(trainer: Namespace) -> Optional[Path]:
     return None
 
 
-def find_last_checkpoint(config: Namespace) -> Optional[Path]:
+def find_last_checkpoint(config: Namespace) -> Path | None:
     """The newest `last.ckpt` among this config's runs, so a resume does not depend on the new version_N."""
     root = _logger_root(config.trainer)
     if root is None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -51,23 +52,23 @@ class ImageFolderDataModule(LightningDataModule):
     def __init__(
         self,
         data_dir: str = "data/digits",
-        predict_dir: Optional[str] = None,
+        predict_dir: str | None = None,
         backbone: str = "resnet18",
-        image_size: Optional[int] = None,
-        crop_pct: Optional[float] = None,
+        image_size: int | None = None,
+        crop_pct: float | None = None,
         batch_size: int = 64,
-        num_workers: Optional[int] = None,
+        num_workers: int | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 42,
-        num_folds: Optional[int] = None,
+        num_folds: int | None = None,
         fold: int = 0,
-        classes: Optional[list[str]] = None,
+        classes: list[str] | None = None,
         skip_bad_images: bool = False,
         hflip: float = 0.5,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        color_jitter: Optional[float] = 0.4,
+        color_jitter: float | None = 0.4,
     ) -> None:
         """
         Args:
@@ -160,7 +161,7 @@ class ImageFolderDataModule(LightningDataModule):
             if not paths and name != "val":
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
             keep = set(self._readable(paths))
-            kept = [(p, t) for p, t in zip(paths, targets) if p in keep]
+            kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]
             self.datasets[name] = ImageDataset(
                 [p for p, _ in kept], [t for _, t in kept], self.transform(training=name == "train")
             )

@@ -71,4 +71,4 @@ def find_unreadable(paths: list[Path], num_threads: int = 8) -> dict[Path, str]:
     """Decode every file once, in parallel (PIL releases the GIL), and map each bad one to its reason."""
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         reasons = pool.map(check_image, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons) if reason is not None}
+        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -38,15 +38,15 @@ class ImageClassifier(LightningModule):
         self,
         class_names: list[str],
         backbone: str = "resnet18",
-        pretrained: Union[bool, str] = False,
+        pretrained: bool | str = False,
         drop_rate: float = 0.0,
-        image_size: Optional[int] = None,
+        image_size: int | None = None,
         loss: Literal["ce", "focal"] = "ce",
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
-        class_weights: Union[Literal["auto"], list[float], None] = None,
+        class_weights: Literal["auto"] | list[float] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         """
         Args:

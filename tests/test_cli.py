@@ -73,8 +73,19 @@ def test_test_from_checkpoint_alone_restores_model_and_data(trained: Path, monke
 def test_command_line_flags_win_over_checkpoint(trained: Path, tmp_path: Path) -> None:
     best = run_dir(trained, 0) / "checkpoints" / "best.ckpt"
     out = tmp_path / "logs"
-    cli_main(["validate", "--ckpt_path", str(best), "--data.batch_size", "7", "--trainer.logger.class_path",
-              "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(out)])
+    cli_main(
+        [
+            "validate",
+            "--ckpt_path",
+            str(best),
+            "--data.batch_size",
+            "7",
+            "--trainer.logger.class_path",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.init_args.save_dir",
+            str(out),
+        ]
+    )
     version_dir = out / "lightning_logs" / "version_0"
     config = yaml.safe_load((version_dir / "config.yaml").read_text())
     assert config["data"]["batch_size"] == 7 and config["data"]["seed"] == 3
@@ -91,8 +102,17 @@ def test_predict_matches_test_time_predictions(trained: Path, tmp_path: Path) ->
     for row in read_csv(run_dir(trained, 1) / "predictions.csv"):
         shutil.copy(row["path"], photos / Path(row["path"]).name)
     output = tmp_path / "out" / "preds.csv"
-    cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(tmp_path / "photos"),
-              "--predictions.output", str(output)])
+    cli_main(
+        [
+            "predict",
+            "--ckpt_path",
+            str(best),
+            "--data.predict_dir",
+            str(tmp_path / "photos"),
+            "--predictions.output",
+            str(output),
+        ]
+    )
     predicted = read_csv(output)
     assert list(predicted[0]) == ["path", "prediction", "confidence"]
     assert len(predicted) == len(tested)
@@ -133,15 +153,42 @@ def test_print_config_is_reusable_as_config(small_digits: Path, tmp_path: Path, 
     cli_main(["fit", "--config", str(printed), "--trainer.fast_dev_run", "1"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_b0", "vit_small_patch16_224"])
 def test_shipped_configs_build_and_run_one_step(name: str, small_digits: Path, tmp_path: Path) -> None:
-    cli_main(["fit", "--config", str(REPO / "configs" / f"{name}.yaml"), "--data.data_dir", str(small_digits),
-              "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.fast_dev_run", "1",
-              "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / f"{name}.yaml"),
+            "--data.data_dir",
+            str(small_digits),
+            "--data.batch_size",
+            "2",
+            "--data.num_workers",
+            "0",
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
 
 
 def test_resnet18_config_builds_and_runs_one_step(small_digits: Path, tmp_path: Path) -> None:
-    cli_main(["fit", "--config", str(REPO / "configs" / "resnet18.yaml"), "--data.data_dir", str(small_digits),
-              "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu",
-              "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs" / "resnet18.yaml"),
+            "--data.data_dir",
+            str(small_digits),
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )

@@ -30,7 +30,7 @@ def test_stratified_split_counts(tmp_path: Path) -> None:
     splits = ImageFolderDataModule(str(make_folder(tmp_path / "d", counts)), val_fraction=0.2, test_fraction=0.1).splits
     assert sorted(map(str, splits.paths)) == [str(p) for p in splits.paths]
     assert Counter(splits.split.tolist()) == {"train": 140, "val": 40, "test": 20}
-    for index, (name, total) in enumerate(counts.items()):
+    for index, total in enumerate(counts.values()):
         in_class = splits.labels == index
         assert abs((splits.split[in_class] == "test").sum() - 0.1 * total) <= 1
         assert abs((splits.split[in_class] == "val").sum() - 0.2 * total) <= 1
@@ -40,9 +40,9 @@ def test_stratified_split_counts(tmp_path: Path) -> None:
 def test_kfold_folds_are_disjoint_covering_stratified_with_one_test_split(tmp_path: Path) -> None:
     data_dir = str(make_folder(tmp_path / "d", {"a": 50, "b": 25, "c": 35}))
     folds = [ImageFolderDataModule(data_dir, num_folds=5, fold=k, test_fraction=0.2).splits for k in range(5)]
-    test_sets = [{str(p) for p, s in zip(f.paths, f.split) if s == "test"} for f in folds]
+    test_sets = [{str(p) for p, s in zip(f.paths, f.split, strict=True) if s == "test"} for f in folds]
     assert all(test == test_sets[0] for test in test_sets) and len(test_sets[0]) == 22
-    val_sets = [{str(p) for p, s in zip(f.paths, f.split) if s == "val"} for f in folds]
+    val_sets = [{str(p) for p, s in zip(f.paths, f.split, strict=True) if s == "val"} for f in folds]
     everything = {str(p) for p in folds[0].paths}
     assert set().union(*val_sets) == everything - test_sets[0]
     assert sum(len(v) for v in val_sets) == len(everything) - len(test_sets[0])  # disjoint
@@ -68,14 +68,14 @@ def test_split_folders_are_used_and_missing_val_is_carved(tmp_path: Path) -> Non
     make_folder(tmp_path / "d" / "test", {"cat": 5, "dog": 4})
     splits = ImageFolderDataModule(str(tmp_path / "d"), val_fraction=0.2).splits
     assert Counter(splits.split.tolist()) == {"train": 48, "val": 12, "test": 9}
-    assert all(("test" in p.parts) == (s == "test") for p, s in zip(splits.paths, splits.split))
+    assert all(("test" in p.parts) == (s == "test") for p, s in zip(splits.paths, splits.split, strict=True))
 
 
 def test_class_only_in_val_is_an_error_naming_the_folder(tmp_path: Path) -> None:
     make_folder(tmp_path / "d" / "train", {"cat": 3})
     make_folder(tmp_path / "d" / "val", {"cat": 2, "fox": 2})
     with pytest.raises(ValueError, match=str(tmp_path / "d" / "val" / "fox")):
-        ImageFolderDataModule(str(tmp_path / "d")).class_names
+        _ = ImageFolderDataModule(str(tmp_path / "d")).class_names
 
 
 def test_empty_class_folder_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_empty_class_folder_is_an_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "d" / "dog").mkdir()
     (tmp_path / "d" / "dog" / "notes.txt").write_text("no images here")
     with pytest.raises(ValueError, match=f"class folder {tmp_path / 'd' / 'dog'} holds no images"):
-        ImageFolderDataModule(str(tmp_path / "d")).class_names
+        _ = ImageFolderDataModule(str(tmp_path / "d")).class_names
 
 
 def test_missing_data_dir_is_an_error_naming_it(tmp_path: Path) -> None:
@@ -138,8 +138,9 @@ def test_unreadable_files_are_listed_before_training(tmp_path: Path) -> None:
 
 def test_skip_bad_images_warns_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     bad = broken_files(tmp_path / "d")
-    datamodule = ImageFolderDataModule(str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0,
-                                       skip_bad_images=True, image_size=8, num_workers=0)
+    datamodule = ImageFolderDataModule(
+        str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0, skip_bad_images=True, image_size=8, num_workers=0
+    )
     with caplog.at_level("WARNING"):
         datamodule.setup("fit")
     assert "Skipping 2 unreadable images of 22" in caplog.text
@@ -149,8 +150,9 @@ def test_skip_bad_images_warns_with_a_count(tmp_path: Path, caplog: pytest.LogCa
 
 def test_loader_yields_uint8_and_device_hook_normalises(tmp_path: Path) -> None:
     make_folder(tmp_path / "d", {"a": 6, "b": 6})
-    datamodule = ImageFolderDataModule(str(tmp_path / "d"), backbone="resnet18", image_size=16, batch_size=4,
-                                       num_workers=0, test_fraction=0)
+    datamodule = ImageFolderDataModule(
+        str(tmp_path / "d"), backbone="resnet18", image_size=16, batch_size=4, num_workers=0, test_fraction=0
+    )
     datamodule.setup("fit")
     images, targets, rows = next(iter(datamodule.val_dataloader()))
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 16, 16)

@@ -81,8 +81,13 @@ def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path:
         (imbalanced / digit).mkdir(parents=True)
         for image in sorted((small_digits / digit).iterdir())[:count]:
             (imbalanced / digit / image.name).write_bytes(image.read_bytes())
-    config = tiny_config(tmp_path, imbalanced, trainer={"max_epochs": 1},
-                         model={"class_weights": "auto"}, data={"val_fraction": 0.0, "test_fraction": 0.0})
+    config = tiny_config(
+        tmp_path,
+        imbalanced,
+        trainer={"max_epochs": 1},
+        model={"class_weights": "auto"},
+        data={"val_fraction": 0.0, "test_fraction": 0.0},
+    )
     cli_main(["fit", "--config", str(config), "--checkpoint.monitor", "train/loss", "--checkpoint.mode", "min"])
     state = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     torch.testing.assert_close(state["criterion.weight"], 35 / (3 * torch.tensor([20.0, 10.0, 5.0])))

@@ -81,7 +81,8 @@ def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_on_gpu(precision: str, small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"accelerator": "gpu", "max_epochs": 3, "precision": precision})
+    trainer = {"accelerator": "gpu", "max_epochs": 3, "precision": precision}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer)
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
@@ -114,5 +115,5 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     single_rows = (run_dir(tmp_path, 1) / "predictions.csv").read_text().splitlines()
     synced_rows = (run_dir(tmp_path, 2) / "predictions.csv").read_text().splitlines()
     assert len(synced_rows) == len(single_rows) == 32  # header + 31 test images, none twice
-    for mine, theirs in zip(single_rows[1:], synced_rows[1:]):
+    for mine, theirs in zip(single_rows[1:], synced_rows[1:], strict=True):
         assert mine.split(",")[:3] == theirs.split(",")[:3]

@@ -1,0 +1,31 @@
+# `make help` lists the targets. Everything runs inside the virtual environment $(VENV).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CONFIG ?= configs/resnet18.yaml
+
+.PHONY: help install train test test-fast lint data
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## Create $(VENV) and install classifier with its test tools
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[dev]"
+
+train:  ## Train $(CONFIG) (default: ResNet-18 on the bundled digits)
+	$(BIN)/classifier fit --config $(CONFIG)
+
+test:  ## Run the whole test suite, slow tests included
+	$(BIN)/pytest
+
+test-fast:  ## Run the tests not marked slow
+	$(BIN)/pytest -m "not slow"
+
+lint:  ## Check style with ruff
+	$(BIN)/ruff check classifier tests
+	$(BIN)/ruff format --check classifier tests
+
+data:  ## Rewrite the bundled digits under data/digits from scikit-learn
+	$(BIN)/python -m classifier.digits data/digits
