@@ -80,13 +80,13 @@ def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Pa
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_on_gpu(precision: str, small_digits: Path, tmp_path: Path) -> None:
-    trainer = {"accelerator": "gpu", "max_epochs": 3, "precision": precision}
-    config = tiny_config(tmp_path, small_digits, trainer=trainer)
+def test_mixed_precision_on_gpu(precision: str, digits_dir: Path, tmp_path: Path) -> None:
+    trainer = {"accelerator": "gpu", "max_epochs": 5, "precision": precision}
+    config = tiny_config(tmp_path, digits_dir, trainer=trainer)
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
-    assert metrics["test/acc"] > 0.3
+    assert metrics["test/acc"] > 0.8  # fp32 on CPU reaches about 0.9 in these 5 epochs
 
 
 def run_classifier(*args: str, cwd: Path) -> None:
@@ -111,7 +111,8 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     synced = json.loads((run_dir(tmp_path, 2) / "metrics.json").read_text())
     assert single.keys() == synced.keys()
     for name, value in single.items():
-        assert synced[name] == pytest.approx(value, abs=1e-6), name
+        # float32 sums accumulate in another order across ranks; a duplicated image shifts acc by 3%
+        assert synced[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
     single_rows = (run_dir(tmp_path, 1) / "predictions.csv").read_text().splitlines()
     synced_rows = (run_dir(tmp_path, 2) / "predictions.csv").read_text().splitlines()
     assert len(synced_rows) == len(single_rows) == 32  # header + 31 test images, none twice
