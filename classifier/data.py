@@ -95,6 +95,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.generator = torch.Generator().manual_seed(seed)
         self.datasets: dict[str, ImageDataset] = {}
+        self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @cached_property
     def splits(self) -> Splits:
@@ -233,9 +234,16 @@ class ImageFolderDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """uint8 -> normalised float on the device; the seam for later GPU-side augmentation."""
         images, targets, rows = batch
-        mean = torch.tensor(self.data_config["mean"], device=images.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.data_config["std"], device=images.device).view(1, -1, 1, 1) * 255
+        mean, std = self._normalisation(images.device)
         return (images.float() - mean) / std, targets, rows
+
+    def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""
+        if device not in self._normalisation_on:
+            mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1) * 255
+            std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1) * 255
+            self._normalisation_on[device] = mean.to(device), std.to(device)
+        return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
         """The shuffling generator's state, so a resumed run draws the same batches."""

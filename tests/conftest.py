@@ -1,4 +1,4 @@
-"""Shared fixtures: real digit images on disk, and a tiny CPU config each test copies into its tmp_path."""
+"""Shared fixtures: real digit images on disk."""
 
 from __future__ import annotations
 
@@ -6,12 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from PIL import Image
 
 from classifier.digits import write_digits
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -29,40 +25,3 @@ def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         for image in sorted(class_dir.iterdir())[:20]:
             shutil.copy(image, root / class_dir.name / image.name)
     return root
-
-
-def tiny_config(tmp_path: Path, data_dir: Path, **overrides: dict) -> Path:
-    """A config for `test_resnet` on 32 px images, logging under tmp_path/lightning_logs/tiny."""
-    config = {
-        "seed_everything": 7,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 2,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp_path / "lightning_logs"), "name": "tiny"},
-            },
-        },
-        "model": {"backbone": "test_resnet"},
-        "data": {"data_dir": str(data_dir), "image_size": 32, "batch_size": 32, "num_workers": 0, "hflip": 0.0},
-    }
-    for group, values in overrides.items():
-        config.setdefault(group, {}).update(values)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_dir(tmp_path: Path, version: int) -> Path:
-    return tmp_path / "lightning_logs" / "tiny" / f"version_{version}"
-
-
-def save_image(path: Path, image: Image.Image, **kwargs) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **kwargs)
-    return path

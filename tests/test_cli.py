@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from classifier import ImageClassifier, cli_main
-from tests.conftest import REPO, run_dir, tiny_config
+from tests.helpers import REPO, run_dir, tiny_config
 
 METRICS = {"acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "loss"}
 

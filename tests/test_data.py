@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
-from tests.conftest import run_dir, save_image, tiny_config
+from tests.helpers import run_dir, save_image, tiny_config
 
 
 def make_folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from classifier.images import load_rgb
-from tests.conftest import save_image
+from tests.helpers import save_image
 
 
 def pixel(path: Path, xy: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +14,10 @@ import torch.nn.functional as F
 
 from classifier import ImageClassifier, cli_main
 from classifier.losses import FocalLoss
-from tests.conftest import run_dir, tiny_config
+from tests.helpers import run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
+CLASSIFIER = str(Path(sys.executable).parent / "classifier")
 
 
 def test_local_weights_load_and_a_mismatched_head_is_dropped(tmp_path: Path, caplog) -> None:
@@ -62,6 +66,56 @@ def test_pretrained_from_the_cli(small_digits: Path, tmp_path: Path) -> None:
     assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_hub_weights_offline_fail_with_a_way_out(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, model={"pretrained": True})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [CLASSIFIER, "fit", "--config", str(config), "--trainer.fast_dev_run", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "could not fetch pretrained weights for 'test_resnet'" in result.stderr
+    assert "--model.pretrained path/to/weights.pth" in result.stderr
+
+
+def test_optimizer_and_scheduler_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--model.optimizer",
+            "torch.optim.SGD",
+            "--model.optimizer.lr",
+            "0.05",
+            "--model.optimizer.momentum",
+            "0.9",
+            "--model.scheduler",
+            "torch.optim.lr_scheduler.StepLR",
+            "--model.scheduler.step_size",
+            "1",
+            "--model.scheduler.gamma",
+            "0.5",
+        ]
+    )
+    checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
+    group = checkpoint["optimizer_states"][0]["param_groups"][0]
+    assert group["momentum"] == 0.9 and group["lr"] == pytest.approx(0.05 * 0.5**2)
+    assert checkpoint["lr_schedulers"][0]["step_size"] == 1
+
+
+def test_default_schedule_is_cosine_over_max_epochs(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
+    cli_main(["fit", "--config", str(config)])
+    checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["lr_schedulers"][0]["T_max"] == 2
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's default
+
+
 def test_focal_loss_with_gamma_zero_is_cross_entropy_and_focuses_otherwise() -> None:
     logits, target = torch.randn(16, 5), torch.randint(0, 5, (16,))
     weight = torch.rand(5) + 0.5
@@ -91,6 +145,22 @@ def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path:
     cli_main(["fit", "--config", str(config), "--checkpoint.monitor", "train/loss", "--checkpoint.mode", "min"])
     state = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     torch.testing.assert_close(state["criterion.weight"], 35 / (3 * torch.tensor([20.0, 10.0, 5.0])))
+    logged = {tag for tag in _scalar_tags(run_dir(tmp_path, 0)) if tag.startswith("train/")}
+    assert logged == {
+        "train/acc",
+        "train/balanced_acc",
+        "train/f1_macro",
+        "train/f1_weighted",
+        "train/loss",
+        "train/loss_step",
+    }  # no top5_acc with 3 classes
+
+
+def _scalar_tags(folder: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = folder.glob("events.out.tfevents.*")
+    return set(EventAccumulator(str(events)).Reload().Tags()["scalars"])
 
 
 def test_explicit_class_weights_of_the_wrong_length_are_refused() -> None:

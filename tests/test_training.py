@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from classifier import ImageFolderDataModule, cli_main
-from tests.conftest import run_dir, tiny_config
+from tests.helpers import run_dir, tiny_config
 
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
 
