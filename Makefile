@@ -9,12 +9,12 @@ CONFIG ?= configs/resnet18.yaml
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## Create $(VENV) and install classifier with its test tools
+install:  ## Create .venv (VENV=...) and install classifier with its test tools
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[dev]"
 
-train:  ## Train $(CONFIG) (default: ResNet-18 on the bundled digits)
+train:  ## Train configs/resnet18.yaml on the bundled digits (CONFIG=... for another)
 	$(BIN)/classifier fit --config $(CONFIG)
 
 test:  ## Run the whole test suite, slow tests included

@@ -68,7 +68,7 @@ class ClassifierCLI(LightningCLI):
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
         if subcommand == "fit" and ckpt_path == "last":
-            ckpt_path = find_last_checkpoint(config)
+            ckpt_path = config.ckpt_path = find_last_checkpoint(config)
         if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
             return
         if not Path(ckpt_path).is_file():
@@ -153,9 +153,8 @@ def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:
         logger = Namespace(class_path=TENSORBOARD, init_args=Namespace(save_dir=str(version_dir.parent.parent)))
         logger.init_args.name = version_dir.parent.name
         config.trainer.logger = logger
-    elif not resume or not isinstance(logger, Namespace):
-        return
-    if resume:
+    root = _logger_root(config.trainer)
+    if resume and root is not None and root.resolve() == version_dir.parent:
         logger.init_args.version = version_dir.name
 
 

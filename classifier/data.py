@@ -159,7 +159,7 @@ class ImageFolderDataModule(LightningDataModule):
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for name in needed:
             paths, targets = self.splits.subset(name)
-            if not paths and name != "val":
+            if not paths and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
             keep = set(self._readable(paths))
             kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]

@@ -153,42 +153,15 @@ def test_print_config_is_reusable_as_config(small_digits: Path, tmp_path: Path, 
     cli_main(["fit", "--config", str(printed), "--trainer.fast_dev_run", "1"])
 
 
-@pytest.mark.parametrize("name", ["efficientnet_b0", "vit_small_patch16_224"])
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_small_patch16_224"])
 def test_shipped_configs_build_and_run_one_step(name: str, small_digits: Path, tmp_path: Path) -> None:
-    cli_main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / f"{name}.yaml"),
-            "--data.data_dir",
-            str(small_digits),
-            "--data.batch_size",
-            "2",
-            "--data.num_workers",
-            "0",
-            "--trainer.fast_dev_run",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-        ]
-    )
-
-
-def test_resnet18_config_builds_and_runs_one_step(small_digits: Path, tmp_path: Path) -> None:
-    cli_main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "resnet18.yaml"),
-            "--data.data_dir",
-            str(small_digits),
-            "--trainer.fast_dev_run",
-            "1",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-        ]
-    )
+    config = REPO / "configs" / f"{name}.yaml"
+    overrides = {
+        "data.data_dir": small_digits,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "trainer.fast_dev_run": 1,
+        "trainer.accelerator": "cpu",
+        "trainer.logger.init_args.save_dir": tmp_path,
+    }
+    cli_main(["fit", "--config", str(config), *(f"--{key}={value}" for key, value in overrides.items())])

@@ -163,6 +163,14 @@ def test_loader_yields_uint8_and_device_hook_normalises(tmp_path: Path) -> None:
     torch.testing.assert_close(normalised, (images / 255.0 - mean) / std)
 
 
+def test_stage_without_its_split_is_an_error(tmp_path: Path) -> None:
+    make_folder(tmp_path / "d", {"a": 5, "b": 5})
+    datamodule = ImageFolderDataModule(str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0)
+    for stage, split in (("validate", "val"), ("test", "test")):
+        with pytest.raises(ValueError, match=f"{tmp_path / 'd'} has no {split} split"):
+            datamodule.setup(stage)
+
+
 def test_predict_dir_is_searched_recursively(tmp_path: Path) -> None:
     for path in ("x.png", "deep/er/y.JPG", "deep/.cache/z.png"):
         save_image(tmp_path / "photos" / path, Image.new("RGB", (8, 8)))
