@@ -1,18 +1,22 @@
-"""Callbacks the CLI always adds: exact resume, and the files that validate/test/predict leave behind."""
+"""Callbacks the CLI always adds to training: exact resume, and the fit's curves, summary and TensorBoard views."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from classifier.reports import confusion_matrix_figure, figure_to_array, save_figure, training_curves_figure
 
 log = logging.getLogger(__name__)
 
@@ -41,83 +45,106 @@ class RNGStateCheckpoint(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
-class PredictionWriter(Callback):
-    """Writes `predictions.csv` for validate, test and predict, and `metrics.json` for validate and test."""
+class FitReport(Callback):
+    """Per validation epoch: the confusion matrix image and per-class F1 in TensorBoard. At the end of fit:
+    `training_curves.png` and `summary.json` in the run folder."""
 
-    def __init__(self, output: str | None = None) -> None:
-        """
-        Args:
-            output: Where predictions.csv goes; by default into the run folder.
-        """
-        self.output = output
-        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []  # one row of epoch-level train/ and val/ scalars per epoch
+        self.seconds = 0.0  # fit time, validation included, over all sessions of a resumed run
+        self.train_images = 0
+        self._confusion: MulticlassConfusionMatrix | None = None
+        self._started = self._validation_started = self._validation_seconds = 0.0
+        self._session_images = 0
 
-    def _collect(self, trainer: Trainer, logits: Tensor, batch: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        _, targets, rows = batch
-        self._outputs.append((rows.cpu(), targets.cpu(), logits.float().softmax(dim=-1).cpu()))
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "seconds": self.seconds, "train_images": self.train_images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = state_dict["history"]
+        self.seconds = state_dict["seconds"]
+        self.train_images = state_dict["train_images"]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+        self._validation_seconds = 0.0
+        self._session_images = 0
+        self._confusion = MulticlassConfusionMatrix(len(pl_module.class_names)).to(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, trainer.current_epoch - 1)  # epoch-level metrics are final only now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._session_images += len(batch[1])
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._validation_started = time.perf_counter()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if trainer.state.fn == "validate":
-            self._collect(trainer, outputs, batch)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._confusion.update(outputs.argmax(dim=-1), batch[1])
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(trainer, outputs, batch)
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(trainer, outputs, batch)
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        matrix = self._confusion.compute().cpu().numpy()  # synced across ranks
+        self._confusion.reset()
+        true_positives = np.diag(matrix)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f1 = np.nan_to_num(2 * true_positives / (matrix.sum(axis=0) + matrix.sum(axis=1)))
+        for name, value in zip(pl_module.class_names, f1.tolist(), strict=True):
+            pl_module.log(f"val/f1/{name}", value, sync_dist=False)  # already synced
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    figure = confusion_matrix_figure(matrix, pl_module.class_names, normalize=True)
+                    image = figure_to_array(figure)
+                    logger.experiment.add_image("val/confusion_matrix", image, trainer.current_epoch, dataformats="HWC")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._write(trainer, pl_module, "val")
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validation_seconds += time.perf_counter() - self._validation_started
 
-    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write(trainer, pl_module, "test")
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._write(trainer, pl_module, "predict")
-
-    def _write(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        rows, targets, probs = _gather(self._outputs)
-        self._outputs = []
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._record(trainer, trainer.current_epoch - 1)  # training has moved past its last epoch
+        elapsed = time.perf_counter() - self._started
+        training_seconds = elapsed - self._validation_seconds
+        self.seconds += elapsed
+        self.train_images += self._session_images
+        log_dir = trainer.log_dir
+        if log_dir is None or not trainer.is_global_zero:
             return
+        run_dir = Path(log_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        output = Path(self.output) if self.output else run_dir / "predictions.csv"
-        paths = [trainer.datamodule.paths(stage)[row] for row in rows.tolist()]
-        write_predictions(output, paths, targets if stage != "predict" else None, probs, pl_module.class_names)
-        log.info("Predictions for %d images: %s", len(paths), output)
-        if stage != "predict":
-            metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")}
-            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            log.info("Metrics: %s", run_dir / "metrics.json")
+        save_figure(training_curves_figure(self.history), run_dir / "training_curves.png")
+        checkpoint = trainer.checkpoint_callback
+        summary = {
+            "best_epoch": self._best_epoch(checkpoint),
+            "monitor": checkpoint.monitor if checkpoint else None,
+            "best_value": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
+            "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
+            "epochs": len(self.history),
+            "wall_time_s": round(self.seconds, 3),
+            "train_images_per_s": round(self._session_images / max(training_seconds, 1e-9), 1),
+            "parameters": sum(p.numel() for p in pl_module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
+    def _record(self, trainer: Trainer, epoch: int) -> None:
+        if epoch < 0 or any(row["epoch"] == epoch for row in self.history):
+            return
+        row = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if name.startswith(("train/", "val/")) and name.count("/") == 1 and value.numel() == 1
+        }
+        if row:
+            self.history.append({"epoch": epoch, **row})
 
-def write_predictions(
-    output: Path, paths: list[Path], targets: Tensor | None, probs: Tensor, classes: list[str]
-) -> None:
-    """`path,[target,]prediction,confidence` per image, with class names rather than indices."""
-    confidence, predicted = probs.max(dim=-1)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["path"] + (["target"] if targets is not None else []) + ["prediction", "confidence"])
-        for i, path in enumerate(paths):
-            target = [classes[targets[i]]] if targets is not None else []
-            writer.writerow([str(path), *target, classes[predicted[i]], f"{confidence[i]:.6f}"])
-
-
-def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank's (rows, targets, probabilities), concatenated and ordered by row."""
-    local = [torch.cat(parts) for parts in zip(*outputs, strict=True)] if outputs else None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, local)
-        parts = [part for part in everyone if part is not None]
-        local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
-    if local is None:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-    order = local[0].argsort()
-    return local[0][order], local[1][order], local[2][order]
+    def _best_epoch(self, checkpoint: ModelCheckpoint | None) -> int | None:
+        scored = [row for row in self.history if checkpoint and checkpoint.monitor in row]
+        if not scored:
+            return None
+        pick = max if checkpoint.mode == "max" else min
+        return int(pick(scored, key=lambda row: row[checkpoint.monitor])["epoch"])

@@ -13,8 +13,9 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from classifier.callbacks import PredictionWriter, RNGStateCheckpoint
+from classifier.callbacks import FitReport, RNGStateCheckpoint
 from classifier.data import ImageFolderDataModule
+from classifier.evaluation import PredictionWriter
 from classifier.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ClassifierCLI(LightningCLI):
         super().__init__(
             ImageClassifier,
             ImageFolderDataModule,
-            trainer_defaults={"callbacks": [RNGStateCheckpoint(), latest_checkpoint()]},
+            trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), latest_checkpoint()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
             args=args,

@@ -40,6 +40,18 @@ class ImageDataset(Dataset):
         return self.transform(load_rgb(self.paths[index])), self.targets[index], index
 
 
+def predict_paths(source: Path) -> list[Path]:
+    """The images named by --data.predict_dir: a folder's (recursively), one file, or a .txt list's."""
+    if source.is_dir():
+        return list_images(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"--data.predict_dir {source} does not exist")
+    if source.suffix.lower() != ".txt":
+        return [source]
+    lines = (line.strip() for line in source.read_text().splitlines())
+    return [source.parent / line for line in lines if line and not line.startswith("#")]
+
+
 def default_num_workers() -> int:
     """One loader process per available core, up to 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -73,7 +85,8 @@ class ImageFolderDataModule(LightningDataModule):
         """
         Args:
             data_dir: Class subfolders, or train/ [val/] [test/] folders of class subfolders.
-            predict_dir: Images to classify with `predict`, searched recursively; no labels needed.
+            predict_dir: What `predict` classifies: a folder (searched recursively), one image, or a .txt file
+                listing image paths (relative ones are taken from the list's folder). No labels needed.
             backbone: timm model name whose data config (size, mean/std, crop) the transforms follow.
             image_size: Overrides the backbone's input size.
             crop_pct: Overrides the backbone's eval centre-crop fraction.
@@ -95,6 +108,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.generator = torch.Generator().manual_seed(seed)
         self.datasets: dict[str, ImageDataset] = {}
+        self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
         self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @cached_property
@@ -147,14 +161,11 @@ class ImageFolderDataModule(LightningDataModule):
         """Build the datasets the stage needs, after checking that every one of their files decodes."""
         if stage == "predict":
             if not self.hparams.predict_dir:
-                raise ValueError("predict needs --data.predict_dir: a folder of images to classify")
-            root = Path(self.hparams.predict_dir)
-            if not root.is_dir():
-                raise FileNotFoundError(f"--data.predict_dir {root} does not exist")
-            paths = self._readable(list_images(root))
-            if not paths:
-                raise ValueError(f"--data.predict_dir {root} holds no images")
-            self.datasets["predict"] = ImageDataset(paths, [-1] * len(paths), self.transform(training=False))
+                raise ValueError("predict needs --data.predict_dir: a folder of images, an image, or a .txt list")
+            paths = predict_paths(Path(self.hparams.predict_dir))
+            self.unreadable = find_unreadable(paths, num_threads=2 * default_num_workers())
+            readable = [path for path in paths if path not in self.unreadable]
+            self.datasets["predict"] = ImageDataset(readable, [-1] * len(readable), self.transform(training=False))
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for name in needed:

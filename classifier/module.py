@@ -10,21 +10,23 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
 from classifier.backbones import create_backbone
 from classifier.losses import build_loss, inverse_frequency_weights
+from classifier.tta import TTA, tta_views
 
 STAGES = ("train", "val", "test")
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """acc, balanced_acc, f1_macro, f1_weighted and, past 5 classes, top5_acc, named `{prefix}{name}`."""
+    """acc, balanced_acc, f1_macro, f1_weighted, ece and, past 5 classes, top5_acc, named `{prefix}{name}`."""
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "balanced_acc": MulticlassAccuracy(num_classes, average="macro"),
         "f1_macro": MulticlassF1Score(num_classes, average="macro"),
         "f1_weighted": MulticlassF1Score(num_classes, average="weighted"),
+        "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
     }
     if num_classes > 5:
         metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
@@ -45,6 +47,7 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
         class_weights: Literal["auto"] | list[float] | None = None,
+        tta: TTA | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -59,6 +62,7 @@ class ImageClassifier(LightningModule):
             label_smoothing: Label smoothing of the ce loss.
             focal_gamma: Focusing parameter of the focal loss.
             class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
+            tta: Test-time augmentation for test and predict: flip, crops (four corners) or flip_crops.
             optimizer: Optimizer; AdamW by default.
             scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
         """
@@ -87,9 +91,16 @@ class ImageClassifier(LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
+    def predict_logits(self, images: Tensor) -> Tensor:
+        """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
+        views = tta_views(images, self.hparams.tta)
+        if len(views) == 1:
+            return self(images)
+        return torch.stack([self(view).float().softmax(dim=-1) for view in views]).mean(dim=0).log()
+
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch
-        logits = self(images)
+        logits = self.predict_logits(images) if stage == "test" else self(images)
         loss = self.criterion(logits, targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, targets)
@@ -110,7 +121,7 @@ class ImageClassifier(LightningModule):
         return self._step(batch, "test")[1]
 
     def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self(batch[0])
+        return self.predict_logits(batch[0])
 
     def on_train_start(self) -> None:
         """The sanity check must not leak into the first epoch's validation metrics."""

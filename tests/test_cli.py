@@ -14,7 +14,7 @@ import yaml
 from classifier import ImageClassifier, cli_main
 from tests.helpers import REPO, run_dir, tiny_config
 
-METRICS = {"acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "loss"}
+METRICS = {"acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "ece", "loss"}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -114,7 +114,7 @@ def test_predict_matches_test_time_predictions(trained: Path, tmp_path: Path) ->
         ]
     )
     predicted = read_csv(output)
-    assert list(predicted[0]) == ["path", "prediction", "confidence"]
+    assert list(predicted[0])[:4] == ["path", "prediction", "confidence", "status"]
     assert len(predicted) == len(tested)
     for row in predicted:
         expected = tested[Path(row["path"]).name]

@@ -66,6 +66,7 @@ def test_pretrained_from_the_cli(small_digits: Path, tmp_path: Path) -> None:
     assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_hub_weights_offline_fail_with_a_way_out(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, model={"pretrained": True})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -151,6 +152,7 @@ def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path:
         "train/balanced_acc",
         "train/f1_macro",
         "train/f1_weighted",
+        "train/ece",
         "train/loss",
         "train/loss_step",
     }  # no top5_acc with 3 classes

@@ -1,0 +1,25 @@
+"""Test-time augmentation: the views of a normalised batch whose class probabilities are averaged."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+TTA = Literal["flip", "crops", "flip_crops"]
+CROP_SCALE = 0.875  # each corner crop keeps 87.5% of the side, like a standard eval centre crop
+
+
+def tta_views(images: Tensor, tta: TTA | None) -> list[Tensor]:
+    """The batch itself, plus its mirror image ("flip"), its four corner crops ("crops"), or both."""
+    views = [images]
+    if tta in ("crops", "flip_crops"):
+        height, width = images.shape[-2:]
+        h, w = round(height * CROP_SCALE), round(width * CROP_SCALE)
+        for top, left in ((0, 0), (0, width - w), (height - h, 0), (height - h, width - w)):
+            crop = images[..., top : top + h, left : left + w]
+            views.append(F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False))
+    if tta in ("flip", "flip_crops"):
+        views += [view.flip(-1) for view in views]
+    return views

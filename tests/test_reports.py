@@ -1,0 +1,183 @@
+"""Evaluation outputs, checked against scikit-learn recomputing everything from predictions.csv."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as sk
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from classifier import cli_main
+from tests.helpers import run_dir, save_image, tiny_config
+
+CLASSES = [str(d) for d in range(10)]
+PICTURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability_diagram.png", "top_losses.png")
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def probabilities(rows: list[dict[str, str]]) -> np.ndarray:
+    return np.array([[float(row[f"prob_{name}"]) for name in CLASSES] for row in rows])
+
+
+@pytest.fixture(scope="module")
+def evaluated(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model fitted 3 epochs on all digits, then tested from its checkpoint: a mix of right and wrong."""
+    tmp_path = tmp_path_factory.mktemp("evaluated")
+    config = tiny_config(tmp_path, digits_dir, trainer={"max_epochs": 3}, data={"batch_size": 64})
+    cli_main(["fit", "--config", str(config)])
+    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
+    return tmp_path
+
+
+def test_predictions_csv_is_self_consistent(evaluated: Path) -> None:
+    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    assert list(rows[0])[:4] == ["path", "target", "prediction", "confidence"]
+    assert list(rows[0])[4:] == [f"prob_{name}" for name in CLASSES]
+    probs = probabilities(rows)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert [row["prediction"] for row in rows] == [CLASSES[i] for i in probs.argmax(axis=1)]
+    np.testing.assert_allclose([float(row["confidence"]) for row in rows], probs.max(axis=1), atol=1e-7)
+
+
+def test_metrics_json_equals_scikit_learn_on_predictions_csv(evaluated: Path) -> None:
+    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    probs = probabilities(rows)
+    y_true = np.array([CLASSES.index(row["target"]) for row in rows])
+    y_pred = probs.argmax(axis=1)
+    assert 0.2 < (y_true == y_pred).mean() < 1.0  # the oracle sees both hits and misses
+    labels = list(range(10))
+    expected = {
+        "test/acc": sk.accuracy_score(y_true, y_pred),
+        "test/balanced_acc": sk.balanced_accuracy_score(y_true, y_pred),
+        "test/f1_macro": sk.f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0),
+        "test/f1_weighted": sk.f1_score(y_true, y_pred, average="weighted", labels=labels, zero_division=0),
+        "test/top5_acc": sk.top_k_accuracy_score(y_true, probs, k=5, labels=labels),
+        "test/loss": sk.log_loss(y_true, probs, labels=labels),
+        "test/ece": expected_calibration_error(y_true, probs),
+    }
+    metrics = json.loads((run_dir(evaluated, 1) / "metrics.json").read_text())
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-4), name
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """ECE written out from its definition: |accuracy - confidence| per equal-width bin, weighted by share."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return total
+
+
+def test_classification_report_and_confusion_matrix_equal_scikit_learn(evaluated: Path) -> None:
+    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    y_true = [row["target"] for row in rows]
+    y_pred = [row["prediction"] for row in rows]
+    expected = sk.classification_report(y_true, y_pred, labels=CLASSES, output_dict=True, zero_division=0)
+    report = read_csv(run_dir(evaluated, 1) / "classification_report.csv")
+    assert [row["class"] for row in report] == [*CLASSES, "macro avg", "weighted avg"]
+    for row in report:
+        for column, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert float(row[column]) == pytest.approx(expected[row["class"]][key], abs=1e-6), (row, column)
+        assert int(row["support"]) == expected[row["class"]]["support"]
+    with open(run_dir(evaluated, 1) / "confusion_matrix.csv", newline="") as file:
+        table = list(csv.reader(file))
+    assert table[0][1:] == CLASSES and [line[0] for line in table[1:]] == CLASSES
+    matrix = np.array([[int(cell) for cell in line[1:]] for line in table[1:]])
+    np.testing.assert_array_equal(matrix, sk.confusion_matrix(y_true, y_pred, labels=CLASSES))
+
+
+def test_pictures_open_at_a_sensible_size(evaluated: Path) -> None:
+    for name in PICTURES:
+        with Image.open(run_dir(evaluated, 1) / name) as image:
+            assert 300 <= min(image.size) and max(image.size) <= 6000, (name, image.size)
+            assert len(set(image.convert("L").getdata())) > 10, name  # not blank
+    with Image.open(run_dir(evaluated, 0) / "training_curves.png") as image:
+        assert image.size[0] > 800
+
+
+def test_fit_logs_confusion_image_and_per_class_f1_and_writes_summary(evaluated: Path) -> None:
+    (events,) = run_dir(evaluated, 0).glob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events), size_guidance={"images": 0}).Reload().Tags()
+    assert "val/confusion_matrix" in tags["images"]
+    assert {f"val/f1/{name}" for name in CLASSES} <= set(tags["scalars"])
+    summary = json.loads((run_dir(evaluated, 0) / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["parameters"] == 373658 and summary["train_images_per_s"] > 0
+    assert Path(summary["best_checkpoint"]) == run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
+    val_f1 = EventAccumulator(str(events)).Reload().Scalars("val/f1_macro")
+    best = max(val_f1, key=lambda event: event.value)
+    assert summary["best_value"] == pytest.approx(best.value) and summary["monitor"] == "val/f1_macro"
+    assert summary["best_epoch"] == [event.value for event in val_f1].index(best.value)
+
+
+def test_predict_probabilities_equal_test_probabilities(evaluated: Path, tmp_path: Path) -> None:
+    tested = {row["path"]: row for row in read_csv(run_dir(evaluated, 1) / "predictions.csv")}
+    listing = tmp_path / "images.txt"
+    listing.write_text("# the test split, listed\n" + "\n".join(tested) + "\n")
+    output = tmp_path / "predicted.csv"
+    best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
+    cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(listing), "--predictions.output",
+              str(output)])  # fmt: skip
+    predicted = read_csv(output)
+    assert len(predicted) == len(tested) and {row["status"] for row in predicted} == {"ok"}
+    for row in predicted:
+        np.testing.assert_allclose(probabilities([row]), probabilities([tested[row["path"]]]), atol=1e-6)
+
+
+def test_tta_changes_probabilities_and_keeps_them_normalised(evaluated: Path, tmp_path: Path) -> None:
+    best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
+    plain = probabilities(read_csv(run_dir(evaluated, 1) / "predictions.csv"))
+    for tta in ("flip", "flip_crops"):
+        cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta])
+        newest = max((evaluated / "lightning_logs" / "tiny").iterdir(), key=lambda d: int(d.name.split("_")[1]))
+        rows = read_csv(newest / "predictions.csv")
+        augmented = probabilities(rows)
+        np.testing.assert_allclose(augmented.sum(axis=1), 1.0, atol=1e-5)
+        assert np.abs(augmented - plain).max() > 1e-3, tta
+        metrics = json.loads((newest / "metrics.json").read_text())
+        accuracy = np.mean([row["target"] == row["prediction"] for row in rows])
+        assert metrics["test/acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_unreadable_file_in_predict_gets_one_error_row(evaluated: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    for i in range(3):
+        save_image(photos / f"good{i}.png", Image.new("L", (8, 8), 40 * i))
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
+    output = tmp_path / "out.csv"
+    cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos), "--predictions.output",
+              str(output), "--predictions.topk", "3"])  # fmt: skip
+    rows = read_csv(output)
+    assert len(rows) == 4
+    errors = [row for row in rows if row["status"] != "ok"]
+    assert len(errors) == 1 and errors[0]["path"] == str(photos / "broken.png")
+    assert errors[0]["status"].startswith("error: ") and errors[0]["prediction"] == ""
+    for row in rows:
+        if row["status"] == "ok":
+            assert row["top1"] == row["prediction"] and len({row["top1"], row["top2"], row["top3"]}) == 3
+
+
+def test_predict_takes_a_single_file(evaluated: Path, tmp_path: Path, capsys) -> None:
+    image = save_image(tmp_path / "one.png", Image.new("L", (8, 8), 255))
+    best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
+    output = tmp_path / "out.csv"
+    cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(image), "--predictions.output",
+              str(output), "--predictions.topk", "2"])  # fmt: skip
+    (row,) = read_csv(output)
+    assert row["path"] == str(image) and row["prediction"] in CLASSES
+    printed = capsys.readouterr().out
+    assert "one.png" in printed and f"{row['top1']} (" in printed
