@@ -52,6 +52,11 @@ def predict_paths(source: Path) -> list[Path]:
     return [source.parent / line for line in lines if line and not line.startswith("#")]
 
 
+def listing(unreadable: dict[Path, str]) -> str:
+    """One indented `path: reason` line per unreadable file."""
+    return "\n".join(f"  {path}: {reason}" for path, reason in unreadable.items())
+
+
 def default_num_workers() -> int:
     """One loader process per available core, up to 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -163,8 +168,14 @@ class ImageFolderDataModule(LightningDataModule):
             if not self.hparams.predict_dir:
                 raise ValueError("predict needs --data.predict_dir: a folder of images, an image, or a .txt list")
             paths = predict_paths(Path(self.hparams.predict_dir))
+            if not paths:
+                raise ValueError(f"--data.predict_dir {self.hparams.predict_dir} holds no images")
             self.unreadable = find_unreadable(paths, num_threads=2 * default_num_workers())
             readable = [path for path in paths if path not in self.unreadable]
+            if not readable:  # an unreadable file is one error row; with no readable ones there is nothing to do
+                raise ValueError(
+                    f"none of the {len(paths)} images of --data.predict_dir can be read:\n{listing(self.unreadable)}"
+                )
             self.datasets["predict"] = ImageDataset(readable, [-1] * len(readable), self.transform(training=False))
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
@@ -184,13 +195,12 @@ class ImageFolderDataModule(LightningDataModule):
         bad = find_unreadable(paths, num_threads=2 * default_num_workers())
         if not bad:
             return paths
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad.items())
         if not self.hparams.skip_bad_images:
             raise ValueError(
-                f"{len(bad)} of {len(paths)} images cannot be read:\n{listing}\n"
+                f"{len(bad)} of {len(paths)} images cannot be read:\n{listing(bad)}\n"
                 "Fix or remove them, or pass --data.skip_bad_images true to leave them out."
             )
-        log.warning("Skipping %d unreadable images of %d:\n%s", len(bad), len(paths), listing)
+        log.warning("Skipping %d unreadable images of %d:\n%s", len(bad), len(paths), listing(bad))
         return [path for path in paths if path not in bad]
 
     def _write_splits_csv(self) -> None:

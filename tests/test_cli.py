@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -12,14 +11,9 @@ import torch
 import yaml
 
 from classifier import ImageClassifier, cli_main
-from tests.helpers import REPO, run_dir, tiny_config
+from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 METRICS = {"acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "ece", "loss"}
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
 
 
 @pytest.fixture(scope="module")

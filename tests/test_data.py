@@ -179,6 +179,18 @@ def test_predict_dir_is_searched_recursively(tmp_path: Path) -> None:
     assert sorted(p.name for p in datamodule.paths("predict")) == ["x.png", "y.JPG"]
 
 
+def test_predict_with_nothing_readable_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    datamodule = ImageFolderDataModule(predict_dir=str(tmp_path / "empty"), classes=["a"], image_size=8)
+    with pytest.raises(ValueError, match=f"--data.predict_dir {tmp_path / 'empty'} holds no images"):
+        datamodule.setup("predict")
+    (tmp_path / "junk" / "x.png").parent.mkdir()
+    (tmp_path / "junk" / "x.png").write_text("junk")
+    datamodule = ImageFolderDataModule(predict_dir=str(tmp_path / "junk"), classes=["a"], image_size=8)
+    with pytest.raises(ValueError, match=f"none of the 1 images .* can be read:\n  {tmp_path / 'junk' / 'x.png'}: "):
+        datamodule.setup("predict")
+
+
 def test_copying_a_folder_does_not_change_the_split(tmp_path: Path) -> None:
     make_folder(tmp_path / "d", {"a": 20, "b": 20})
     shutil.copytree(tmp_path / "d", tmp_path / "e")

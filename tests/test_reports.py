@@ -13,15 +13,10 @@ from sklearn import metrics as sk
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from classifier import cli_main
-from tests.helpers import run_dir, save_image, tiny_config
+from tests.helpers import read_csv, run_dir, save_image, tiny_config
 
 CLASSES = [str(d) for d in range(10)]
 PICTURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability_diagram.png", "top_losses.png")
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
 
 
 def probabilities(rows: list[dict[str, str]]) -> np.ndarray:
