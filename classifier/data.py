@@ -7,14 +7,16 @@ import os
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torchvision.transforms import TrivialAugmentWide
 
 from classifier.backbones import backbone_data_config
 from classifier.images import find_unreadable, list_images, load_rgb
@@ -86,6 +88,9 @@ class ImageFolderDataModule(LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         color_jitter: float | None = 0.4,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        sampler: Literal["random", "balanced"] = "random",
     ) -> None:
         """
         Args:
@@ -108,6 +113,9 @@ class ImageFolderDataModule(LightningDataModule):
             crop_scale: Area range of the random-resized crop in training.
             crop_ratio: Aspect-ratio range of the random-resized crop in training.
             color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none.
+            auto_augment: A timm policy (`rand-m9-mstd0.5`, `augmix-m5-w4-d2`, `original`) or `trivialaugment`.
+            random_erasing: Probability of erasing a random rectangle of each training image, on the device.
+            sampler: `random` shuffles; `balanced` draws every class equally often (with replacement).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -152,7 +160,8 @@ class ImageFolderDataModule(LightningDataModule):
         if not training:
             return create_transform(**config, normalize=False)
         hp = self.hparams
-        return create_transform(
+        trivial = hp.auto_augment == "trivialaugment"
+        pipeline = create_transform(
             **config,
             is_training=True,
             normalize=False,
@@ -160,7 +169,11 @@ class ImageFolderDataModule(LightningDataModule):
             scale=tuple(hp.crop_scale),
             ratio=tuple(hp.crop_ratio),
             color_jitter=hp.color_jitter,
+            auto_augment=None if trivial else hp.auto_augment,
         )
+        if trivial:  # timm has no TrivialAugment; torchvision's works on the same PIL images
+            pipeline.transforms.insert(-1, TrivialAugmentWide())
+        return pipeline
 
     def setup(self, stage: str) -> None:
         """Build the datasets the stage needs, after checking that every one of their files decodes."""
@@ -218,7 +231,12 @@ class ImageFolderDataModule(LightningDataModule):
         training = name == "train"
         sampler = None
         trainer = self.trainer
-        if not training and trainer is not None and trainer.world_size > 1:
+        if training and self.hparams.sampler == "balanced":
+            # Lightning wraps it in a DistributedSamplerWrapper under DDP, so each rank gets its share of the draws
+            counts = torch.bincount(torch.tensor(dataset.targets), minlength=len(self.class_names)).float()
+            weights = (1.0 / counts)[dataset.targets]
+            sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=self.generator)
+        elif not training and trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -226,7 +244,7 @@ class ImageFolderDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training,
+            shuffle=training and sampler is None,
             sampler=sampler,
             drop_last=training and len(dataset) > self.hparams.batch_size,  # no size-1 batch for BatchNorm
             num_workers=workers,
@@ -256,7 +274,11 @@ class ImageFolderDataModule(LightningDataModule):
         """uint8 -> normalised float on the device; the seam for later GPU-side augmentation."""
         images, targets, rows = batch
         mean, std = self._normalisation(images.device)
-        return (images.float() - mean) / std, targets, rows
+        images = (images.float() - mean) / std
+        if self.hparams.random_erasing and self.trainer is not None and self.trainer.training:
+            # timm's random erasing, on the normalised batch, filling with per-pixel noise
+            images = RandomErasing(self.hparams.random_erasing, mode="pixel", device=images.device)(images)
+        return images, targets, rows
 
     def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""

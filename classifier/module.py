@@ -7,8 +7,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from timm.data import Mixup
 from torch import Tensor
-from torch.optim.lr_scheduler import CosineAnnealingLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
@@ -48,6 +49,10 @@ class ImageClassifier(LightningModule):
         focal_gamma: float = 2.0,
         class_weights: Literal["auto"] | list[float] | None = None,
         tta: TTA | None = None,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_off_epoch: int | None = None,
+        warmup_epochs: int = 0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -63,6 +68,10 @@ class ImageClassifier(LightningModule):
             focal_gamma: Focusing parameter of the focal loss.
             class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
             tta: Test-time augmentation for test and predict: flip, crops (four corners) or flip_crops.
+            mixup_alpha: Beta(alpha, alpha) of mixup; 0 turns it off. Batches are mixed on the device.
+            cutmix_alpha: Beta(alpha, alpha) of cutmix; 0 turns it off. With both on, each batch picks one.
+            mixup_off_epoch: From this epoch on, no more mixup/cutmix (fine-tune on clean images at the end).
+            warmup_epochs: Epochs of linear LR warmup before the scheduler takes over.
             optimizer: Optimizer; AdamW by default.
             scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
         """
@@ -74,6 +83,12 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
         self.backbone = create_backbone(backbone, num_classes, pretrained, drop_rate, image_size)
         self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
+        self.mixup = None
+        if mixup_alpha or cutmix_alpha:
+            if loss != "ce":
+                raise ValueError("--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce (soft targets)")
+            # label smoothing stays the criterion's job, so it applies the same with and without mixing
+            self.mixup = Mixup(mixup_alpha, cutmix_alpha, label_smoothing=0.0, num_classes=num_classes)
         if isinstance(class_weights, list):
             self.criterion.weight.copy_(torch.tensor(class_weights))
         self.optimizer = optimizer
@@ -100,8 +115,11 @@ class ImageClassifier(LightningModule):
 
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch
+        loss_targets = targets
+        if stage == "train" and self._mixing(images):
+            images, loss_targets = self.mixup(images, targets)  # soft targets; metrics use the dominant label
         logits = self.predict_logits(images) if stage == "test" else self(images)
-        loss = self.criterion(logits, targets)
+        loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, targets)
         mean_loss.update(loss.detach(), weight=len(targets))
@@ -113,6 +131,11 @@ class ImageClassifier(LightningModule):
         loss, _ = self._step(batch, "train")
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _mixing(self, images: Tensor) -> bool:
+        """Mixup/cutmix this batch? Not after the switch-off epoch, and not for odd batches (timm pairs images)."""
+        off = self.hparams.mixup_off_epoch
+        return self.mixup is not None and (off is None or self.current_epoch < off) and len(images) % 2 == 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")[1]
@@ -130,8 +153,14 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer(self.parameters())
+        warmup = self.hparams.warmup_epochs
         if self.scheduler is not None:
             scheduler = self.scheduler(optimizer)
         else:
-            scheduler = CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
+            scheduler = CosineAnnealingLR(optimizer, T_max=max(1, (self.trainer.max_epochs or 1) - warmup))
+        if warmup:
+            # epochs 0..warmup-1 run at 1/(w+1) .. w/(w+1) of the LR, then the schedule starts from the full LR
+            ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=warmup / (warmup + 1),
+                            total_iters=warmup - 1 or 1)  # fmt: skip
+            scheduler = SequentialLR(optimizer, [ramp, scheduler], milestones=[warmup])
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -101,7 +101,7 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     # 31 test images: an odd count, which a padding DistributedSampler would evaluate one image twice for
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, data={"test_fraction": 0.155})
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    run_classifier("fit", "--config", str(config), *ddp, cwd=tmp_path)
+    run_classifier("fit", "--config", str(config), *ddp, "--data.sampler", "balanced", cwd=tmp_path)
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     assert best.is_file() and (run_dir(tmp_path, 0) / "splits.csv").is_file()
 

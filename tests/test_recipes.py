@@ -1,0 +1,124 @@
+"""Training recipes, each tested so that it fails if the recipe silently does nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.transforms import TrivialAugmentWide
+
+from classifier import ImageClassifier, ImageFolderDataModule, cli_main
+from tests.helpers import run_dir, save_image, tiny_config
+
+
+def make_folder(root: Path, counts: dict[str, int]) -> Path:
+    rng = np.random.default_rng(0)
+    for name, count in counts.items():
+        for i in range(count):
+            save_image(root / name / f"{i:03d}.png", Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)))
+    return root
+
+
+def test_warmup_ramps_up_then_hands_over_to_the_schedule(small_digits: Path, tmp_path: Path) -> None:
+    monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
+    trainer = {"max_epochs": 4, "callbacks": [monitor]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 2})
+    cli_main(["fit", "--config", str(config)])
+    (events,) = run_dir(tmp_path, 0).glob("events.out.tfevents.*")
+    lrs = [event.value for event in EventAccumulator(str(events)).Reload().Scalars("lr-AdamW")]
+    # AdamW's 1e-3: 1/3 and 2/3 of it while warming up, then cosine over the remaining 2 epochs
+    np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3], rtol=1e-5)
+
+
+def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ImageClassifier(["a", "b", "c"], backbone="test_resnet", mixup_alpha=0.4, cutmix_alpha=1.0,
+                            mixup_off_epoch=3)  # fmt: skip
+    seen = []
+    model.criterion.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[1]))
+    batch = (torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.arange(8))
+    model.training_step(batch, 0)
+    soft = seen[-1]
+    assert soft.shape == (8, 3) and soft.dtype.is_floating_point
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
+    assert ((soft > 0) & (soft < 1)).any()  # mixed, not one-hot
+    monkeypatch.setattr(ImageClassifier, "current_epoch", property(lambda self: 3))  # the switch-off epoch
+    model.training_step(batch, 0)
+    assert seen[-1].dtype == torch.long
+
+
+def test_mixup_needs_cross_entropy() -> None:
+    with pytest.raises(ValueError, match="--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce"):
+        ImageClassifier(["a", "b"], backbone="test_resnet", loss="focal", mixup_alpha=0.2)
+
+
+def test_mixup_and_cutmix_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1},
+                         model={"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1})  # fmt: skip
+    cli_main(["fit", "--config", str(config)])
+    assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
+
+
+def draws(datamodule: ImageFolderDataModule, epochs: int) -> Counter:
+    counted = Counter()
+    for _ in range(epochs):
+        for _, targets, _ in datamodule.train_dataloader():
+            counted.update(targets.tolist())
+    return counted
+
+
+def test_balanced_sampler_draws_classes_about_uniformly(tmp_path: Path) -> None:
+    data_dir = str(make_folder(tmp_path / "d", {"many": 200, "some": 50, "few": 20}))
+    options = {"image_size": 8, "batch_size": 32, "num_workers": 0, "val_fraction": 0.1, "test_fraction": 0.0}
+    balanced = ImageFolderDataModule(data_dir, sampler="balanced", **options)
+    balanced.setup("fit")
+    counted = draws(balanced, epochs=6)
+    total = sum(counted.values())
+    assert all(abs(counted[c] / total - 1 / 3) < 0.05 for c in range(3)), counted
+    plain = ImageFolderDataModule(data_dir, **options)
+    plain.setup("fit")
+    counted = draws(plain, epochs=1)
+    assert counted[balanced.class_names.index("many")] > 5 * counted[balanced.class_names.index("few")]
+
+
+def test_random_erasing_only_touches_training_batches(tmp_path: Path) -> None:
+    make_folder(tmp_path / "d", {"a": 8, "b": 8})
+    datamodule = ImageFolderDataModule(str(tmp_path / "d"), image_size=16, random_erasing=1.0, test_fraction=0.0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    batch = (images, torch.zeros(4, dtype=torch.long), torch.arange(4))
+    datamodule.trainer = SimpleNamespace(training=False)
+    clean = datamodule.on_after_batch_transfer(batch, 0)[0]
+    datamodule.trainer = SimpleNamespace(training=True)
+    erased = datamodule.on_after_batch_transfer((images.clone(), *batch[1:]), 0)[0]
+    changed = (erased != clean).any(dim=1)  # per pixel
+    assert all(changed[i].any() for i in range(4))  # every image got a rectangle
+    assert all(not changed[i].all() for i in range(4))  # and only a rectangle
+
+
+@pytest.mark.parametrize(
+    ("policy", "operation"),
+    [("rand-m9-mstd0.5", "RandAugment"), ("augmix-m5-w4-d2", "AugMixAugment"), ("original", "AutoAugment"),
+     ("trivialaugment", TrivialAugmentWide.__name__)],
+)  # fmt: skip
+def test_auto_augment_policies(policy: str, operation: str, tmp_path: Path) -> None:
+    make_folder(tmp_path / "d", {"a": 4, "b": 4})
+    datamodule = ImageFolderDataModule(str(tmp_path / "d"), image_size=16, auto_augment=policy, hflip=0.0)
+    pipeline = datamodule.transform(training=True)
+    assert operation in [type(step).__name__ for step in pipeline.transforms]
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    outputs = [pipeline(image) for _ in range(8)]
+    assert outputs[0].dtype == torch.uint8 and outputs[0].shape == (3, 16, 16)
+    assert len({o.numpy().tobytes() for o in outputs}) > 1
+
+
+def test_augmentation_options_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
+    data = {"auto_augment": "trivialaugment", "random_erasing": 0.5, "sampler": "balanced"}
+    trainer = {"max_epochs": 1, "accumulate_grad_batches": 2, "gradient_clip_val": 1.0}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, data=data)
+    cli_main(["fit", "--config", str(config)])
+    assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
