@@ -1,4 +1,4 @@
-"""`classifier fit|validate|test|predict`: LightningCLI plus checkpoint-restored settings and `--ckpt_path last`."""
+"""`classifier fit|validate|test|predict|lr_find`: LightningCLI, checkpoint-restored settings, `--ckpt_path last`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from classifier.callbacks import FitReport, RNGStateCheckpoint
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
 from classifier.module import ImageClassifier
+from classifier.tuning import ClassifierTrainer
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,16 @@ class ClassifierCLI(LightningCLI):
             trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), latest_checkpoint()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
+            trainer_class=ClassifierTrainer,
             args=args,
             run=run,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's four, plus `lr_find`."""
+        fit = LightningCLI.subcommands()["fit"]
+        return {**LightningCLI.subcommands(), "lr_find": fit - {"train_dataloaders", "val_dataloaders"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
 from torch import Tensor
@@ -53,6 +54,7 @@ class ImageClassifier(LightningModule):
         cutmix_alpha: float = 0.0,
         mixup_off_epoch: int | None = None,
         warmup_epochs: int = 0,
+        ema_decay: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -72,6 +74,8 @@ class ImageClassifier(LightningModule):
             cutmix_alpha: Beta(alpha, alpha) of cutmix; 0 turns it off. With both on, each batch picks one.
             mixup_off_epoch: From this epoch on, no more mixup/cutmix (fine-tune on clean images at the end).
             warmup_epochs: Epochs of linear LR warmup before the scheduler takes over.
+            ema_decay: Keep an exponential moving average of the weights (e.g. 0.999), updated every step. It is
+                what validation sees and what checkpoints hold, so test and predict use it too.
             optimizer: Optimizer; AdamW by default.
             scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
         """
@@ -102,6 +106,10 @@ class ImageClassifier(LightningModule):
         if stage == "fit" and self.hparams.class_weights == "auto":
             counts = self.trainer.datamodule.class_counts
             self.criterion.weight.copy_(inverse_frequency_weights(counts))
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Lightning's EMA: validates with the average and saves it as the checkpoint's weights."""
+        return [EMAWeightAveraging(decay=self.hparams.ema_decay)] if self.hparams.ema_decay else []
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
-from tests.helpers import run_dir, save_image, tiny_config
+from classifier.images import load_rgb
+from tests.helpers import read_csv, run_dir, save_image, tiny_config
 
 
 def make_folder(root: Path, counts: dict[str, int]) -> Path:
@@ -122,3 +123,36 @@ def test_augmentation_options_from_the_command_line(small_digits: Path, tmp_path
     config = tiny_config(tmp_path, small_digits, trainer=trainer, data=data)
     cli_main(["fit", "--config", str(config)])
     assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2}, model={"ema_decay": 0.9})
+    cli_main(["fit", "--config", str(config)])
+    best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    average, live = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not torch.equal(average["backbone.fc.weight"], live["backbone.fc.weight"])
+
+    cli_main(["test", "--ckpt_path", str(best)])
+    row = read_csv(run_dir(tmp_path, 1) / "predictions.csv")[0]
+    model = ImageClassifier.load_from_checkpoint(best, map_location="cpu").eval()
+    datamodule = ImageFolderDataModule(str(small_digits), backbone="test_resnet", image_size=32)
+    image = datamodule.transform(training=False)(load_rgb(Path(row["path"])))[None]
+    image = datamodule.on_after_batch_transfer((image, torch.zeros(1), torch.zeros(1)), 0)[0]
+    with torch.no_grad():
+        evaluated = model(image).softmax(dim=-1)[0]
+        model.load_state_dict(live)
+        with_live_weights = model(image).softmax(dim=-1)[0]
+    written = torch.tensor([float(row[f"prob_{name}"]) for name in model.class_names])
+    torch.testing.assert_close(evaluated, written, atol=1e-5, rtol=0)
+    assert not torch.allclose(with_live_weights, written, atol=1e-4)
+
+
+def test_lr_find_suggests_a_rate_and_saves_the_plot(small_digits: Path, tmp_path: Path, caplog) -> None:
+    config = tiny_config(tmp_path, small_digits)
+    with caplog.at_level("INFO", logger="classifier"):
+        cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null"])
+    with Image.open(run_dir(tmp_path, 0) / "lr_find.png") as plot:
+        assert min(plot.size) > 300
+    suggested = [line for line in caplog.text.splitlines() if line.startswith("Use it with: --model.optimizer.lr ")]
+    assert len(suggested) == 1 and 1e-6 <= float(suggested[0].split()[-1]) <= 1.0
