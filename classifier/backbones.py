@@ -64,13 +64,15 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
         state = timm.models.load_state_dict(str(path))  # weights_only; unwraps state_dict/model, strips module.
     except Exception as error:
         raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
-    state = {key.removeprefix("backbone."): value for key, value in state.items()}
+    if any(key.startswith("backbone.") for key in state):  # a checkpoint of this project: its backbone only
+        state = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
     own = model.state_dict()
     head = _head_prefixes(model)
-    dropped = [key for key, value in state.items() if key in own and own[key].shape != value.shape]
-    wrong = [key for key in dropped if not key.startswith(head)]
+    dropped = [key for key, value in state.items() if key.startswith(head) and own.get(key, value).shape != value.shape]
+    dropped += [key for key in state if key.startswith(head) and key not in own]  # a model built without a head
+    wrong = [key for key, value in state.items() if key in own and own[key].shape != value.shape and key not in dropped]
     missing = [key for key in own if key not in state and not key.startswith(head)]
-    unexpected = [key for key in state if key not in own]
+    unexpected = [key for key in state if key not in own and key not in dropped]
     if wrong or missing or unexpected:
         raise ValueError(
             f"--model.pretrained {path} does not fit {type(model).__name__}: "

@@ -9,7 +9,8 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
-from torch import Tensor
+from timm.optim import param_groups_layer_decay
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
@@ -35,6 +36,17 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+def mlp_head(features: int, hidden: list[int] | None, num_classes: int, drop_rate: float) -> nn.Module:
+    """Linear -> BatchNorm -> ReLU -> Dropout per hidden size, then the class layer; Identity without hidden sizes."""
+    if not hidden:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
+        features = width
+    return nn.Sequential(*layers, nn.Linear(features, num_classes))
+
+
 class ImageClassifier(LightningModule):
     """Image classification with any timm backbone."""
 
@@ -55,6 +67,11 @@ class ImageClassifier(LightningModule):
         mixup_off_epoch: int | None = None,
         warmup_epochs: int = 0,
         ema_decay: float | None = None,
+        head_hidden_dims: list[int] | None = None,
+        freeze_backbone: bool = False,
+        unfreeze_at_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
+        layer_decay: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -76,6 +93,13 @@ class ImageClassifier(LightningModule):
             warmup_epochs: Epochs of linear LR warmup before the scheduler takes over.
             ema_decay: Keep an exponential moving average of the weights (e.g. 0.999), updated every step. It is
                 what validation sees and what checkpoints hold, so test and predict use it too.
+            head_hidden_dims: Replace the backbone's linear head by an MLP with these hidden sizes (each
+                Linear, BatchNorm, ReLU, Dropout(drop_rate)).
+            freeze_backbone: Train the head only: the backbone's weights and BatchNorm statistics stay fixed.
+            unfreeze_at_epoch: Freeze the backbone until this epoch, then train it too (progressive unfreezing).
+            backbone_lr_scale: The backbone's learning rate relative to the head's.
+            layer_decay: Layer-wise LR decay (timm's, for ViTs and others): each layer further from the head
+                trains at this factor of the next one's LR.
             optimizer: Optimizer; AdamW by default.
             scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
         """
@@ -85,7 +109,9 @@ class ImageClassifier(LightningModule):
         num_classes = len(self.class_names)
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
-        self.backbone = create_backbone(backbone, num_classes, pretrained, drop_rate, image_size)
+        outputs = 0 if head_hidden_dims else num_classes  # 0: timm returns pooled features
+        self.backbone = create_backbone(backbone, outputs, pretrained, drop_rate, image_size)
+        self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
         self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
         self.mixup = None
         if mixup_alpha or cutmix_alpha:
@@ -112,7 +138,52 @@ class ImageClassifier(LightningModule):
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)] if self.hparams.ema_decay else []
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images)
+        return self.head(self.backbone(images))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The classifier's parameters: the MLP head's, or the backbone's own linear head's."""
+        return list(self.head.parameters()) or list(self.backbone.get_classifier().parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Everything the backbone holds but its classifier head."""
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.backbone.parameters() if id(p) not in head]
+
+    def backbone_frozen(self) -> bool:
+        """Frozen while freeze_backbone holds, or until unfreeze_at_epoch."""
+        until = self.hparams.unfreeze_at_epoch
+        frozen = self.hparams.freeze_backbone or until is not None
+        return frozen and (until is None or self.current_epoch < until)
+
+    def on_train_epoch_start(self) -> None:
+        """(Un)freeze for this epoch; frozen BatchNorm layers keep their statistics by staying in eval mode."""
+        frozen = self.backbone_frozen()
+        for parameter in self.backbone_parameters():
+            parameter.requires_grad_(not frozen)
+        if frozen:
+            head = set(self.backbone.get_classifier().modules())
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module not in head:
+                    module.eval()
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The head at the optimizer's LR; the backbone at backbone_lr_scale of it, per layer with layer_decay.
+
+        Groups carry timm's `lr_scale`; `configure_optimizers` applies it.
+        """
+        scale = self.hparams.backbone_lr_scale
+        if self.hparams.layer_decay is None:
+            groups = [{"params": self.backbone_parameters(), "lr_scale": scale}]
+        else:
+            groups = param_groups_layer_decay(self.backbone, layer_decay=self.hparams.layer_decay)
+            head = {id(p) for p in self.head_parameters()}
+            for group in groups:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                group["lr_scale"] *= scale
+                if group["weight_decay"]:
+                    del group["weight_decay"]  # keep the optimizer's; timm's zero for norms and biases stays
+        head_group = {"params": self.head_parameters() + list(self.criterion.parameters()), "lr_scale": 1.0}
+        return [group for group in [*groups, head_group] if group["params"]]
 
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
@@ -160,7 +231,9 @@ class ImageClassifier(LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer(self.parameters())
+        optimizer = self.optimizer(self.param_groups())
+        for group in optimizer.param_groups:
+            group["lr"] *= group["lr_scale"]
         warmup = self.hparams.warmup_epochs
         if self.scheduler is not None:
             scheduler = self.scheduler(optimizer)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,9 +33,11 @@ def test_warmup_ramps_up_then_hands_over_to_the_schedule(small_digits: Path, tmp
     config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 2})
     cli_main(["fit", "--config", str(config)])
     (events,) = run_dir(tmp_path, 0).glob("events.out.tfevents.*")
-    lrs = [event.value for event in EventAccumulator(str(events)).Reload().Scalars("lr-AdamW")]
-    # AdamW's 1e-3: 1/3 and 2/3 of it while warming up, then cosine over the remaining 2 epochs
-    np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3], rtol=1e-5)
+    accumulator = EventAccumulator(str(events)).Reload()
+    for group in ("pg1", "pg2"):  # backbone and head
+        lrs = [event.value for event in accumulator.Scalars(f"lr-AdamW/{group}")]
+        # AdamW's 1e-3: 1/3 and 2/3 of it while warming up, then cosine over the remaining 2 epochs
+        np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3], rtol=1e-5)
 
 
 def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,3 +159,74 @@ def test_lr_find_suggests_a_rate_and_saves_the_plot(small_digits: Path, tmp_path
         assert min(plot.size) > 300
     suggested = [line for line in caplog.text.splitlines() if line.startswith("Use it with: --model.optimizer.lr ")]
     assert len(suggested) == 1 and 1e-6 <= float(suggested[0].split()[-1]) <= 1.0
+
+
+@pytest.fixture
+def imagenet_weights(tmp_path: Path) -> Path:
+    """A local `test_resnet` state dict with a 1000-class head, standing in for pretrained weights."""
+    path = tmp_path / "pretrained.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), path)
+    return path
+
+
+def backbone_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") and ".fc." not in k}
+
+
+def test_frozen_backbone_keeps_its_weights_and_statistics(small_digits: Path, tmp_path: Path, imagenet_weights: Path):
+    model = {"pretrained": str(imagenet_weights), "freeze_backbone": True}
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model=model)
+    cli_main(["fit", "--config", str(config)])
+    trained = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    source = torch.load(imagenet_weights, weights_only=True)
+    for name, tensor in backbone_state(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt").items():
+        torch.testing.assert_close(tensor, source[name], msg=name)  # weights and BatchNorm running stats
+    assert trained["backbone.fc.weight"].shape == (10, source["fc.weight"].shape[1])
+
+
+def test_progressive_unfreezing(small_digits: Path, tmp_path: Path, imagenet_weights: Path) -> None:
+    model = {"pretrained": str(imagenet_weights), "unfreeze_at_epoch": 1}
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2}, model=model)
+    cli_main(["fit", "--config", str(config), "--checkpoint.save_top_k", "-1", "--checkpoint.filename", "{epoch}"])
+    source = torch.load(imagenet_weights, weights_only=True)
+    after_first = backbone_state(run_dir(tmp_path, 0) / "checkpoints" / "epoch=0.ckpt")
+    after_second = backbone_state(run_dir(tmp_path, 0) / "checkpoints" / "epoch=1.ckpt")
+    assert all(torch.equal(after_first[name], source[name]) for name in after_first)
+    assert not torch.equal(after_second["conv1.0.weight"], source["conv1.0.weight"])
+
+
+CONSTANT_LR = {"class_path": "torch.optim.lr_scheduler.ConstantLR", "init_args": {"factor": 1.0}}
+
+
+def group_lrs(checkpoint: Path) -> list[float]:
+    return [group["lr"] for group in torch.load(checkpoint, weights_only=True)["optimizer_states"][0]["param_groups"]]
+
+
+def test_backbone_lr_scale(small_digits: Path, tmp_path: Path) -> None:
+    model = {"backbone_lr_scale": 0.1, "scheduler": CONSTANT_LR}
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model=model)
+    cli_main(["fit", "--config", str(config)])
+    backbone, head = group_lrs(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt")
+    assert head == pytest.approx(1e-3) and backbone == pytest.approx(1e-4)  # AdamW's default LR, and a tenth
+
+
+def test_layer_decay_gives_deeper_layers_smaller_rates(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1},
+                         model={"backbone": "test_vit", "layer_decay": 0.5, "scheduler": CONSTANT_LR})  # fmt: skip
+    cli_main(["fit", "--config", str(config)])
+    lrs = group_lrs(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt")
+    head = lrs[-1]
+    assert head == pytest.approx(1e-3) and max(lrs) == head
+    assert len(set(lrs)) > 3 and min(lrs) <= head * 0.5**3  # test_vit's blocks, each half its successor's
+
+
+def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
+    model = ImageClassifier([str(d) for d in range(10)], backbone="test_resnet", head_hidden_dims=[32, 16])
+    layers = [type(layer).__name__ for layer in model.head]
+    assert layers == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model={"head_hidden_dims": [32, 16]})
+    cli_main(["fit", "--config", str(config)])
+    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
+    assert (run_dir(tmp_path, 1) / "metrics.json").is_file()
