@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from classifier.callbacks import FitReport, RNGStateCheckpoint
+from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
 from classifier.module import ImageClassifier
@@ -180,4 +181,8 @@ def configure_logging() -> None:
 def cli_main(args: ArgsType = None) -> None:
     """Entry point of the `classifier` command; `args` lets tests drive it without a subprocess."""
     configure_logging()
-    ClassifierCLI(args=args)
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
+        cross_validate(argv[1:])
+    else:
+        ClassifierCLI(args=args)

@@ -1,0 +1,141 @@
+"""`classifier cv`: k-fold cross-validation as one command, or the aggregation of folds trained apart."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from classifier.module import classification_metrics
+from classifier.reports import write_evaluation_report
+
+log = logging.getLogger(__name__)
+
+
+def cross_validate(argv: list[str]) -> Path:
+    """Fit every fold of `--data.num_folds`, one after another, then aggregate them; returns the cv folder."""
+    from classifier.cli import ClassifierCLI  # the CLI imports this module
+
+    parser = argparse.ArgumentParser(
+        prog="classifier cv",
+        description="Train every fold (the other options are fit's), or --aggregate folds trained separately.",
+    )
+    parser.add_argument("--aggregate", type=Path, help="a folder of fold runs (version_*/) to aggregate")
+    options, fit_args = parser.parse_known_args(argv)
+    if options.aggregate:
+        return aggregate(find_fold_runs(options.aggregate))
+    num_folds = ClassifierCLI(args=fit_args, run=False).datamodule.hparams.num_folds  # parse, do not train
+    if not num_folds:
+        raise ValueError("classifier cv needs --data.num_folds K (2 or more)")
+    fits = (ClassifierCLI(args=["fit", *fit_args, "--data.fold", str(fold)]) for fold in range(num_folds))
+    return aggregate([Path(cli.trainer.log_dir) for cli in fits])
+
+
+def find_fold_runs(folder: Path) -> list[Path]:
+    """The newest run of each fold under `folder`, in fold order; every fold of one k-fold split must be there."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--aggregate {folder} does not exist")
+    newest: dict[tuple[int, int], Path] = {}
+    for best in sorted(folder.glob("version_*/checkpoints/best.ckpt"), key=lambda path: path.stat().st_mtime):
+        data = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["datamodule_hyper_parameters"]
+        if data.get("num_folds"):
+            newest[(data["num_folds"], data["fold"])] = best.parent.parent
+    counts = {k for k, _ in newest}
+    if len(counts) != 1:
+        raise ValueError(f"--aggregate {folder}: expected the runs of one k-fold split, found num_folds {counts}")
+    (num_folds,) = counts
+    missing = [fold for fold in range(num_folds) if (num_folds, fold) not in newest]
+    if missing:
+        raise ValueError(f"--aggregate {folder}: no finished run (checkpoints/best.ckpt) for folds {missing}")
+    return [newest[(num_folds, fold)] for fold in range(num_folds)]
+
+
+def aggregate(runs: list[Path]) -> Path:
+    """Out-of-fold predictions, per-fold metrics with mean and std, and the fold ensemble on the test split."""
+    from classifier.cli import ClassifierCLI
+
+    root = runs[0].parent
+    cv_dir = root / f"cv_{sum(1 for _ in root.glob('cv_*'))}"
+    with open(runs[0] / "splits.csv", newline="") as file:
+        stages = ("validate", "test") if any(row["split"] == "test" for row in csv.DictReader(file)) else ("validate",)
+    folds, oof_rows, test_probs = [], [], []
+    for fold, run in enumerate(runs):
+        for stage in stages:
+            ClassifierCLI(args=[stage, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                                "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                                "--trainer.logger.save_dir", str(cv_dir), "--trainer.logger.name", f"fold_{fold}",
+                                "--trainer.logger.version", stage])  # fmt: skip
+        folds.append(json.loads((cv_dir / f"fold_{fold}" / "validate" / "metrics.json").read_text()))
+        oof_rows += [{**row, "fold": str(fold)} for row in _read(cv_dir / f"fold_{fold}" / "validate")]
+        if "test" in stages:
+            test_probs.append(_read(cv_dir / f"fold_{fold}" / "test"))
+    names = sorted(set.intersection(*(set(metrics) for metrics in folds)))
+    summary = {
+        "runs": [str(run) for run in runs],
+        "folds": folds,
+        "mean": {name: float(np.mean([metrics[name] for metrics in folds])) for name in names},
+        "std": {name: float(np.std([metrics[name] for metrics in folds])) for name in names},
+    }
+    (cv_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_rows(cv_dir / "oof_predictions.csv", oof_rows)
+    ensemble = _ensemble(test_probs, cv_dir / "ensemble") if test_probs else {}
+    _show(summary, ensemble)
+    log.info("Cross-validation of %d folds: %s", len(runs), cv_dir)
+    return cv_dir
+
+
+def _read(run: Path) -> list[dict[str, str]]:
+    with open(run / "predictions.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _ensemble(per_fold: list[list[dict[str, str]]], out: Path) -> dict[str, float]:
+    """Average the fold models' test probabilities; score and report the ensemble as `test` does one model."""
+    classes = [column.removeprefix("prob_") for column in per_fold[0][0] if column.startswith("prob_")]
+    paths = [row["path"] for row in per_fold[0]]
+    if any([row["path"] for row in rows] != paths for rows in per_fold):
+        raise ValueError("the folds' test predictions cover different images; were they trained on the same data?")
+    probs = np.mean([[[float(row[f"prob_{c}"]) for c in classes] for row in rows] for rows in per_fold], axis=0)
+    targets = np.array([classes.index(row["target"]) for row in per_fold[0]])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = classification_metrics(len(classes), prefix="test/")
+    scores = {name: float(value) for name, value in metrics(torch.from_numpy(probs), torch.from_numpy(targets)).items()}
+    scores["test/loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+    (out / "metrics.json").write_text(json.dumps(dict(sorted(scores.items())), indent=2) + "\n")
+    rows = []
+    for i, path in enumerate(paths):
+        row = {"path": path, "target": classes[targets[i]], "prediction": classes[probs[i].argmax()]}
+        row["confidence"] = f"{probs[i].max():.7g}"
+        rows.append(row | {f"prob_{c}": f"{p:.7g}" for c, p in zip(classes, probs[i], strict=True)})
+    _write_rows(out / "predictions.csv", rows)
+    write_evaluation_report(out, [Path(p) for p in paths], targets, probs, classes)
+    return scores
+
+
+def _show(summary: dict, ensemble: dict[str, float]) -> None:
+    names = [name for name in summary["mean"] if name != "val/loss"] + ["val/loss"]
+    table = Table(title=f"Cross-validation, {len(summary['folds'])} folds (best checkpoint of each)")
+    table.add_column("fold")
+    for name in names:
+        table.add_column(name.removeprefix("val/"), justify="right")
+    for fold, metrics in enumerate(summary["folds"]):
+        table.add_row(str(fold), *(f"{metrics[name]:.4f}" for name in names))
+    table.add_section()
+    table.add_row("mean ± std", *(f"{summary['mean'][n]:.4f} ± {summary['std'][n]:.4f}" for n in names))
+    ensemble_row = [f"{ensemble.get(name.replace('val/', 'test/'), float('nan')):.4f}" for name in names]
+    table.add_row("ensemble on test", *ensemble_row)
+    Console().print(table)

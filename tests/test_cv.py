@@ -1,0 +1,89 @@
+"""`classifier cv`: folds, out-of-fold predictions, summary statistics, the ensemble, and aggregation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classifier import cli_main
+from tests.helpers import read_csv, run_dir, tiny_config
+
+FOLDS = 3
+
+
+@pytest.fixture(scope="module")
+def cross_validated(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("cv")
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
+    cli_main(["cv", "--config", str(config), "--data.num_folds", str(FOLDS)])
+    return tmp_path
+
+
+def test_every_fold_trains_in_its_own_run_folder(cross_validated: Path) -> None:
+    for fold in range(FOLDS):
+        splits = read_csv(run_dir(cross_validated, fold) / "splits.csv")
+        assert {row["fold"] for row in splits if row["split"] == "val"} == {str(fold)}
+        assert (run_dir(cross_validated, fold) / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated: Path) -> None:
+    splits = read_csv(run_dir(cross_validated, 0) / "splits.csv")
+    fold_of = {row["path"]: row["fold"] for row in splits if row["split"] != "test"}
+    oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
+    assert sorted(row["path"] for row in oof) == sorted(fold_of)
+    assert all(row["fold"] == fold_of[row["path"]] for row in oof)  # predicted by the model that held it out
+    probs = np.array([[float(v) for k, v in row.items() if k.startswith("prob_")] for row in oof])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_summary_mean_and_std_are_those_of_the_folds(cross_validated: Path) -> None:
+    summary = json.loads((cross_validated / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
+    assert len(summary["folds"]) == FOLDS and "val/f1_macro" in summary["mean"]
+    for name, mean in summary["mean"].items():
+        values = [fold[name] for fold in summary["folds"]]
+        assert mean == pytest.approx(np.mean(values)) and summary["std"][name] == pytest.approx(np.std(values))
+    for fold, metrics in enumerate(summary["folds"]):
+        oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
+        rows = [row for row in oof if row["fold"] == str(fold)]
+        accuracy = np.mean([row["target"] == row["prediction"] for row in rows])
+        assert metrics["val/acc"] == pytest.approx(accuracy, abs=1e-6)
+
+
+def test_fold_ensemble_averages_probabilities_on_the_test_split(cross_validated: Path) -> None:
+    cv_dir = cross_validated / "lightning_logs" / "tiny" / "cv_0"
+    per_fold = [read_csv(cv_dir / f"fold_{fold}" / "test" / "predictions.csv") for fold in range(FOLDS)]
+    classes = [k.removeprefix("prob_") for k in per_fold[0][0] if k.startswith("prob_")]
+    averaged = np.mean([[[float(row[f"prob_{c}"]) for c in classes] for row in rows] for rows in per_fold], axis=0)
+    ensemble = read_csv(cv_dir / "ensemble" / "predictions.csv")
+    written = np.array([[float(row[f"prob_{c}"]) for c in classes] for row in ensemble])
+    np.testing.assert_allclose(written, averaged, atol=1e-6)
+    metrics = json.loads((cv_dir / "ensemble" / "metrics.json").read_text())
+    targets = [classes.index(row["target"]) for row in ensemble]
+    assert metrics["test/acc"] == pytest.approx(np.mean(averaged.argmax(axis=1) == targets), abs=1e-6)
+    assert (cv_dir / "ensemble" / "confusion_matrix.png").is_file()
+
+
+def test_folds_trained_apart_are_aggregated(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    for fold in (1, 0):  # as a SLURM array would, in any order
+        cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+    cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
+    summary = json.loads((tmp_path / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
+    assert summary["runs"] == [str(run_dir(tmp_path, 1)), str(run_dir(tmp_path, 0))]  # fold order
+
+
+def test_aggregate_names_the_missing_folds(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    cli_main(["fit", "--config", str(config), "--data.num_folds", "3", "--data.fold", "1"])
+    with pytest.raises(ValueError, match=r"no finished run \(checkpoints/best.ckpt\) for folds \[0, 2\]"):
+        cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
+
+
+def test_cv_without_folds_is_refused_before_training(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits)
+    with pytest.raises(ValueError, match="classifier cv needs --data.num_folds K"):
+        cli_main(["cv", "--config", str(config)])
+    assert not (tmp_path / "lightning_logs").exists()
