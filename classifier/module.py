@@ -113,14 +113,14 @@ class ImageClassifier(LightningModule):
         self.backbone = create_backbone(backbone, outputs, pretrained, drop_rate, image_size)
         self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
         self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
+        if isinstance(class_weights, list):
+            self.criterion.weight.copy_(torch.tensor(class_weights))
         self.mixup = None
         if mixup_alpha or cutmix_alpha:
             if loss != "ce":
                 raise ValueError("--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce (soft targets)")
             # label smoothing stays the criterion's job, so it applies the same with and without mixing
             self.mixup = Mixup(mixup_alpha, cutmix_alpha, label_smoothing=0.0, num_classes=num_classes)
-        if isinstance(class_weights, list):
-            self.criterion.weight.copy_(torch.tensor(class_weights))
         self.optimizer = optimizer
         self.scheduler = scheduler
         for stage in STAGES:
