@@ -42,6 +42,10 @@ class ClassifierCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
             trainer_class=ClassifierTrainer,
+            parser_kwargs={
+                "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
+                "--data.num_folds K` cross-validates (see `classifier cv --help`)."
+            },
             args=args,
             run=run,
         )

@@ -159,3 +159,10 @@ def test_shipped_configs_build_and_run_one_step(name: str, small_digits: Path, t
         "trainer.logger.init_args.save_dir": tmp_path,
     }
     cli_main(["fit", "--config", str(config), *(f"--{key}={value}" for key, value in overrides.items())])
+
+
+def test_help_names_every_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    printed = capsys.readouterr().out
+    assert "{fit,validate,test,predict,lr_find}" in printed and "classifier cv" in printed
