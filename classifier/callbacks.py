@@ -16,7 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from classifier.reports import confusion_matrix_figure, figure_to_array, save_figure, training_curves_figure
+from classifier.reports import (
+    classification_report,
+    confusion_matrix_figure,
+    figure_to_array,
+    save_figure,
+    training_curves_figure,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +95,8 @@ class FitReport(Callback):
             return
         matrix = self._confusion.compute().cpu().numpy()  # synced across ranks
         self._confusion.reset()
-        true_positives = np.diag(matrix)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            f1 = np.nan_to_num(2 * true_positives / (matrix.sum(axis=0) + matrix.sum(axis=1)))
-        for name, value in zip(pl_module.class_names, f1.tolist(), strict=True):
-            pl_module.log(f"val/f1/{name}", value, sync_dist=False)  # already synced
+        for row in classification_report(matrix, pl_module.class_names)[: len(pl_module.class_names)]:
+            pl_module.log(f"val/f1/{row['class']}", float(row["f1"]), sync_dist=False)  # already synced
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from classifier.evaluation import write_predictions
 from classifier.module import classification_metrics
 from classifier.reports import write_evaluation_report
 
@@ -116,13 +117,9 @@ def _ensemble(per_fold: list[list[dict[str, str]]], out: Path) -> dict[str, floa
     scores = {name: float(value) for name, value in metrics(torch.from_numpy(probs), torch.from_numpy(targets)).items()}
     scores["test/loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
     (out / "metrics.json").write_text(json.dumps(dict(sorted(scores.items())), indent=2) + "\n")
-    rows = []
-    for i, path in enumerate(paths):
-        row = {"path": path, "target": classes[targets[i]], "prediction": classes[probs[i].argmax()]}
-        row["confidence"] = f"{probs[i].max():.7g}"
-        rows.append(row | {f"prob_{c}": f"{p:.7g}" for c, p in zip(classes, probs[i], strict=True)})
-    _write_rows(out / "predictions.csv", rows)
-    write_evaluation_report(out, [Path(p) for p in paths], targets, probs, classes)
+    image_paths = [Path(path) for path in paths]
+    write_predictions(out / "predictions.csv", image_paths, torch.from_numpy(targets), torch.from_numpy(probs), classes)
+    write_evaluation_report(out, image_paths, targets, probs, classes)
     return scores
 
 
