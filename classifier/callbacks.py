@@ -62,6 +62,9 @@ class FitReport(Callback):
         self._confusion: MulticlassConfusionMatrix | None = None
         self._started = self._validation_started = self._validation_seconds = 0.0
         self._session_images = 0
+        self._epochs: list[tuple[float, int]] = []  # this session's (training seconds, images) per epoch
+        self._epoch_started = 0.0
+        self._epoch_images = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history, "seconds": self.seconds, "train_images": self.train_images}
@@ -79,9 +82,15 @@ class FitReport(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._record(trainer, trainer.current_epoch - 1)  # epoch-level metrics are final only now
+        self._epoch_started, self._epoch_images = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._session_images += len(batch[1])
+        self._epoch_images += len(batch[1])
+        if batch_idx + 1 == trainer.num_training_batches:  # the epoch's training ends here: no validation, no saving
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)  # once an epoch, so the time covers the queued work
+            self._epochs.append((time.perf_counter() - self._epoch_started, self._epoch_images))
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._validation_started = time.perf_counter()
@@ -129,6 +138,8 @@ class FitReport(Callback):
             "epochs": len(self.history),
             "wall_time_s": round(self.seconds, 3),
             "train_images_per_s": round(self._session_images / max(training_seconds, 1e-9), 1),
+            "steady_train_images_per_s": steady_throughput(self._epochs),
+            "epoch_train_images_per_s": [round(images / max(seconds, 1e-9), 1) for seconds, images in self._epochs],
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
         }
@@ -151,3 +162,10 @@ class FitReport(Callback):
             return None
         pick = max if checkpoint.mode == "max" else min
         return int(pick(scored, key=lambda row: row[checkpoint.monitor])["epoch"])
+
+
+def steady_throughput(epochs: list[tuple[float, int]]) -> float | None:
+    """Training images/s after the first epoch, which also pays for worker start-up, caching and compiling."""
+    steady = epochs[1:]
+    seconds = sum(seconds for seconds, _ in steady)
+    return round(sum(images for _, images in steady) / seconds, 1) if steady and seconds > 0 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from functools import cached_property
@@ -19,7 +20,10 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier.backbones import backbone_data_config
-from classifier.images import find_unreadable, list_images, load_rgb
+from classifier.cache import fill as fill_cache
+from classifier.cache import fits_in_memory
+from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
+from classifier.images import find_unreadable, jpeg_size, list_images, load_rgb, presize
 from classifier.splits import Splits, build_splits
 
 log = logging.getLogger(__name__)
@@ -28,18 +32,67 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 class ImageDataset(Dataset):
-    """(uint8 CHW image, class index, row index) per file; the row index maps outputs back to paths."""
+    """(uint8 CHW image, class index, row index) per file; the row index maps outputs back to paths.
 
-    def __init__(self, paths: list[Path], targets: list[int], transform: Callable) -> None:
+    JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter side.
+    """
+
+    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int | None) -> None:
         self.paths = paths
         self.targets = targets
         self.transform = transform
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        return self.transform(load_rgb(self.paths[index])), self.targets[index], index
+        return self.transform(load_rgb(self.paths[index], self.min_size)), self.targets[index], index
+
+
+class DeviceCropDataset(Dataset):
+    """(pixels or JPEG bytes, crop plan, class index, row index) per file, for batches rendered on the device.
+
+    Pixels come from the RAM cache or a CPU decode (presized, then cut to the plan's box); with `gpu_decode`,
+    JPEGs that nvJPEG reads as PIL would are passed on undecoded.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        targets: list[int],
+        planner: CropPlanner,
+        interpolation: str,
+        cache: dict[Path, Tensor] | None = None,
+        gpu_decode: bool = False,
+    ) -> None:
+        self.paths = paths
+        self.targets = targets
+        self.planner = planner
+        self.interpolation = interpolation
+        self.cache = cache
+        self.gpu_decode = gpu_decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
+        path = self.paths[index]
+        if self.cache is not None:
+            image = self.cache[path]
+        else:
+            if self.gpu_decode:
+                data = path.read_bytes()
+                if size := jpeg_size(data):
+                    return (
+                        torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                        self.planner(*size),
+                        self.targets[index],
+                        index,
+                    )
+            image = presize(path, self.planner.scale_size, self.interpolation)
+        crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
+        return crop, plan, self.targets[index], index
 
 
 def predict_paths(source: Path) -> list[Path]:
@@ -59,10 +112,14 @@ def listing(unreadable: dict[Path, str]) -> str:
     return "\n".join(f"  {path}: {reason}" for path, reason in unreadable.items())
 
 
-def default_num_workers() -> int:
-    """One loader process per available core, up to 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cores)
+def available_cores() -> int:
+    """Cores this process may run on (a SLURM allocation's, not the node's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers(processes_per_node: int = 1) -> int:
+    """One loader process per core of this process's share, leaving one to the training loop; at most 16."""
+    return max(1, min(16, available_cores() // processes_per_node - 1))
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -91,6 +148,8 @@ class ImageFolderDataModule(LightningDataModule):
         auto_augment: str | None = None,
         random_erasing: float = 0.0,
         sampler: Literal["random", "balanced"] = "random",
+        decode: Literal["auto", "cpu", "gpu"] = "auto",
+        cache: Literal["none", "ram"] = "none",
     ) -> None:
         """
         Args:
@@ -101,7 +160,8 @@ class ImageFolderDataModule(LightningDataModule):
             image_size: Overrides the backbone's input size.
             crop_pct: Overrides the backbone's eval centre-crop fraction.
             batch_size: Images per batch on each device.
-            num_workers: Loader processes; None takes one per core, up to 8.
+            num_workers: Loader processes; None takes one per core (under DDP, per core of this process's share)
+                but one, up to 16.
             val_fraction: Share of train/ held out for validation when there is no val/ folder.
             test_fraction: Share of train/ held out for testing when there is no test/ folder.
             seed: Seed of the hold-outs, the folds and the shuffling.
@@ -116,6 +176,12 @@ class ImageFolderDataModule(LightningDataModule):
             auto_augment: A timm policy (`rand-m9-mstd0.5`, `augmix-m5-w4-d2`, `original`) or `trivialaugment`.
             random_erasing: Probability of erasing a random rectangle of each training image, on the device.
             sampler: `random` shuffles; `balanced` draws every class equally often (with replacement).
+            decode: Where JPEGs are decoded: `gpu` decodes batches with nvJPEG and crops, flips and jitters them
+                there, the loader workers only read bytes (other formats are decoded on the CPU within the same
+                batch); `cpu` runs timm's transforms in the workers; `auto` is `gpu` on CUDA devices.
+            cache: `ram` decodes the train and val images once, keeps them presized (shorter side
+                image_size / crop_pct) as uint8 in memory, and crops them on the device every epoch. Falls back
+                to reading from disk, with a warning, when they would not fit.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -177,35 +243,100 @@ class ImageFolderDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Build the datasets the stage needs, after checking that every one of their files decodes."""
+        if self.device_rendered and self.hparams.auto_augment:
+            raise ValueError(
+                f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
+                "use it with --data.decode cpu and --data.cache none"
+            )
         if stage == "predict":
             if not self.hparams.predict_dir:
                 raise ValueError("predict needs --data.predict_dir: a folder of images, an image, or a .txt list")
             paths = predict_paths(Path(self.hparams.predict_dir))
             if not paths:
                 raise ValueError(f"--data.predict_dir {self.hparams.predict_dir} holds no images")
-            self.unreadable = find_unreadable(paths, num_threads=2 * default_num_workers())
+            self.unreadable = find_unreadable(paths, num_threads=2 * available_cores())
             readable = [path for path in paths if path not in self.unreadable]
             if not readable:  # an unreadable file is one error row; with no readable ones there is nothing to do
                 raise ValueError(
                     f"none of the {len(paths)} images of --data.predict_dir can be read:\n{listing(self.unreadable)}"
                 )
-            self.datasets["predict"] = ImageDataset(readable, [-1] * len(readable), self.transform(training=False))
+            self.datasets["predict"] = self._dataset("predict", readable, [-1] * len(readable))
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for name in needed:
             paths, targets = self.splits.subset(name)
             if not paths and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
-            keep = set(self._readable(paths))
+            cache = self._cache(name, paths)
+            bad = cache[1] if cache else find_unreadable(paths, num_threads=2 * available_cores())
+            keep = set(self._readable(paths, bad))
             kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]
-            self.datasets[name] = ImageDataset(
-                [p for p, _ in kept], [t for _, t in kept], self.transform(training=name == "train")
+            self.datasets[name] = self._dataset(
+                name, [p for p, _ in kept], [t for _, t in kept], cache[0] if cache else None
             )
         self._write_splits_csv()
 
-    def _readable(self, paths: list[Path]) -> list[Path]:
-        """`paths` without unreadable files, or an error listing each of them with its reason."""
-        bad = find_unreadable(paths, num_threads=2 * default_num_workers())
+    @property
+    def gpu_decode(self) -> bool:
+        """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device."""
+        decode = self.hparams.decode
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if decode == "gpu" and self.trainer is not None and not on_cuda:
+            raise ValueError("--data.decode gpu needs a CUDA device; use --data.decode auto or cpu")
+        return decode == "gpu" or (decode == "auto" and on_cuda)
+
+    @property
+    def device_rendered(self) -> bool:
+        """Whether batches are cropped, flipped and jittered on the device rather than in the loader workers."""
+        return self.gpu_decode or self.hparams.cache == "ram"
+
+    @property
+    def image_pixels(self) -> int:
+        """The side of the square images the model sees."""
+        return self.data_config["input_size"][-1]
+
+    def planner(self, training: bool) -> CropPlanner:
+        """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
+        if self.data_config.get("crop_mode", "center") != "center":
+            raise ValueError(
+                f"{self.hparams.backbone}'s crop_mode {self.data_config['crop_mode']} needs --data.decode cpu"
+            )
+        hp = self.hparams
+        return CropPlanner(
+            self.image_pixels,
+            self.data_config["crop_pct"],
+            training,
+            hp.crop_scale,
+            hp.crop_ratio,
+            hp.hflip,
+            hp.color_jitter,
+        )
+
+    def _cache(self, name: str, paths: list[Path]) -> tuple[dict[Path, Tensor], dict[Path, str]] | None:
+        """The split's images presized in RAM and its unreadable files; None without `--data.cache ram`, for the
+        single-pass test split, and when they would not fit."""
+        if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
+            return None
+        size = self.planner(training=False).scale_size
+        copies = self.trainer.num_devices if self.trainer is not None else 1
+        if not fits_in_memory(paths, size, copies, name):
+            return None
+        return fill_cache(paths, size, self.data_config["interpolation"], num_threads=2 * available_cores())
+
+    def _dataset(
+        self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
+    ) -> Dataset:
+        """The file path (timm's transforms in the workers) or the device-rendered one, as configured."""
+        training = name == "train"
+        if cache is None and not self.gpu_decode:
+            min_size = math.floor(self.image_pixels / self.data_config["crop_pct"])  # eval's resize; the cache's size
+            return ImageDataset(paths, targets, self.transform(training), min_size)
+        return DeviceCropDataset(
+            paths, targets, self.planner(training), self.data_config["interpolation"], cache, self.gpu_decode
+        )
+
+    def _readable(self, paths: list[Path], bad: dict[Path, str]) -> list[Path]:
+        """`paths` without the unreadable ones, or an error listing each of them with its reason."""
         if not bad:
             return paths
         if not self.hparams.skip_bad_images:
@@ -227,10 +358,12 @@ class ImageFolderDataModule(LightningDataModule):
 
     def _loader(self, name: str) -> DataLoader:
         dataset = self.datasets[name]
-        workers = self.hparams.num_workers if self.hparams.num_workers is not None else default_num_workers()
+        trainer = self.trainer
+        workers = self.hparams.num_workers
+        if workers is None:
+            workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         training = name == "train"
         sampler = None
-        trainer = self.trainer
         if training and self.hparams.sampler == "balanced":
             # Lightning wraps it in a DistributedSamplerWrapper under DDP, so each rank gets its share of the draws
             counts = torch.bincount(torch.tensor(dataset.targets), minlength=len(self.class_names)).float()
@@ -248,6 +381,7 @@ class ImageFolderDataModule(LightningDataModule):
             sampler=sampler,
             drop_last=training and len(dataset) > self.hparams.batch_size,  # no size-1 batch for BatchNorm
             num_workers=workers,
+            collate_fn=collate_crops if isinstance(dataset, DeviceCropDataset) else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             # shuffling and worker seeds come from this module's generator, which checkpoints save and restore
@@ -270,9 +404,19 @@ class ImageFolderDataModule(LightningDataModule):
         """Files of a stage's dataset, in row-index order."""
         return self.datasets[stage].paths
 
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """uint8 -> normalised float on the device; the seam for later GPU-side augmentation."""
-        images, targets, rows = batch
+    def transfer_batch_to_device(self, batch: Batch | CropBatch, device: torch.device, dataloader_idx: int) -> Any:
+        """A CropBatch moves itself, decoding its JPEGs on the device."""
+        if isinstance(batch, CropBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Batch | CropBatch, dataloader_idx: int) -> Batch:
+        """uint8 -> normalised float on the device, rendering device-side crops first; then random erasing."""
+        if isinstance(batch, CropBatch):
+            jitter = bool(self.hparams.color_jitter) and self.trainer is not None and self.trainer.training
+            images, targets, rows = batch.render(self.image_pixels, jitter), batch.targets, batch.rows
+        else:
+            images, targets, rows = batch
         mean, std = self._normalisation(images.device)
         images = (images.float() - mean) / std
         if self.hparams.random_erasing and self.trainer is not None and self.trainer.training:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from timm.data.transforms import str_to_interp_mode
+from torch import Tensor
+from torchvision import transforms
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+EXIF_ORIENTATION = 0x0112
 
 
 def is_image_file(path: Path) -> bool:
@@ -50,10 +56,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode one file to RGB; the file is closed before returning."""
+def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+    """Decode one file to RGB; the file is closed before returning.
+
+    With `min_size`, a JPEG decodes at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least
+    `min_size` (DCT-domain downscaling, several times faster than a full decode followed by a resize).
+    """
     with Image.open(path) as image:
+        if min_size:
+            image.draft(image.mode, (min_size, min_size))
         return to_rgb(image)
+
+
+def presize(path: Path, size: int, interpolation: str) -> Tensor:
+    """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds."""
+    image = resize_shorter_side(load_rgb(path, min_size=size), size, interpolation)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+
+
+def resize_shorter_side(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """torchvision's `Resize(size)`, as timm's eval transform applies it before the centre crop."""
+    return transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))(image)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that nvJPEG decodes as PIL would; None for anything else.
+
+    Other formats, CMYK JPEGs and JPEGs that EXIF says to rotate are decoded on the CPU instead.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+                return None
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                return None
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - unreadable here means: let the CPU path report it
+        return None
 
 
 def check_image(path: Path) -> str | None:

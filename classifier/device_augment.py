@@ -1,0 +1,172 @@
+"""Crops planned per sample in the loader workers and rendered batched on the device (GPU decode, RAM cache).
+
+A plan is eight numbers per sample: the crop box `x0, y0, x1, y1` in the pixels of the image it refers to,
+a flip flag, and brightness, contrast and saturation factors. The workers draw plans with timm's own
+random-resized-crop sampler, so the distribution is the CPU path's; the device then does the expensive part
+(decode, resize, flip, colour) for the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import torch
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+class CropPlanner:
+    """Draws each sample's plan: timm's random-resized crop, flip and colour jitter, or its eval centre crop."""
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_pct: float,
+        training: bool,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float | None = None,
+    ) -> None:
+        self.image_size = image_size
+        self.scale_size = math.floor(image_size / crop_pct)  # timm's eval resize of the shorter side
+        self.training = training
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.hflip = hflip
+        self.jitter = color_jitter or 0.0
+
+    def __call__(self, height: int, width: int) -> Tensor:
+        """The plan for one image of this size."""
+        if not self.training:
+            return torch.tensor([*self._centre_box(height, width), 0.0, 1.0, 1.0, 1.0])
+        top, left, crop_h, crop_w = RandomResizedCropAndInterpolation.get_params(
+            torch.empty(0, height, width), self.scale, self.ratio
+        )
+        flip = float(random.random() < self.hflip)
+        low = max(0.0, 1.0 - self.jitter)
+        factors = [random.uniform(low, 1.0 + self.jitter) for _ in range(3)] if self.jitter else [1.0] * 3
+        return torch.tensor([left, top, left + crop_w, top + crop_h, flip, *factors], dtype=torch.float32)
+
+    def _centre_box(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """timm's eval geometry (Resize(scale_size), CenterCrop(image_size)) as a box in this image's pixels."""
+        short, long = sorted((height, width))
+        resized_long = int(self.scale_size * long / short)  # torchvision's rounding
+        resized_h, resized_w = (self.scale_size, resized_long) if height <= width else (resized_long, self.scale_size)
+        top = int(round((resized_h - self.image_size) / 2.0))
+        left = int(round((resized_w - self.image_size) / 2.0))
+        sy, sx = height / resized_h, width / resized_w
+        return left * sx, top * sy, (left + self.image_size) * sx, (top + self.image_size) * sy
+
+
+def cut(image: Tensor, plan: Tensor) -> tuple[Tensor, Tensor]:
+    """The whole-pixel region of `image` that the plan's box covers, and the plan with the box made relative."""
+    left, top, right, bottom = plan[:4].tolist()
+    x0, y0, x1, y1 = math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)
+    relative = plan.clone()
+    relative[:4] -= torch.tensor([x0, y0, x0, y0], dtype=plan.dtype)
+    return image[:, y0:y1, x0:x1], relative
+
+
+@dataclass
+class CropBatch:
+    """A batch the device renders: CPU-decoded crops in one padded canvas, then JPEGs to decode there.
+
+    Rows of `plans`, `targets` and `rows` follow the same order: canvas entries first, JPEGs after.
+    """
+
+    canvas: Tensor  # (P, 3, H, W) uint8, each crop at the top left, edge-padded
+    jpegs: list[Tensor]  # encoded bytes on the CPU; after `to`, the decoded crops on the device
+    plans: Tensor  # (B, 8) float32
+    targets: Tensor
+    rows: Tensor
+
+    def pin_memory(self) -> CropBatch:
+        """Called by the DataLoader's pin-memory thread; the JPEG bytes go to the decoder as they are."""
+        return replace(
+            self,
+            canvas=self.canvas.pin_memory(),
+            plans=self.plans.pin_memory(),
+            targets=self.targets.pin_memory(),
+            rows=self.rows.pin_memory(),
+        )
+
+    def to(self, device: torch.device) -> CropBatch:
+        """Move to `device`, decoding the JPEGs there (nvJPEG on CUDA) and cutting out their crops."""
+        plans = self.plans.clone()
+        crops = []
+        if self.jpegs:
+            decoded = decode_jpeg(self.jpegs, mode=ImageReadMode.RGB, device=device)
+            for k, image in enumerate(decoded if isinstance(decoded, list) else [decoded]):
+                row = len(self.canvas) + k
+                crop, plans[row] = cut(image, plans[row])
+                crops.append(crop)
+        return CropBatch(
+            canvas=self.canvas.to(device, non_blocking=True),
+            jpegs=crops,
+            plans=plans.to(device, non_blocking=True),
+            targets=self.targets.to(device, non_blocking=True),
+            rows=self.rows.to(device, non_blocking=True),
+        )
+
+    def render(self, size: int, jitter: bool) -> Tensor:
+        """(B, 3, size, size) on the 0-255 scale: each box resized (averaging when shrinking), flipped, jittered."""
+        boxes = self.plans[:, :4]
+        parts = []
+        if len(self.canvas):
+            index = torch.arange(len(self.canvas), device=boxes.device, dtype=boxes.dtype)[:, None]
+            parts.append(resize_boxes(self.canvas, torch.cat([index, boxes[: len(self.canvas)]], 1), size))
+        for k, crop in enumerate(self.jpegs):
+            box = boxes[len(self.canvas) + k][None]
+            parts.append(resize_boxes(crop[None], torch.cat([box.new_zeros(1, 1), box], 1), size))
+        images = torch.cat(parts)
+        flip = self.plans[:, 4].bool().view(-1, 1, 1, 1)
+        images = torch.where(flip, images.flip(-1), images)
+        if jitter:
+            images = color_jitter(images, *self.plans[:, 5:8].unbind(1))
+        return images
+
+
+def resize_boxes(images: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Bilinear resize of each (index, x0, y0, x1, y1) box to size x size; shrinking averages ceil(box/size)^2 samples
+    per output pixel, so it antialiases like PIL's resize. A box of exactly `size` pixels is copied unchanged."""
+    return roi_align(images.float(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def color_jitter(images: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor) -> Tensor:
+    """torchvision's ColorJitter with per-image factors, batched: brightness, then contrast, then saturation."""
+    weights = images.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
+    images = (images * brightness.view(-1, 1, 1, 1)).clamp(0, 255)
+    mean = (images * weights).sum(1, keepdim=True).mean((-2, -1), keepdim=True)
+    factor = contrast.view(-1, 1, 1, 1)
+    images = (factor * images + (1 - factor) * mean).clamp(0, 255)
+    gray = (images * weights).sum(1, keepdim=True)
+    factor = saturation.view(-1, 1, 1, 1)
+    return (factor * images + (1 - factor) * gray).clamp(0, 255)
+
+
+def collate_crops(samples: list[tuple[Tensor, Tensor, int, int]]) -> CropBatch:
+    """(pixels or JPEG bytes, plan, target, row) samples into a CropBatch; pixels are 3-D, JPEG bytes 1-D."""
+    pixels = [sample for sample in samples if sample[0].dim() == 3]
+    jpegs = [sample for sample in samples if sample[0].dim() == 1]
+    height = max((crop.shape[1] for crop, *_ in pixels), default=0)
+    width = max((crop.shape[2] for crop, *_ in pixels), default=0)
+    canvas = torch.empty(len(pixels), 3, height, width, dtype=torch.uint8)
+    for slot, (crop, *_) in zip(canvas, pixels, strict=True):
+        _, crop_h, crop_w = crop.shape
+        slot[:, :crop_h, :crop_w] = crop
+        slot[:, :crop_h, crop_w:] = crop[:, :, -1:]  # edge padding: resampling at the border sees the crop's edge,
+        slot[:, crop_h:, :] = slot[:, crop_h - 1 : crop_h, :]  # as PIL's does, not the neighbouring padding
+    ordered = pixels + jpegs
+    return CropBatch(
+        canvas=canvas,
+        jpegs=[data for data, *_ in jpegs],
+        plans=torch.stack([plan for _, plan, _, _ in ordered]),
+        targets=torch.tensor([target for _, _, target, _ in ordered]),
+        rows=torch.tensor([row for *_, row in ordered]),
+    )

@@ -1,0 +1,86 @@
+"""What keeps each training step cheap: memory layout, compilation, no host syncs, the GPU data path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from PIL import Image
+
+from classifier import cli_main
+from classifier.cli import ClassifierCLI
+from tests.helpers import run_dir, tiny_config
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def jpeg_digits(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small digits as JPEGs, which the GPU path decodes with nvJPEG."""
+    root = tmp_path_factory.mktemp("jpeg") / "digits"
+    for png in small_digits.rglob("*.png"):
+        target = root / png.parent.name / f"{png.stem}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").save(target, quality=95)
+    return root
+
+
+def fitted_model(config: Path, *flags: str) -> torch.nn.Module:
+    """The LightningModule after `classifier fit`, for looking inside."""
+    cli = ClassifierCLI(["fit", "--config", str(config), *flags])
+    return cli.model
+
+
+@pytest.mark.parametrize(("flag", "expected"), [(None, False), ("true", True)])
+def test_channels_last_is_off_on_cpu_unless_asked(flag: str | None, expected: bool, small_digits: Path, tmp_path):
+    config = tiny_config(tmp_path, small_digits, trainer={"fast_dev_run": 1})
+    flags = ["--model.channels_last", flag] if flag else []
+    weight = fitted_model(config, *flags).backbone.conv1[0].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is expected
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_saves_plain_checkpoints(small_digits: Path, tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "limit_train_batches": 2})
+    cli_main(["fit", "--config", str(config), "--model.compile", "true"])
+    assert counters["stats"]["unique_graphs"] > 0  # torch.compile really ran
+    best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
+    state = torch.load(best, weights_only=True)["state_dict"]
+    assert "backbone.fc.weight" in state and not any("_orig_mod" in key for key in state)
+    cli_main(["test", "--ckpt_path", str(best), "--model.compile", "false"])
+    assert json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())["test/acc"] >= 0
+
+
+class NoHostSyncs(Callback):
+    """Turns any device-to-host sync inside a training step into an error, after the first two steps."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= 2:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("data", [{"decode": "cpu"}, {"decode": "gpu"}, {"cache": "ram", "color_jitter": 0.4}])
+def test_training_steps_never_wait_for_the_gpu(data: dict, jpeg_digits: Path, tmp_path: Path) -> None:
+    trainer = {"accelerator": "gpu", "max_epochs": 1, "precision": "bf16-mixed", "log_every_n_steps": 1000}
+    config = tiny_config(tmp_path, jpeg_digits, trainer=trainer, data={"batch_size": 16, **data})
+    cli = ClassifierCLI(["fit", "--config", str(config)], run=False)
+    cli.trainer.callbacks.append(NoHostSyncs())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 140 // 16
+
+
+@needs_cuda
+def test_gpu_data_path_defaults_on_cuda(jpeg_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, jpeg_digits, trainer={"accelerator": "gpu", "fast_dev_run": 1})
+    cli = ClassifierCLI(["fit", "--config", str(config)])
+    assert cli.datamodule.gpu_decode and cli.model.memory_format == torch.channels_last
