@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from classifier.callbacks import FitReport, RNGStateCheckpoint
@@ -94,6 +95,15 @@ class ClassifierCLI(LightningCLI):
         config = self.config[subcommand]
         config.ckpt_path = str(ckpt_path)
         place_logger(config, Path(ckpt_path), resume=subcommand == "fit")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with a progress bar that reads the logged loss back from the device every 10 steps
+        rather than every step (its default), unless the config brings its own bar or turns bars off."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = list(kwargs.get("callbacks", config.get("callbacks") or []))
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, for the datamodule too and below command-line flags."""

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ProgressBar
 from PIL import Image
 
 from classifier import cli_main
 from classifier.cli import ClassifierCLI
-from tests.helpers import run_dir, tiny_config
+from tests.helpers import REPO, run_dir, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -84,3 +85,17 @@ def test_gpu_data_path_defaults_on_cuda(jpeg_digits: Path, tmp_path: Path) -> No
     config = tiny_config(tmp_path, jpeg_digits, trainer={"accelerator": "gpu", "fast_dev_run": 1})
     cli = ClassifierCLI(["fit", "--config", str(config)])
     assert cli.datamodule.gpu_decode and cli.model.memory_format == torch.channels_last
+
+
+@pytest.mark.parametrize(
+    ("flags", "refresh_rates"),
+    [
+        ([], [10]),
+        (["--trainer.enable_progress_bar", "false"], []),
+        (["--config", str(REPO / "configs" / "resnet18.yaml")], [10]),
+    ],
+)
+def test_progress_bar_reads_metrics_back_every_10_steps_by_default(flags: list[str], refresh_rates: list[int]) -> None:
+    cli = ClassifierCLI(flags, run=False)
+    bars = [callback for callback in cli.trainer.callbacks if isinstance(callback, ProgressBar)]
+    assert [bar.refresh_rate for bar in bars] == refresh_rates  # Lightning's own default bar reads back every step
