@@ -1,0 +1,32 @@
+"""The throughput benchmark runs end to end and writes the figures the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    tiny = ["--num-images", "80", "--classes", "4", "--size", "48x40", "--model", "test_resnet", "--image-size", "32"]
+    tiny += ["--batch-size", "16", "--workers", "0", "--epochs", "2", "--steps", "2", "--warmup-steps", "1"]
+    command = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", *tiny]
+    result = subprocess.run(
+        [*command, "--data-root", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["ceiling_img_s"] > 0 and figures["plain_img_s"] > 0
+    assert set(figures["classifier_img_s"]) == {"decode=cpu", "cache=ram"}  # no GPU path without CUDA
+    assert all(speed > 0 for speed in figures["classifier_img_s"].values())
+    assert "classifier fit, cache=ram" in result.stdout and "/plain" in result.stdout
+
+    bad = subprocess.run([*command, "--paths", "decode=tpu"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--paths: unknown decode=tpu" in bad.stderr
