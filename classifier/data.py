@@ -186,7 +186,7 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.generator = torch.Generator().manual_seed(seed)
-        self.datasets: dict[str, ImageDataset] = {}
+        self.datasets: dict[str, ImageDataset | DeviceCropDataset] = {}
         self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
         self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -246,7 +246,7 @@ class ImageFolderDataModule(LightningDataModule):
         if self.device_rendered and self.hparams.auto_augment:
             raise ValueError(
                 f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
-                "use it with --data.decode cpu and --data.cache none"
+                "use it with --data.decode cpu or auto, and --data.cache none"
             )
         if stage == "predict":
             if not self.hparams.predict_dir:
@@ -267,23 +267,21 @@ class ImageFolderDataModule(LightningDataModule):
             paths, targets = self.splits.subset(name)
             if not paths and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
-            cache = self._cache(name, paths)
-            bad = cache[1] if cache else find_unreadable(paths, num_threads=2 * available_cores())
+            cached, bad = self._cache(name, paths) or (None, find_unreadable(paths, num_threads=2 * available_cores()))
             keep = set(self._readable(paths, bad))
             kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]
-            self.datasets[name] = self._dataset(
-                name, [p for p, _ in kept], [t for _, t in kept], cache[0] if cache else None
-            )
+            self.datasets[name] = self._dataset(name, [p for p, _ in kept], [t for _, t in kept], cached)
         self._write_splits_csv()
 
     @property
     def gpu_decode(self) -> bool:
-        """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device."""
+        """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device unless an
+        auto_augment policy needs PIL images."""
         decode = self.hparams.decode
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         if decode == "gpu" and self.trainer is not None and not on_cuda:
             raise ValueError("--data.decode gpu needs a CUDA device; use --data.decode auto or cpu")
-        return decode == "gpu" or (decode == "auto" and on_cuda)
+        return decode == "gpu" or (decode == "auto" and on_cuda and not self.hparams.auto_augment)
 
     @property
     def device_rendered(self) -> bool:
@@ -325,7 +323,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
-    ) -> Dataset:
+    ) -> ImageDataset | DeviceCropDataset:
         """The file path (timm's transforms in the workers) or the device-rendered one, as configured."""
         training = name == "train"
         if cache is None and not self.gpu_decode:

@@ -116,14 +116,12 @@ class CropBatch:
 
     def render(self, size: int, jitter: bool) -> Tensor:
         """(B, 3, size, size) on the 0-255 scale: each box resized (averaging when shrinking), flipped, jittered."""
-        boxes = self.plans[:, :4]
-        parts = []
-        if len(self.canvas):
-            index = torch.arange(len(self.canvas), device=boxes.device, dtype=boxes.dtype)[:, None]
-            parts.append(resize_boxes(self.canvas, torch.cat([index, boxes[: len(self.canvas)]], 1), size))
-        for k, crop in enumerate(self.jpegs):
-            box = boxes[len(self.canvas) + k][None]
-            parts.append(resize_boxes(crop[None], torch.cat([box.new_zeros(1, 1), box], 1), size))
+        boxes, count = self.plans[:, :4], len(self.canvas)
+        index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)
+        index[count:] = 0  # each decoded JPEG is a batch of one of its own
+        rois = torch.cat([index[:, None], boxes], 1)  # roi_align's (batch index, x0, y0, x1, y1) rows
+        parts = [resize_boxes(self.canvas, rois[:count], size)] if count else []
+        parts += [resize_boxes(crop[None], rois[count + k : count + k + 1], size) for k, crop in enumerate(self.jpegs)]
         images = torch.cat(parts)
         flip = self.plans[:, 4].bool().view(-1, 1, 1, 1)
         images = torch.where(flip, images.flip(-1), images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
+from classifier.data import ImageDataset
 from classifier.device_augment import CropBatch
 from classifier.images import load_rgb
 from tests.helpers import run_dir, save_image, tiny_config
@@ -81,6 +83,7 @@ def test_device_crops_have_the_cpu_paths_scale_ratio_and_flip_statistics(tmp_pat
     settings = {"hflip": 0.3, "crop_scale": (0.25, 1.0), "crop_ratio": (0.5, 2.0), "val_fraction": 0.0}
     stats = {}
     for path, extra in (("cpu", {"decode": "cpu"}), ("ram", {"cache": "ram"})):
+        random.seed(0)  # the crop and flip draws (timm's and ours) use Python's RNG
         torch.manual_seed(0)
         module = datamodule(root, **settings, **extra)
         images = torch.cat([images for _ in range(40) for images, _, _ in batches(module, "train")])
@@ -140,6 +143,12 @@ def test_gpu_decode_without_cuda_names_the_option(small_digits: Path, tmp_path: 
     with pytest.raises(ValueError, match="--data.decode gpu needs a CUDA device"):
         cli_main(["fit", "--config", str(config)])
     assert not list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+
+
+def test_auto_augment_refuses_the_device_path_by_name(gradients: Path) -> None:
+    with pytest.raises(ValueError, match="--data.auto_augment rand-m9-mstd0.5 works on PIL images"):
+        datamodule(gradients, cache="ram", auto_augment="rand-m9-mstd0.5")
+    assert isinstance(datamodule(gradients, auto_augment="rand-m9-mstd0.5").datasets["train"], ImageDataset)
 
 
 def test_cache_that_does_not_fit_falls_back_to_the_files(
