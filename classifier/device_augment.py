@@ -8,6 +8,7 @@ random-resized-crop sampler, so the distribution is the CPU path's; the device t
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, replace
@@ -17,6 +18,8 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
+
+log = logging.getLogger(__name__)
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
@@ -101,8 +104,7 @@ class CropBatch:
         plans = self.plans.clone()
         crops = []
         if self.jpegs:
-            decoded = decode_jpeg(self.jpegs, mode=ImageReadMode.RGB, device=device)
-            for k, image in enumerate(decoded if isinstance(decoded, list) else [decoded]):
+            for k, image in enumerate(decode_jpegs(self.jpegs, device)):
                 row = len(self.canvas) + k
                 crop, plans[row] = cut(image, plans[row])
                 crops.append(crop)
@@ -127,6 +129,22 @@ class CropBatch:
         images = torch.where(flip, images.flip(-1), images)
         if jitter:
             images = color_jitter(images, *self.plans[:, 5:8].unbind(1))
+        return images
+
+
+def decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor]:
+    """One batched decode on `device` (nvJPEG on CUDA). Should the decoder reject the batch, each image is
+    decoded on its own, and what it still rejects (JPEG features nvJPEG lacks) with libjpeg on the CPU."""
+    try:
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError as error:
+        images = []
+        for data in jpegs:
+            try:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(decode_jpeg(data, mode=ImageReadMode.RGB).to(device))
+        log.warning("The %s JPEG decoder rejected a batch (%s); decoded it image by image", device, error)
         return images
 
 

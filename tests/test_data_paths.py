@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
@@ -136,6 +137,26 @@ def test_gpu_decode_falls_back_to_the_cpu_for_png_cmyk_and_rotated_jpegs_in_the_
         path = module.paths("predict")[row]
         expected = transform(load_rgb(path)).float()
         assert (image - expected).abs().mean() < 1, path.name  # the same picture, upright (mirrored: > 30)
+
+
+def test_a_batch_the_jpeg_decoder_rejects_is_decoded_image_by_image(
+    gradients: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = ImageFolderDataModule(image_size=SIZE, decode="gpu", predict_dir=str(gradients), num_workers=0)
+    module.setup("predict")
+    (raw, *_) = list(module.predict_dataloader())
+    expected = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
+
+    def picky(data, **kwargs):  # like nvJPEG meeting a JPEG feature it lacks: whole batches fail
+        if isinstance(data, list):
+            raise RuntimeError("nvjpegDecodeBatched failed: unsupported JPEG")
+        return torchvision.io.decode_jpeg(data, **kwargs)
+
+    monkeypatch.setattr("classifier.device_augment.decode_jpeg", picky)
+    with caplog.at_level(logging.WARNING):
+        rendered = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
+    assert "JPEG decoder rejected a batch (nvjpegDecodeBatched failed" in caplog.text
+    torch.testing.assert_close(rendered, expected, atol=0, rtol=0)
 
 
 def test_gpu_decode_without_cuda_names_the_option(small_digits: Path, tmp_path: Path) -> None:
