@@ -23,7 +23,7 @@ from classifier.backbones import backbone_data_config
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
-from classifier.images import find_unreadable, jpeg_size, list_images, load_rgb, presize
+from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
 from classifier.splits import Splits, build_splits
 
 log = logging.getLogger(__name__)
@@ -31,26 +31,33 @@ log = logging.getLogger(__name__)
 Batch = tuple[Tensor, Tensor, Tensor]
 
 
-class ImageDataset(Dataset):
-    """(uint8 CHW image, class index, row index) per file; the row index maps outputs back to paths.
+class FileDataset(Dataset):
+    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label."""
+
+    def __init__(self, paths: list[Path], targets: list[int]) -> None:
+        self.paths = paths
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class ImageDataset(FileDataset):
+    """(uint8 CHW image, class index, row index) per file, through timm's transforms in the loader workers.
 
     JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter side.
     """
 
-    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int | None) -> None:
-        self.paths = paths
-        self.targets = targets
+    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int) -> None:
+        super().__init__(paths, targets)
         self.transform = transform
         self.min_size = min_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
         return self.transform(load_rgb(self.paths[index], self.min_size)), self.targets[index], index
 
 
-class DeviceCropDataset(Dataset):
+class DeviceCropDataset(FileDataset):
     """(pixels or JPEG bytes, crop plan, class index, row index) per file, for batches rendered on the device.
 
     Pixels come from the RAM cache or a CPU decode (presized, then cut to the plan's box); with `gpu_decode`,
@@ -66,33 +73,22 @@ class DeviceCropDataset(Dataset):
         cache: dict[Path, Tensor] | None = None,
         gpu_decode: bool = False,
     ) -> None:
-        self.paths = paths
-        self.targets = targets
+        super().__init__(paths, targets)
         self.planner = planner
         self.interpolation = interpolation
         self.cache = cache
         self.gpu_decode = gpu_decode
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
-        path = self.paths[index]
+        path, target = self.paths[index], self.targets[index]
         if self.cache is not None:
             image = self.cache[path]
-        else:
-            if self.gpu_decode:
-                data = path.read_bytes()
-                if size := jpeg_size(data):
-                    return (
-                        torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                        self.planner(*size),
-                        self.targets[index],
-                        index,
-                    )
+        elif self.gpu_decode and is_jpeg_name(path) and (size := jpeg_size(data := path.read_bytes())):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.planner(*size), target, index
+        else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
             image = presize(path, self.planner.scale_size, self.interpolation)
         crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
-        return crop, plan, self.targets[index], index
+        return crop, plan, target, index
 
 
 def predict_paths(source: Path) -> list[Path]:
@@ -186,7 +182,7 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.generator = torch.Generator().manual_seed(seed)
-        self.datasets: dict[str, ImageDataset | DeviceCropDataset] = {}
+        self.datasets: dict[str, FileDataset] = {}
         self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
         self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -293,6 +289,12 @@ class ImageFolderDataModule(LightningDataModule):
         """The side of the square images the model sees."""
         return self.data_config["input_size"][-1]
 
+    @property
+    def scale_size(self) -> int:
+        """The shorter side eval resizes to before its centre crop (timm's), which the RAM cache and the JPEG
+        drafts keep."""
+        return math.floor(self.image_pixels / self.data_config["crop_pct"])
+
     def planner(self, training: bool) -> CropPlanner:
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
         if self.data_config.get("crop_mode", "center") != "center":
@@ -302,7 +304,7 @@ class ImageFolderDataModule(LightningDataModule):
         hp = self.hparams
         return CropPlanner(
             self.image_pixels,
-            self.data_config["crop_pct"],
+            self.scale_size,
             training,
             hp.crop_scale,
             hp.crop_ratio,
@@ -315,20 +317,18 @@ class ImageFolderDataModule(LightningDataModule):
         single-pass test split, and when they would not fit."""
         if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
             return None
-        size = self.planner(training=False).scale_size
         copies = self.trainer.num_devices if self.trainer is not None else 1
-        if not fits_in_memory(paths, size, copies, name):
+        if not fits_in_memory(paths, self.scale_size, copies, name):
             return None
-        return fill_cache(paths, size, self.data_config["interpolation"], num_threads=2 * available_cores())
+        return fill_cache(paths, self.scale_size, self.data_config["interpolation"], num_threads=2 * available_cores())
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
-    ) -> ImageDataset | DeviceCropDataset:
+    ) -> FileDataset:
         """The file path (timm's transforms in the workers) or the device-rendered one, as configured."""
         training = name == "train"
         if cache is None and not self.gpu_decode:
-            min_size = math.floor(self.image_pixels / self.data_config["crop_pct"])  # eval's resize; the cache's size
-            return ImageDataset(paths, targets, self.transform(training), min_size)
+            return ImageDataset(paths, targets, self.transform(training), self.scale_size)
         return DeviceCropDataset(
             paths, targets, self.planner(training), self.data_config["interpolation"], cache, self.gpu_decode
         )

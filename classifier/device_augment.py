@@ -30,7 +30,7 @@ class CropPlanner:
     def __init__(
         self,
         image_size: int,
-        crop_pct: float,
+        scale_size: int,
         training: bool,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -38,7 +38,7 @@ class CropPlanner:
         color_jitter: float | None = None,
     ) -> None:
         self.image_size = image_size
-        self.scale_size = math.floor(image_size / crop_pct)  # timm's eval resize of the shorter side
+        self.scale_size = scale_size  # timm's eval resize of the shorter side: floor(image_size / crop_pct)
         self.training = training
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.hflip = hflip

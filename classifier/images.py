@@ -17,6 +17,7 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".t
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 EXIF_ORIENTATION = 0x0112
+JPEG_EXTENSIONS = (".jpeg", ".jpg")
 
 
 def is_image_file(path: Path) -> bool:
@@ -77,6 +78,11 @@ def presize(path: Path, size: int, interpolation: str) -> Tensor:
 def resize_shorter_side(image: Image.Image, size: int, interpolation: str) -> Image.Image:
     """torchvision's `Resize(size)`, as timm's eval transform applies it before the centre crop."""
     return transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))(image)
+
+
+def is_jpeg_name(path: Path) -> bool:
+    """Named like a JPEG: only such files are worth reading as bytes for the GPU decoder."""
+    return path.suffix.lower() in JPEG_EXTENSIONS
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
