@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -170,6 +171,22 @@ def test_auto_augment_refuses_the_device_path_by_name(gradients: Path) -> None:
     with pytest.raises(ValueError, match="--data.auto_augment rand-m9-mstd0.5 works on PIL images"):
         datamodule(gradients, cache="ram", auto_augment="rand-m9-mstd0.5")
     assert isinstance(datamodule(gradients, auto_augment="rand-m9-mstd0.5").datasets["train"], ImageDataset)
+
+
+def test_big_jpegs_decode_at_the_smallest_scale_that_keeps_the_eval_resize(tmp_path: Path) -> None:
+    path = save_image(tmp_path / "a" / "big.jpg", gradient(1600, 1200), quality=90)
+    assert load_rgb(path).size == (1600, 1200)
+    assert load_rgb(path, min_size=300).size == (400, 300)  # 1/4 scale: 1/8 would leave 150 < 300
+    module = datamodule(tmp_path, decode="cpu", val_fraction=0.0, crop_pct=0.5)  # eval resizes to 64
+    assert module.scale_size == 64 and module.datasets["train"].min_size == 64
+    image, _, _ = module.datasets["train"][0]
+    assert image.shape == (3, SIZE, SIZE)
+
+
+def test_default_workers_leave_one_core_to_the_training_loop(gradients: Path) -> None:
+    module = datamodule(gradients, num_workers=None)
+    cores = len(os.sched_getaffinity(0))
+    assert module.train_dataloader().num_workers == max(1, min(16, cores - 1))
 
 
 def test_cache_that_does_not_fit_falls_back_to_the_files(

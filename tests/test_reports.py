@@ -111,6 +111,9 @@ def test_fit_logs_confusion_image_and_per_class_f1_and_writes_summary(evaluated:
     assert {f"val/f1/{name}" for name in CLASSES} <= set(tags["scalars"])
     summary = json.loads((run_dir(evaluated, 0) / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["parameters"] == 373658 and summary["train_images_per_s"] > 0
+    per_epoch = summary["epoch_train_images_per_s"]
+    assert len(per_epoch) == 3 and all(speed > 0 for speed in per_epoch)
+    assert min(per_epoch[1:]) <= summary["steady_train_images_per_s"] <= max(per_epoch[1:])  # after epoch 0
     assert Path(summary["best_checkpoint"]) == run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
     val_f1 = EventAccumulator(str(events)).Reload().Scalars("val/f1_macro")
     best = max(val_f1, key=lambda event: event.value)
