@@ -28,7 +28,13 @@ LINKS = (
     ("model.backbone", "data.backbone", "parse"),
     ("data.image_size", "model.image_size", "parse"),
     ("data.class_names", "model.class_names", "instantiate"),
+    ("data.preprocessing", "model.preprocessing", "instantiate"),
 )
+# settings of the machine or the run, not of the model: a checkpoint never brings them along
+RUN_SETTINGS = {
+    "model": {"channels_last", "compile"},
+    "data": {"decode", "cache", "num_workers", "predict_dir"},
+}
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
@@ -130,7 +136,8 @@ def latest_checkpoint() -> ModelCheckpoint:
 
 
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
-    """The model and data arguments a checkpoint was trained with, less those that links derive."""
+    """The model and data arguments a checkpoint was trained with, less those that links derive and those of the
+    machine it ran on (a checkpoint trained with `--data.decode gpu` tests on a CPU)."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     derived = {target for _, target, _ in LINKS}
     settings = {}
@@ -139,7 +146,7 @@ def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
         settings[group] = {
             name: value
             for name, value in hparams.items()
-            if not name.startswith("_") and f"{group}.{name}" not in derived
+            if not name.startswith("_") and f"{group}.{name}" not in derived and name not in RUN_SETTINGS[group]
         }
     return {group: values for group, values in settings.items() if values}
 

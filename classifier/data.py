@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from functools import cached_property
@@ -19,11 +18,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import TrivialAugmentWide
 
-from classifier.backbones import backbone_data_config
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
+from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
 from classifier.splits import Splits, build_splits
 
 log = logging.getLogger(__name__)
@@ -45,10 +44,11 @@ class FileDataset(Dataset):
 class ImageDataset(FileDataset):
     """(uint8 CHW image, class index, row index) per file, through timm's transforms in the loader workers.
 
-    JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter side.
+    With `min_size` (training), JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter
+    side; without (eval), in full, so that every eval path renders the same pixels.
     """
 
-    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int) -> None:
+    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int | None) -> None:
         super().__init__(paths, targets)
         self.transform = transform
         self.min_size = min_size
@@ -86,7 +86,7 @@ class DeviceCropDataset(FileDataset):
         elif self.gpu_decode and is_jpeg_name(path) and (size := jpeg_size(data := path.read_bytes())):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.planner(*size), target, index
         else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
-            image = presize(path, self.planner.scale_size, self.interpolation)
+            image = presize(path, self.planner.scale_size, self.interpolation, draft=self.planner.training)
         crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
         return crop, plan, target, index
 
@@ -209,18 +209,18 @@ class ImageFolderDataModule(LightningDataModule):
     @cached_property
     def data_config(self) -> dict[str, Any]:
         """The backbone's timm data config with this module's overrides applied."""
-        config = backbone_data_config(self.hparams.backbone)
-        if self.hparams.image_size:
-            config["input_size"] = (3, self.hparams.image_size, self.hparams.image_size)
-        if self.hparams.crop_pct:
-            config["crop_pct"] = self.hparams.crop_pct
-        return config
+        return resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The eval preprocessing as plain data, which the model keeps so that its checkpoint is self-contained."""
+        return {key: self.data_config[key] for key in PREPROCESSING_KEYS}
 
     def transform(self, training: bool) -> Callable:
         """timm's train or eval pipeline, ending in a uint8 tensor (normalisation happens on the device)."""
-        config = {key: self.data_config[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode")}
         if not training:
-            return create_transform(**config, normalize=False)
+            return eval_transform(self.preprocessing)
+        config = {key: self.data_config[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode")}
         hp = self.hparams
         trivial = hp.auto_augment == "trivialaugment"
         pipeline = create_transform(
@@ -293,7 +293,7 @@ class ImageFolderDataModule(LightningDataModule):
     def scale_size(self) -> int:
         """The shorter side eval resizes to before its centre crop (timm's), which the RAM cache and the JPEG
         drafts keep."""
-        return math.floor(self.image_pixels / self.data_config["crop_pct"])
+        return scale_size(self.data_config)
 
     def planner(self, training: bool) -> CropPlanner:
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
@@ -320,15 +320,20 @@ class ImageFolderDataModule(LightningDataModule):
         copies = self.trainer.num_devices if self.trainer is not None else 1
         if not fits_in_memory(paths, self.scale_size, copies, name):
             return None
-        return fill_cache(paths, self.scale_size, self.data_config["interpolation"], num_threads=2 * available_cores())
+        interpolation, training = self.data_config["interpolation"], name == "train"
+        return fill_cache(paths, self.scale_size, interpolation, draft=training, num_threads=2 * available_cores())
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
     ) -> FileDataset:
-        """The file path (timm's transforms in the workers) or the device-rendered one, as configured."""
+        """The file path (timm's transforms in the workers) or the device-rendered one, as configured.
+
+        Eval is rendered on the device only from the RAM cache, where its centre crop is an exact copy of the
+        presized pixels; with GPU decoding it takes the CPU eval transform, so the hardware never changes a score.
+        """
         training = name == "train"
-        if cache is None and not self.gpu_decode:
-            return ImageDataset(paths, targets, self.transform(training), self.scale_size)
+        if cache is None and not (training and self.gpu_decode):
+            return ImageDataset(paths, targets, self.transform(training), self.scale_size if training else None)
         return DeviceCropDataset(
             paths, targets, self.planner(training), self.data_config["interpolation"], cache, self.gpu_decode
         )
@@ -425,9 +430,7 @@ class ImageFolderDataModule(LightningDataModule):
     def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""
         if device not in self._normalisation_on:
-            mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1) * 255
-            std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1) * 255
-            self._normalisation_on[device] = mean.to(device), std.to(device)
+            self._normalisation_on[device] = normalisation(self.data_config, device)
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:

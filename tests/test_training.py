@@ -75,7 +75,7 @@ def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Pa
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
     assert all(value == value for value in metrics.values())  # no NaN
-    assert final_weights(tmp_path)["backbone.fc.weight"].dtype == torch.float32
+    assert final_weights(tmp_path)["net.backbone.fc.weight"].dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
