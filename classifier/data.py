@@ -16,7 +16,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier.backbones import backbone_data_config
@@ -24,6 +24,7 @@ from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
+from classifier.samplers import Key, seeded, split_key, training_sampler
 from classifier.splits import Splits, build_splits
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,11 @@ class ImageDataset(FileDataset):
         self.transform = transform
         self.min_size = min_size
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        return self.transform(load_rgb(self.paths[index], self.min_size)), self.targets[index], index
+    def __getitem__(self, key: Key) -> tuple[Tensor, int, int]:
+        index, seed = split_key(key)
+        image = load_rgb(self.paths[index], self.min_size)
+        with seeded(seed):
+            return self.transform(image), self.targets[index], index
 
 
 class DeviceCropDataset(FileDataset):
@@ -79,15 +83,20 @@ class DeviceCropDataset(FileDataset):
         self.cache = cache
         self.gpu_decode = gpu_decode
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
+    def __getitem__(self, key: Key) -> tuple[Tensor, Tensor, int, int]:
+        index, seed = split_key(key)
         path, target = self.paths[index], self.targets[index]
         if self.cache is not None:
             image = self.cache[path]
         elif self.gpu_decode and is_jpeg_name(path) and (size := jpeg_size(data := path.read_bytes())):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.planner(*size), target, index
+            with seeded(seed):
+                plan = self.planner(*size)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), plan, target, index
         else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
             image = presize(path, self.planner.scale_size, self.interpolation)
-        crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
+        with seeded(seed):
+            plan = self.planner(image.shape[1], image.shape[2])
+        crop, plan = cut(image, plan)
         return crop, plan, target, index
 
 
@@ -362,11 +371,9 @@ class ImageFolderDataModule(LightningDataModule):
             workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         training = name == "train"
         sampler = None
-        if training and self.hparams.sampler == "balanced":
-            # Lightning wraps it in a DistributedSamplerWrapper under DDP, so each rank gets its share of the draws
-            counts = torch.bincount(torch.tensor(dataset.targets), minlength=len(self.class_names)).float()
-            weights = (1.0 / counts)[dataset.targets]
-            sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=self.generator)
+        if training:  # order and augmentation seeds from this module's generator, which checkpoints save
+            balanced = self.hparams.sampler == "balanced"
+            sampler = training_sampler(dataset.targets, len(self.class_names), balanced, self.generator)
         elif not training and trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
@@ -375,15 +382,15 @@ class ImageFolderDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training and sampler is None,
             sampler=sampler,
             drop_last=training and len(dataset) > self.hparams.batch_size,  # no size-1 batch for BatchNorm
             num_workers=workers,
             collate_fn=collate_crops if isinstance(dataset, DeviceCropDataset) else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            # shuffling and worker seeds come from this module's generator, which checkpoints save and restore
-            generator=self.generator if training else torch.Generator(),
+            # only the workers' base seeds, which nothing draws from: drawing them from the module's generator
+            # would shift it on every resume, since persistent workers draw them once per run
+            generator=torch.Generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
