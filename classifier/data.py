@@ -33,7 +33,10 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 class FileDataset(Dataset):
-    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label."""
+    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label.
+
+    Indexed by a row, or by (row, augmentation seed) from the training sampler.
+    """
 
     def __init__(self, paths: list[Path], targets: list[int]) -> None:
         self.paths = paths
@@ -374,7 +377,7 @@ class ImageFolderDataModule(LightningDataModule):
         if training:  # order and augmentation seeds from this module's generator, which checkpoints save
             balanced = self.hparams.sampler == "balanced"
             sampler = training_sampler(dataset.targets, len(self.class_names), balanced, self.generator)
-        elif not training and trainer is not None and trainer.world_size > 1:
+        elif trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -438,7 +441,7 @@ class ImageFolderDataModule(LightningDataModule):
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state, so a resumed run draws the same batches."""
+        """The generator's state, so a resumed run draws the same batches and augmentations."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
