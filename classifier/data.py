@@ -15,7 +15,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier.cache import fill as fill_cache
@@ -23,6 +23,7 @@ from classifier.cache import fits_in_memory
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
+from classifier.samplers import Key, seeded, split_key, training_sampler
 from classifier.splits import Splits, build_splits
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 class FileDataset(Dataset):
-    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label."""
+    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label.
+
+    Indexed by a row, or by (row, augmentation seed) from the training sampler.
+    """
 
     def __init__(self, paths: list[Path], targets: list[int]) -> None:
         self.paths = paths
@@ -53,8 +57,11 @@ class ImageDataset(FileDataset):
         self.transform = transform
         self.min_size = min_size
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        return self.transform(load_rgb(self.paths[index], self.min_size)), self.targets[index], index
+    def __getitem__(self, key: Key) -> tuple[Tensor, int, int]:
+        index, seed = split_key(key)
+        image = load_rgb(self.paths[index], self.min_size)
+        with seeded(seed):
+            return self.transform(image), self.targets[index], index
 
 
 class DeviceCropDataset(FileDataset):
@@ -79,15 +86,20 @@ class DeviceCropDataset(FileDataset):
         self.cache = cache
         self.gpu_decode = gpu_decode
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
+    def __getitem__(self, key: Key) -> tuple[Tensor, Tensor, int, int]:
+        index, seed = split_key(key)
         path, target = self.paths[index], self.targets[index]
         if self.cache is not None:
             image = self.cache[path]
         elif self.gpu_decode and is_jpeg_name(path) and (size := jpeg_size(data := path.read_bytes())):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.planner(*size), target, index
+            with seeded(seed):
+                plan = self.planner(*size)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), plan, target, index
         else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
             image = presize(path, self.planner.scale_size, self.interpolation, draft=self.planner.training)
-        crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
+        with seeded(seed):
+            plan = self.planner(image.shape[1], image.shape[2])
+        crop, plan = cut(image, plan)
         return crop, plan, target, index
 
 
@@ -367,12 +379,10 @@ class ImageFolderDataModule(LightningDataModule):
             workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         training = name == "train"
         sampler = None
-        if training and self.hparams.sampler == "balanced":
-            # Lightning wraps it in a DistributedSamplerWrapper under DDP, so each rank gets its share of the draws
-            counts = torch.bincount(torch.tensor(dataset.targets), minlength=len(self.class_names)).float()
-            weights = (1.0 / counts)[dataset.targets]
-            sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=self.generator)
-        elif not training and trainer is not None and trainer.world_size > 1:
+        if training:  # order and augmentation seeds from this module's generator, which checkpoints save
+            balanced = self.hparams.sampler == "balanced"
+            sampler = training_sampler(dataset.targets, len(self.class_names), balanced, self.generator)
+        elif trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -380,15 +390,15 @@ class ImageFolderDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training and sampler is None,
             sampler=sampler,
             drop_last=training and len(dataset) > self.hparams.batch_size,  # no size-1 batch for BatchNorm
             num_workers=workers,
             collate_fn=collate_crops if isinstance(dataset, DeviceCropDataset) else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            # shuffling and worker seeds come from this module's generator, which checkpoints save and restore
-            generator=self.generator if training else torch.Generator(),
+            # only the workers' base seeds, which nothing draws from: drawing them from the module's generator
+            # would shift it on every resume, since persistent workers draw them once per run
+            generator=torch.Generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -434,7 +444,7 @@ class ImageFolderDataModule(LightningDataModule):
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state, so a resumed run draws the same batches."""
+        """The generator's state, so a resumed run draws the same batches and augmentations."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
