@@ -230,7 +230,7 @@ class ImageFolderDataModule(LightningDataModule):
             hflip=hp.hflip,
             scale=tuple(hp.crop_scale),
             ratio=tuple(hp.crop_ratio),
-            color_jitter=hp.color_jitter,
+            color_jitter=None if trivial else hp.color_jitter,  # timm turns jitter off under its own policies
             auto_augment=None if trivial else hp.auto_augment,
         )
         if trivial:  # timm has no TrivialAugment; torchvision's works on the same PIL images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.transforms import TrivialAugmentWide
@@ -230,3 +232,28 @@ def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     assert (run_dir(tmp_path, 1) / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("policy", "jitter"), [(None, True), ("trivialaugment", False), ("rand-m9-mstd0.5", False), ("original", False)]
+)
+def test_colour_jitter_is_off_under_an_augmentation_policy(policy: str | None, jitter: bool, tmp_path: Path) -> None:
+    make_folder(tmp_path / "d", {"a": 4, "b": 4})
+    datamodule = ImageFolderDataModule(str(tmp_path / "d"), image_size=16, auto_augment=policy, color_jitter=0.4)
+    steps = [type(step).__name__ for step in datamodule.transform(training=True).transforms]
+    assert ("ColorJitter" in steps) == jitter, steps
+
+
+class LogsZero(Callback):
+    """Logs a validation metric that is exactly 0, for a checkpoint monitor."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("val/zero", 0.0)
+
+
+def test_a_best_score_of_zero_is_written_as_zero(small_digits: Path, tmp_path: Path) -> None:
+    trainer = {"max_epochs": 1, "callbacks": [{"class_path": f"{__name__}.LogsZero"}]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer)
+    cli_main(["fit", "--config", str(config), "--checkpoint.monitor", "val/zero"])
+    summary = json.loads((run_dir(tmp_path, 0) / "summary.json").read_text())
+    assert summary["monitor"] == "val/zero" and summary["best_value"] == 0.0
