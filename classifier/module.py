@@ -86,7 +86,7 @@ class ImageClassifier(LightningModule):
             drop_rate: Dropout before the classifier head.
             image_size: Input size, for backbones built for one size (linked from the datamodule).
             loss: ce (cross-entropy) or focal.
-            label_smoothing: Label smoothing of the ce loss.
+            label_smoothing: Label smoothing of the loss (ce or focal).
             focal_gamma: Focusing parameter of the focal loss.
             class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
             tta: Test-time augmentation for test and predict: flip, crops (four corners) or flip_crops.
@@ -212,8 +212,8 @@ class ImageClassifier(LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch
         loss_targets = targets
-        if stage == "train" and self._mixing(images):
-            images, loss_targets = self.mixup(images, targets)  # soft targets; metrics use the dominant label
+        if stage == "train" and self._mixing():
+            images, loss_targets = self._mix(images, targets)  # soft targets for the loss; metrics keep `targets`
         logits = self.predict_logits(images) if stage == "test" else self(images)
         loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
@@ -230,10 +230,19 @@ class ImageClassifier(LightningModule):
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _mixing(self, images: Tensor) -> bool:
-        """Mixup/cutmix this batch? Not after the switch-off epoch, and not for odd batches (timm pairs images)."""
+    def _mixing(self) -> bool:
+        """Mixup/cutmix this batch? Not after the switch-off epoch."""
         off = self.hparams.mixup_off_epoch
-        return self.mixup is not None and (off is None or self.current_epoch < off) and len(images) % 2 == 0
+        return self.mixup is not None and (off is None or self.current_epoch < off)
+
+    def _mix(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """timm's mixup/cutmix, which pairs image i with image n-1-i; an odd batch's last image stays as it is,
+        with a one-hot target."""
+        if len(images) % 2 == 0:
+            return self.mixup(images, targets)
+        mixed, soft = self.mixup(images[:-1], targets[:-1])
+        last = nn.functional.one_hot(targets[-1:], len(self.class_names)).to(soft.dtype)
+        return torch.cat([mixed, images[-1:]]), torch.cat([soft, last])
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")[1]

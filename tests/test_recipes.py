@@ -58,6 +58,25 @@ def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypat
     assert seen[-1].dtype == torch.long
 
 
+@pytest.mark.parametrize("size", [7, 1])
+def test_mixup_mixes_odd_batches_but_their_last_image(size: int) -> None:
+    model = ImageClassifier([str(c) for c in range(7)], backbone="test_resnet", mixup_alpha=1.0)
+    images, soft = [], []
+    model.register_forward_pre_hook(lambda module, inputs: images.append(inputs[0]))
+    model.criterion.register_forward_pre_hook(lambda module, inputs: soft.append(inputs[1]))
+    batch = torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(size)
+    model.train(size > 1)  # BatchNorm cannot train on one image
+    model.training_step((batch.clone(), targets, targets), 0)
+    (mixed,), (soft,) = images, soft
+    lam = soft[0, 0].item()  # image 0 is mixed with image size-2, its partner under timm's flip pairing
+    pairs = batch[: size - 1]
+    expected_targets = torch.eye(7)[: size - 1] * lam + torch.eye(7)[: size - 1].flip(0) * (1 - lam)
+    torch.testing.assert_close(soft, torch.cat([expected_targets, torch.eye(7)[size - 1 : size]]))
+    torch.testing.assert_close(mixed, torch.cat([pairs * lam + pairs.flip(0) * (1 - lam), batch[-1:]]))
+    assert size == 1 or 0 < lam < 1
+
+
 def test_mixup_needs_cross_entropy() -> None:
     with pytest.raises(ValueError, match="--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce"):
         ImageClassifier(["a", "b"], backbone="test_resnet", loss="focal", mixup_alpha=0.2)
