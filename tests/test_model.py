@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from classifier import ImageClassifier, cli_main
 from classifier.losses import FocalLoss
-from tests.helpers import REPO, run_dir, tiny_config
+from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
@@ -109,11 +109,12 @@ def test_optimizer_and_scheduler_from_the_command_line(small_digits: Path, tmp_p
     assert checkpoint["lr_schedulers"][0]["step_size"] == 1
 
 
-def test_default_schedule_is_cosine_over_max_epochs(small_digits: Path, tmp_path: Path) -> None:
+def test_default_schedule_is_cosine_over_every_step_of_max_epochs(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
     cli_main(["fit", "--config", str(config)])
     checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["lr_schedulers"][0]["T_max"] == 2
+    train_images = sum(row["split"] == "train" for row in read_csv(run_dir(tmp_path, 0) / "splits.csv"))
+    assert checkpoint["lr_schedulers"][0]["T_max"] == 2 * (train_images // 32)  # full batches of 32, 2 epochs
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's default
 
 

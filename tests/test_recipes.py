@@ -29,17 +29,54 @@ def make_folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
+def logged_lrs(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, lr) per parameter group, as LearningRateMonitor wrote them to TensorBoard."""
+    (events,) = run.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    tags = [tag for tag in accumulator.Tags()["scalars"] if tag.startswith("lr-")]
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in tags}
+
+
+def warmup_then_cosine(steps: int, warmup: int, lr: float = 1e-3) -> list[float]:
+    """The documented schedule, in closed form: a linear ramp of `warmup` steps, then a cosine to 0."""
+    ramp = [lr * (step + 1) / (warmup + 1) for step in range(warmup)]
+    return ramp + [lr * (1 + np.cos(np.pi * step / (steps - warmup))) / 2 for step in range(steps - warmup)]
+
+
+def train_batches(run: Path, batch_size: int = 32) -> int:
+    """Training batches per epoch: the run's train split in full batches (the last partial one is dropped)."""
+    return sum(row["split"] == "train" for row in read_csv(run / "splits.csv")) // batch_size
+
+
+LR_PER_STEP = {
+    "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+    "init_args": {"logging_interval": "step"},
+}
+
+
 def test_warmup_ramps_up_then_hands_over_to_the_schedule(small_digits: Path, tmp_path: Path) -> None:
-    monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
-    trainer = {"max_epochs": 4, "callbacks": [monitor]}
+    trainer = {"max_epochs": 4, "callbacks": [LR_PER_STEP]}
     config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 2})
     cli_main(["fit", "--config", str(config)])
-    (events,) = run_dir(tmp_path, 0).glob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events)).Reload()
-    for group in ("pg1", "pg2"):  # backbone and head
-        lrs = [event.value for event in accumulator.Scalars(f"lr-AdamW/{group}")]
-        # AdamW's 1e-3: 1/3 and 2/3 of it while warming up, then cosine over the remaining 2 epochs
-        np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3], rtol=1e-5)
+    per_epoch = train_batches(run_dir(tmp_path, 0))
+    lrs = logged_lrs(run_dir(tmp_path, 0))
+    assert set(lrs) == {"lr-AdamW/pg1", "lr-AdamW/pg2"}  # backbone and head
+    for logged in lrs.values():
+        # AdamW's 1e-3 ramped over 2 epochs' steps, then a cosine over the other 2 epochs' steps
+        assert [step for step, _ in logged] == list(range(4 * per_epoch))
+        np.testing.assert_allclose([lr for _, lr in logged], warmup_then_cosine(4 * per_epoch, 2 * per_epoch))
+
+
+@pytest.mark.slow
+def test_cosine_schedule_spans_max_steps_with_accumulation(small_digits: Path, tmp_path: Path) -> None:
+    trainer = {"max_epochs": None, "max_steps": 7, "accumulate_grad_batches": 2, "callbacks": [LR_PER_STEP]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 1})
+    cli_main(["fit", "--config", str(config)])
+    steps_per_epoch = -(-train_batches(run_dir(tmp_path, 0)) // 2)
+    (logged,) = {tag: lrs for tag, lrs in logged_lrs(run_dir(tmp_path, 0)).items() if tag.endswith("pg2")}.values()
+    by_step = dict(logged)  # logged at each batch; the two batches of an accumulated step share their step
+    assert list(by_step) == list(range(7)) and len(logged) == 14
+    np.testing.assert_allclose(list(by_step.values()), warmup_then_cosine(7, steps_per_epoch))
 
 
 def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
