@@ -69,9 +69,12 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
-def presize(path: Path, size: int, interpolation: str) -> Tensor:
-    """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds."""
-    image = resize_shorter_side(load_rgb(path, min_size=size), size, interpolation)
+def presize(path: Path, size: int | None, interpolation: str, enlarge: bool = True) -> Tensor:
+    """uint8 CHW with the shorter side resized to `size` (what eval's resize makes, and what the RAM cache holds);
+    without `enlarge`, a smaller image keeps its own size; None keeps every image's own size."""
+    image = load_rgb(path, min_size=size)
+    if size is not None and (enlarge or min(image.size) > size):
+        image = resize_shorter_side(image, size, interpolation)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 

@@ -178,9 +178,32 @@ def test_big_jpegs_decode_at_the_smallest_scale_that_keeps_the_eval_resize(tmp_p
     assert load_rgb(path).size == (1600, 1200)
     assert load_rgb(path, min_size=300).size == (400, 300)  # 1/4 scale: 1/8 would leave 150 < 300
     module = datamodule(tmp_path, decode="cpu", val_fraction=0.0, crop_pct=0.5)  # eval resizes to 64
-    assert module.scale_size == 64 and module.datasets["train"].min_size == 64
+    assert module.scale_size == 64 and module.datasets["val"].min_size == 64
     image, _, _ = module.datasets["train"][0]
     assert image.shape == (3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("crop_scale", "crop_ratio", "drafted", "cached"),
+    [
+        # the 8% crop at ratio 3/4 spans sqrt(0.08 * 3/4) = 0.245 of a side: 64 px need 262, so 1/4 scale, not 1/8
+        ((0.08, 1.0), (3 / 4, 4 / 3), (400, 300), (262, 349)),
+        ((0.02, 1.0), (3 / 4, 4 / 3), (800, 600), (523, 697)),  # 0.1225 of a side: 523 px, so 1/2 scale
+        ((0.001, 1.0), (3 / 4, 4 / 3), (1600, 1200), (1200, 1600)),  # more than the file has: all of it
+        ((1.0, 1.0), (1.0, 1.0), (200, 150), (73, 97)),  # whole-image crops: eval's resize, 64 / 0.875 = 73
+    ],
+)
+def test_training_keeps_the_pixels_of_its_smallest_crop(
+    crop_scale: tuple[float, float], crop_ratio: tuple[float, float], drafted: tuple, cached: tuple, tmp_path: Path
+) -> None:
+    big = save_image(tmp_path / "a" / "big.jpg", gradient(1600, 1200), quality=90)
+    small = save_image(tmp_path / "a" / "small.jpg", gradient(60, 50), quality=90)
+    settings = {"val_fraction": 0.0, "image_size": 64, "crop_pct": 0.875, "crop_scale": crop_scale}
+    files = datamodule(tmp_path, decode="cpu", crop_ratio=crop_ratio, **settings)
+    assert load_rgb(big, files.datasets["train"].min_size).size == drafted
+    cache = datamodule(tmp_path, cache="ram", crop_ratio=crop_ratio, **settings).datasets["train"].cache
+    assert cache[big].shape == (3, *cached)
+    assert cache[small].shape == (3, 50, 60)  # never enlarged: the device crop resizes once
 
 
 def test_default_workers_leave_one_core_to_the_training_loop(gradients: Path) -> None:
