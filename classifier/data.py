@@ -171,7 +171,8 @@ class ImageFolderDataModule(LightningDataModule):
             hflip: Probability of a horizontal flip in training.
             crop_scale: Area range of the random-resized crop in training.
             crop_ratio: Aspect-ratio range of the random-resized crop in training.
-            color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none.
+            color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none. Off under
+                an auto_augment policy, as in timm.
             auto_augment: A timm policy (`rand-m9-mstd0.5`, `augmix-m5-w4-d2`, `original`) or `trivialaugment`.
             random_erasing: Probability of erasing a random rectangle of each training image, on the device.
             sampler: `random` shuffles; `balanced` draws every class equally often (with replacement).
