@@ -31,8 +31,8 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def estimated_bytes(paths: list[Path], size: int) -> int:
-    """What `paths` take presized to a shorter side of `size`, from the headers of a sample of them."""
+def estimated_bytes(paths: list[Path], size: int | None, enlarge: bool = True) -> int:
+    """What `paths` take presized as `presize` does, from the headers of a sample of them."""
 
     def presized_bytes(path: Path) -> float:
         try:
@@ -40,7 +40,9 @@ def estimated_bytes(paths: list[Path], size: int) -> int:
                 width, height = image.size
         except Exception:  # noqa: BLE001 - an unreadable file is reported when the cache is filled
             width = height = 1
-        return 3 * size * size * max(width, height) / max(1, min(width, height))
+        short = min(width, height)
+        side = short if size is None or (not enlarge and short <= size) else size
+        return 3 * side * side * max(width, height) / max(1, short)
 
     sample = random.Random(0).sample(paths, min(len(paths), SAMPLED_HEADERS))
     if not sample:
@@ -48,9 +50,9 @@ def estimated_bytes(paths: list[Path], size: int) -> int:
     return int(sum(map(presized_bytes, sample)) / len(sample) * len(paths))
 
 
-def fits_in_memory(paths: list[Path], size: int, copies: int, what: str) -> bool:
+def fits_in_memory(paths: list[Path], size: int | None, copies: int, what: str, enlarge: bool = True) -> bool:
     """Whether `copies` caches of `paths` fit in memory; if not, a warning that says what happens instead."""
-    needed, available = estimated_bytes(paths, size) * copies, available_memory()
+    needed, available = estimated_bytes(paths, size, enlarge) * copies, available_memory()
     if needed <= MEMORY_SHARE * available:
         return True
     log.warning(
@@ -63,7 +65,7 @@ def fits_in_memory(paths: list[Path], size: int, copies: int, what: str) -> bool
 
 
 def fill(
-    paths: list[Path], size: int, interpolation: str, num_threads: int, draft: bool = True
+    paths: list[Path], size: int | None, interpolation: str, training: bool, num_threads: int
 ) -> tuple[dict[Path, Tensor], dict[Path, str]]:
     """Decode and presize every file in parallel threads (PIL releases the GIL); unreadable files map to why.
 
@@ -72,7 +74,7 @@ def fill(
 
     def load(path: Path) -> Tensor | str:
         try:
-            return presize(path, size, interpolation, draft)
+            return presize(path, size, interpolation, training)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             return f"{type(error).__name__}: {error}"
 
@@ -81,5 +83,5 @@ def fill(
     images = {path: value for path, value in loaded.items() if isinstance(value, Tensor)}
     unreadable = {path: value for path, value in loaded.items() if isinstance(value, str)}
     megabytes = sum(image.numel() for image in images.values()) / 2**20
-    log.info("Cached %d images presized to %d px in RAM: %.0f MiB", len(images), size, megabytes)
+    log.info("Cached %d images presized to %s px in RAM: %.0f MiB", len(images), size or "full", megabytes)
     return images, unreadable

@@ -182,7 +182,9 @@ class FitReport(Callback):
         summary = {
             "best_epoch": self._best_epoch(checkpoint),
             "monitor": checkpoint.monitor if checkpoint else None,
-            "best_value": float(checkpoint.best_model_score) if checkpoint and checkpoint.best_model_score else None,
+            "best_value": float(checkpoint.best_model_score)
+            if checkpoint and checkpoint.best_model_score is not None
+            else None,
             "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
             "epochs": len(self.history),
             "wall_time_s": round(self.seconds, 3),

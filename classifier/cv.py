@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
@@ -31,12 +33,58 @@ def cross_validate(argv: list[str]) -> Path:
     parser.add_argument("--aggregate", type=Path, help="a folder of fold runs (version_*/) to aggregate")
     options, fit_args = parser.parse_known_args(argv)
     if options.aggregate:
-        return aggregate(find_fold_runs(options.aggregate))
+        return aggregate(find_fold_runs(options.aggregate), evaluation_args(fit_args))
     num_folds = ClassifierCLI(args=fit_args, run=False).datamodule.hparams.num_folds  # parse, do not train
     if not num_folds:
         raise ValueError("classifier cv needs --data.num_folds K (2 or more)")
     fits = (ClassifierCLI(args=["fit", *fit_args, "--data.fold", str(fold)]) for fold in range(num_folds))
-    return aggregate([Path(cli.trainer.log_dir) for cli in fits])
+    return aggregate([Path(cli.trainer.log_dir) for cli in fits], evaluation_args(fit_args))
+
+
+def evaluation_args(args: list[str]) -> list[str]:
+    """The user's options for the validate and test runs: all but the model's and the data's, which each fold's
+    checkpoint brings; a --config file is passed on without its model and data sections."""
+    kept, tokens = [], iter(args)
+    for token in tokens:
+        name, has_value, _ = token.partition("=")
+        value = [] if has_value else [next(tokens, "")]  # every option takes a value
+        if name.startswith(("--model.", "--data.")) or name in ("--model", "--data"):
+            continue
+        if name == "--config":
+            path = token.partition("=")[2] if has_value else value[0]
+            config = yaml.safe_load(Path(path).read_text()) or {}
+            kept += ["--config", yaml.safe_dump({k: v for k, v in config.items() if k not in ("model", "data")})]
+        else:
+            kept += [token, *value]
+    return kept
+
+
+def global_rank() -> int:
+    """This process's rank: the strategy's once a trainer has run, before that the launcher's environment's."""
+    return rank_zero_only.rank
+
+
+def new_cv_dir(root: Path) -> Path:
+    """A cv_N folder never used before: one past the highest N, made here so that no other process takes it."""
+    while True:
+        taken = [int(path.name[3:]) for path in root.glob("cv_*") if path.name[3:].isdigit()]
+        try:
+            (path := root / f"cv_{max(taken, default=-1) + 1}").mkdir(parents=True)
+            return path
+        except FileExistsError:  # another process made it first
+            continue
+
+
+def shared_cv_dir(root: Path) -> Path:
+    """Rank 0 makes the cv folder; the other ranks of a multi-GPU run take its name."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        name = [new_cv_dir(root).name if global_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(name, src=0)
+        return root / name[0]
+    if global_rank() == 0:
+        return new_cv_dir(root)
+    # started by rank 0's first trainer, after rank 0 made the folder: the newest one is its
+    return max(root.glob("cv_*"), key=lambda path: int(path.name[3:]) if path.name[3:].isdigit() else -1)
 
 
 def find_fold_runs(folder: Path) -> list[Path]:
@@ -58,21 +106,27 @@ def find_fold_runs(folder: Path) -> list[Path]:
     return [newest[(num_folds, fold)] for fold in range(num_folds)]
 
 
-def aggregate(runs: list[Path]) -> Path:
-    """Out-of-fold predictions, per-fold metrics with mean and std, and the fold ensemble on the test split."""
+def aggregate(runs: list[Path], options: list[str]) -> Path:
+    """Out-of-fold predictions, per-fold metrics with mean and std, and the fold ensemble on the test split.
+
+    Every rank evaluates (validate, and test where there is a test split) with the user's `options`; rank 0
+    aggregates.
+    """
     from classifier.cli import ClassifierCLI
 
-    root = runs[0].parent
-    cv_dir = root / f"cv_{sum(1 for _ in root.glob('cv_*'))}"
+    cv_dir = shared_cv_dir(runs[0].parent)
     with open(runs[0] / "splits.csv", newline="") as file:
         stages = ("validate", "test") if any(row["split"] == "test" for row in csv.DictReader(file)) else ("validate",)
-    folds, oof_rows, test_probs = [], [], []
     for fold, run in enumerate(runs):
         for stage in stages:
-            ClassifierCLI(args=[stage, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+            ClassifierCLI(args=[stage, *options, "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
                                 "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
                                 "--trainer.logger.save_dir", str(cv_dir), "--trainer.logger.name", f"fold_{fold}",
                                 "--trainer.logger.version", stage])  # fmt: skip
+    if global_rank() != 0:
+        return cv_dir
+    folds, oof_rows, test_probs = [], [], []
+    for fold in range(len(runs)):
         folds.append(json.loads((cv_dir / f"fold_{fold}" / "validate" / "metrics.json").read_text()))
         oof_rows += [{**row, "fold": str(fold)} for row in _read(cv_dir / f"fold_{fold}" / "validate")]
         if "test" in stages:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from functools import cached_property
@@ -67,8 +68,9 @@ class ImageDataset(FileDataset):
 class DeviceCropDataset(FileDataset):
     """(pixels or JPEG bytes, crop plan, class index, row index) per file, for batches rendered on the device.
 
-    Pixels come from the RAM cache or a CPU decode (presized, then cut to the plan's box); with `gpu_decode`,
-    JPEGs that nvJPEG reads as PIL would are passed on undecoded.
+    Pixels come from the RAM cache or a CPU decode (presized to a shorter side of `min_size`, never enlarged in
+    training, then cut to the plan's box); with `gpu_decode`, JPEGs that nvJPEG reads as PIL would are passed on
+    undecoded.
     """
 
     def __init__(
@@ -77,12 +79,14 @@ class DeviceCropDataset(FileDataset):
         targets: list[int],
         planner: CropPlanner,
         interpolation: str,
+        min_size: int | None,
         cache: dict[Path, Tensor] | None = None,
         gpu_decode: bool = False,
     ) -> None:
         super().__init__(paths, targets)
         self.planner = planner
         self.interpolation = interpolation
+        self.min_size = min_size
         self.cache = cache
         self.gpu_decode = gpu_decode
 
@@ -96,7 +100,7 @@ class DeviceCropDataset(FileDataset):
                 plan = self.planner(*size)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), plan, target, index
         else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
-            image = presize(path, self.planner.scale_size, self.interpolation, draft=self.planner.training)
+            image = presize(path, self.min_size, self.interpolation, training=self.planner.training)
         with seeded(seed):
             plan = self.planner(image.shape[1], image.shape[2])
         crop, plan = cut(image, plan)
@@ -180,16 +184,18 @@ class ImageFolderDataModule(LightningDataModule):
             hflip: Probability of a horizontal flip in training.
             crop_scale: Area range of the random-resized crop in training.
             crop_ratio: Aspect-ratio range of the random-resized crop in training.
-            color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none.
+            color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none. Off under
+                an auto_augment policy, as in timm.
             auto_augment: A timm policy (`rand-m9-mstd0.5`, `augmix-m5-w4-d2`, `original`) or `trivialaugment`.
             random_erasing: Probability of erasing a random rectangle of each training image, on the device.
             sampler: `random` shuffles; `balanced` draws every class equally often (with replacement).
             decode: Where JPEGs are decoded: `gpu` decodes batches with nvJPEG and crops, flips and jitters them
                 there, the loader workers only read bytes (other formats are decoded on the CPU within the same
                 batch); `cpu` runs timm's transforms in the workers; `auto` is `gpu` on CUDA devices.
-            cache: `ram` decodes the train and val images once, keeps them presized (shorter side
-                image_size / crop_pct) as uint8 in memory, and crops them on the device every epoch. Falls back
-                to reading from disk, with a warning, when they would not fit.
+            cache: `ram` decodes the train and val images once, keeps them presized as uint8 in memory (val at
+                eval's resize, image_size / crop_pct; train with enough pixels for the smallest crop that
+                crop_scale and crop_ratio allow, or its own size), and crops them on the device every epoch. Falls
+                back to reading from disk, with a warning, when they would not fit.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -242,7 +248,7 @@ class ImageFolderDataModule(LightningDataModule):
             hflip=hp.hflip,
             scale=tuple(hp.crop_scale),
             ratio=tuple(hp.crop_ratio),
-            color_jitter=hp.color_jitter,
+            color_jitter=None if trivial else hp.color_jitter,  # timm turns jitter off under its own policies
             auto_augment=None if trivial else hp.auto_augment,
         )
         if trivial:  # timm has no TrivialAugment; torchvision's works on the same PIL images
@@ -303,9 +309,23 @@ class ImageFolderDataModule(LightningDataModule):
 
     @property
     def scale_size(self) -> int:
-        """The shorter side eval resizes to before its centre crop (timm's), which the RAM cache and the JPEG
-        drafts keep."""
+        """The shorter side eval resizes to before its centre crop (timm's), which eval's RAM cache keeps."""
         return scale_size(self.data_config)
+
+    @property
+    def train_decode_size(self) -> int | None:
+        """The shorter side training images keep (JPEG draft, RAM cache): enough that the smallest crop the
+        settings allow (crop_scale[0] of a square image, at the extreme of crop_ratio) still spans image_size
+        pixels each way, and at least scale_size; None (full decode) when crop_scale[0] is 0."""
+        (smallest, _), (low, high) = self.hparams.crop_scale, self.hparams.crop_ratio
+        if smallest <= 0:
+            return None
+        narrowest = min(math.sqrt(low), 1 / math.sqrt(high))  # the crop's shorter side over sqrt(its area)
+        return max(self.scale_size, math.ceil(self.image_pixels / (math.sqrt(smallest) * narrowest)))
+
+    def decode_size(self, training: bool) -> int | None:
+        """Training keeps enough pixels for its smallest crop; eval those of its resize."""
+        return self.train_decode_size if training else self.scale_size
 
     def planner(self, training: bool) -> CropPlanner:
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
@@ -330,10 +350,12 @@ class ImageFolderDataModule(LightningDataModule):
         if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
             return None
         copies = self.trainer.num_devices if self.trainer is not None else 1
-        if not fits_in_memory(paths, self.scale_size, copies, name):
+        training = name == "train"
+        size = self.decode_size(training)
+        if not fits_in_memory(paths, size, copies, name, enlarge=not training):  # training never enlarges
             return None
-        interpolation, training = self.data_config["interpolation"], name == "train"
-        return fill_cache(paths, self.scale_size, interpolation, draft=training, num_threads=2 * available_cores())
+        interpolation = self.data_config["interpolation"]
+        return fill_cache(paths, size, interpolation, training, num_threads=2 * available_cores())
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
@@ -344,11 +366,11 @@ class ImageFolderDataModule(LightningDataModule):
         presized pixels; with GPU decoding it takes the CPU eval transform, so the hardware never changes a score.
         """
         training = name == "train"
+        size = self.decode_size(training)
         if cache is None and not (training and self.gpu_decode):
-            return ImageDataset(paths, targets, self.transform(training), self.scale_size if training else None)
-        return DeviceCropDataset(
-            paths, targets, self.planner(training), self.data_config["interpolation"], cache, self.gpu_decode
-        )
+            return ImageDataset(paths, targets, self.transform(training), size if training else None)
+        interpolation = self.data_config["interpolation"]
+        return DeviceCropDataset(paths, targets, self.planner(training), interpolation, size, cache, self.gpu_decode)
 
     def _readable(self, paths: list[Path], bad: dict[Path, str]) -> list[Path]:
         """`paths` without the unreadable ones, or an error listing each of them with its reason."""

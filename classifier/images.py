@@ -69,13 +69,16 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
-def presize(path: Path, size: int, interpolation: str, draft: bool = True) -> Tensor:
+def presize(path: Path, size: int | None, interpolation: str, training: bool = False) -> Tensor:
     """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds.
 
-    `draft` decodes JPEGs at a reduced DCT scale first: fast, and fine for training; eval's pixels come from the
-    full decode.
+    For eval, exactly timm's eval resize of the full decode. For training, JPEGs decode at a reduced DCT scale
+    first and a smaller image keeps its own size (the random crop resamples it anyway); None keeps every image's
+    own size.
     """
-    image = resize_shorter_side(load_rgb(path, min_size=size if draft else None), size, interpolation)
+    image = load_rgb(path, min_size=size if training else None)
+    if size is not None and (not training or min(image.size) > size):
+        image = resize_shorter_side(image, size, interpolation)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 

@@ -10,18 +10,25 @@ from torch import Tensor, nn
 
 
 class FocalLoss(nn.Module):
-    """Focal loss (Lin et al., 2017): down-weights easy examples; with gamma=0 it equals (weighted) cross-entropy."""
+    """Focal loss (Lin et al., 2017): down-weights easy examples.
 
-    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None) -> None:
+    With label smoothing every class's term counts with its smoothed target; with gamma=0 the loss equals
+    `nn.CrossEntropyLoss(weight, label_smoothing=...)`, class weights included.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.gamma = gamma
+        self.label_smoothing = label_smoothing
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        log_p = F.log_softmax(logits.float(), dim=-1).gather(1, target[:, None]).squeeze(1)
-        weight = self.weight[target] if self.weight is not None else torch.ones_like(log_p)
-        loss = -weight * (1 - log_p.exp()).pow(self.gamma) * log_p
-        return loss.sum() / weight.sum()
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        classes = log_p.shape[-1]
+        smoothed = F.one_hot(target, classes) * (1 - self.label_smoothing) + self.label_smoothing / classes
+        weight = self.weight if self.weight is not None else torch.ones(classes, device=log_p.device)
+        loss = -(weight * smoothed * (1 - log_p.exp()).pow(self.gamma) * log_p).sum()
+        return loss / weight[target].sum()  # normalised as weighted cross-entropy is
 
 
 def build_loss(
@@ -32,9 +39,7 @@ def build_loss(
     if name == "ce":
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     if name == "focal":
-        if label_smoothing:
-            raise ValueError("--model.label_smoothing applies to --model.loss ce only; set it to 0 for focal")
-        return FocalLoss(gamma=focal_gamma, weight=weight)
+        return FocalLoss(gamma=focal_gamma, weight=weight, label_smoothing=label_smoothing)
     raise ValueError(f"--model.loss {name!r} is not one of: ce, focal")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -11,7 +12,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
@@ -77,14 +79,15 @@ class ImageClassifier(LightningModule):
             drop_rate: Dropout before the classifier head.
             image_size: Input size, for backbones built for one size (linked from the datamodule).
             loss: ce (cross-entropy) or focal.
-            label_smoothing: Label smoothing of the ce loss.
+            label_smoothing: Label smoothing of the loss (ce or focal).
             focal_gamma: Focusing parameter of the focal loss.
             class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
             tta: Test-time augmentation for test and predict: flip, crops (four corners) or flip_crops.
             mixup_alpha: Beta(alpha, alpha) of mixup; 0 turns it off. Batches are mixed on the device.
             cutmix_alpha: Beta(alpha, alpha) of cutmix; 0 turns it off. With both on, each batch picks one.
             mixup_off_epoch: From this epoch on, no more mixup/cutmix (fine-tune on clean images at the end).
-            warmup_epochs: Epochs of linear LR warmup before the scheduler takes over.
+            warmup_epochs: Epochs of linear LR warmup before the scheduler takes over (ramped per step under the
+                default cosine, per epoch under a configured scheduler).
             ema_decay: Keep an exponential moving average of the weights (e.g. 0.999), updated every step. It is
                 what validation sees and what checkpoints hold, so test and predict use it too.
             head_hidden_dims: Replace the backbone's linear head by an MLP with these hidden sizes (each
@@ -98,7 +101,8 @@ class ImageClassifier(LightningModule):
                 None turns it on for CUDA devices.
             compile: Compile the backbone with `torch.compile` (a minute or more of compiling, then faster steps).
             optimizer: Optimizer; AdamW by default.
-            scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
+            scheduler: LR scheduler, stepped once an epoch; None anneals with a cosine, stepped every optimizer
+                step, over the whole run (`trainer.max_epochs` or `trainer.max_steps`).
             preprocessing: The eval preprocessing (timm data config) the network is trained for (linked from the
                 datamodule); None resolves the backbone's own.
         """
@@ -209,8 +213,8 @@ class ImageClassifier(LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch
         loss_targets = targets
-        if stage == "train" and self._mixing(images):
-            images, loss_targets = self.mixup(images, targets)  # soft targets; metrics use the dominant label
+        if stage == "train" and self._mixing():
+            images, loss_targets = self._mix(images, targets)  # soft targets for the loss; metrics keep `targets`
         logits = self.predict_logits(images) if stage == "test" else self(images)
         loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
@@ -227,10 +231,19 @@ class ImageClassifier(LightningModule):
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
-    def _mixing(self, images: Tensor) -> bool:
-        """Mixup/cutmix this batch? Not after the switch-off epoch, and not for odd batches (timm pairs images)."""
+    def _mixing(self) -> bool:
+        """Mixup/cutmix this batch? Not after the switch-off epoch."""
         off = self.hparams.mixup_off_epoch
-        return self.mixup is not None and (off is None or self.current_epoch < off) and len(images) % 2 == 0
+        return self.mixup is not None and (off is None or self.current_epoch < off)
+
+    def _mix(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """timm's mixup/cutmix, which pairs image i with image n-1-i; an odd batch's last image stays as it is,
+        with a one-hot target."""
+        if len(images) % 2 == 0:
+            return self.mixup(images, targets)
+        mixed, soft = self.mixup(images[:-1], targets[:-1])
+        last = nn.functional.one_hot(targets[-1:], len(self.class_names)).to(soft.dtype)
+        return torch.cat([mixed, images[-1:]]), torch.cat([soft, last])
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")[1]
@@ -247,17 +260,33 @@ class ImageClassifier(LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The user's scheduler, stepped per epoch after `warmup_epochs`; by default a cosine over every optimizer
+        step of the run (max_epochs or max_steps, accumulation included), after warmup_epochs' worth of steps."""
         optimizer = self.optimizer(self.param_groups())
         for group in optimizer.param_groups:
             group["lr"] *= group["lr_scale"]
         warmup = self.hparams.warmup_epochs
         if self.scheduler is not None:
-            scheduler = self.scheduler(optimizer)
-        else:
-            scheduler = CosineAnnealingLR(optimizer, T_max=max(1, (self.trainer.max_epochs or 1) - warmup))
-        if warmup:
-            # epochs 0..warmup-1 run at 1/(w+1) .. w/(w+1) of the LR, then the schedule starts from the full LR
-            ramp = LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=warmup / (warmup + 1),
-                            total_iters=warmup - 1 or 1)  # fmt: skip
-            scheduler = SequentialLR(optimizer, [ramp, scheduler], milestones=[warmup])
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+            return {"optimizer": optimizer, "lr_scheduler": with_warmup(optimizer, self.scheduler(optimizer), warmup)}
+        total = self.trainer.estimated_stepping_batches
+        if math.isinf(total):
+            raise ValueError("The default cosine schedule needs --trainer.max_epochs or --trainer.max_steps")
+        warmup_steps = warmup * self.optimizer_steps_per_epoch() if warmup else 0
+        cosine = CosineAnnealingLR(optimizer, T_max=max(1, int(total) - warmup_steps))
+        scheduler = with_warmup(optimizer, cosine, warmup_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch: its batches over accumulate_grad_batches, the last partial step included."""
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # estimated_stepping_batches loads it, but not under max_steps alone
+            trainer.fit_loop.setup_data()
+        return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+
+
+def with_warmup(optimizer: Optimizer, scheduler: LRScheduler, steps: int) -> LRScheduler:
+    """Steps 0..steps-1 at 1/(steps+1) .. steps/(steps+1) of the LR, then `scheduler` from the full LR."""
+    if not steps:
+        return scheduler
+    ramp = LinearLR(optimizer, start_factor=1 / (steps + 1), end_factor=1.0, total_iters=steps)
+    return SequentialLR(optimizer, [ramp, scheduler], milestones=[steps])

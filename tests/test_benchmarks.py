@@ -30,3 +30,21 @@ def test_throughput_benchmark_writes_every_figure(tmp_path: Path) -> None:
 
     bad = subprocess.run([*command, "--paths", "decode=tpu"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--paths: unknown decode=tpu" in bad.stderr
+
+
+@pytest.mark.slow
+def test_train_resolution_benchmark_shows_the_drafts_against_the_full_decode(tmp_path: Path) -> None:
+    out = tmp_path / "resolution.json"
+    tiny = ["--num-images", "2", "--size", "800x600", "--model", "test_resnet", "--image-size", "32", "--repeats", "1"]
+    command = [sys.executable, str(REPO / "benchmarks" / "train_resolution.py"), *tiny, "--crops", "32"]
+    result = subprocess.run(
+        [*command, "--data-root", str(tmp_path), "--out", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    # 800x600 drafts to 100x75 for eval's 33 px, where an 8% crop is about 20 px; a 131-px draft keeps 32 px
+    assert (figures["draft=scale_size"]["min_size"], figures["draft=train"]["min_size"]) == (33, 131)
+    assert figures["full"]["psnr_db"] == float("inf") and figures["full"]["upsampled"] == 0.0
+    assert figures["draft=scale_size"]["upsampled"] > 0.0 and figures["draft=train"]["upsampled"] == 0.0
+    assert figures["draft=train"]["psnr_db"] > figures["draft=scale_size"]["psnr_db"]
+    assert "draft=train" in result.stdout and "/full" in result.stdout

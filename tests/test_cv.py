@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from classifier import cli_main
 from tests.helpers import read_csv, run_dir, tiny_config
@@ -87,3 +89,47 @@ def test_cv_without_folds_is_refused_before_training(small_digits: Path, tmp_pat
     with pytest.raises(ValueError, match="classifier cv needs --data.num_folds K"):
         cli_main(["cv", "--config", str(config)])
     assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_validate_and_test_runs_get_the_users_trainer_flags(small_digits: Path, tmp_path: Path) -> None:
+    """From --config (limit_val_batches) and from the command line (limit_test_batches); model and data settings
+    still come from each fold's checkpoint (batch_size 8)."""
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "limit_val_batches": 2},
+                         data={"batch_size": 8})  # fmt: skip
+    cli_main(["cv", "--config", str(config), "--data.num_folds", "2", "--trainer.limit_test_batches", "1"])
+    cv_dir = tmp_path / "lightning_logs" / "tiny" / "cv_0"
+    for fold in range(2):
+        assert len(read_csv(cv_dir / f"fold_{fold}" / "validate" / "predictions.csv")) == 2 * 8
+        assert len(read_csv(cv_dir / f"fold_{fold}" / "test" / "predictions.csv")) == 1 * 8
+
+
+@pytest.fixture(scope="module")
+def two_folds(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folders of two folds trained apart, for each test to copy."""
+    tmp_path = tmp_path_factory.mktemp("two_folds")
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    for fold in (0, 1):
+        cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+    return tmp_path / "lightning_logs" / "tiny"
+
+
+@pytest.mark.slow
+def test_cv_folders_are_never_reused(two_folds: Path, tmp_path: Path) -> None:
+    root = shutil.copytree(two_folds, tmp_path / "tiny")
+    (root / "cv_1").mkdir()  # cv_0 and cv_1 were made, then cv_0 deleted
+    (root / "cv_1" / "notes.txt").write_text("mine")
+    cli_main(["cv", "--aggregate", str(root)])
+    assert (root / "cv_2" / "cv_summary.json").is_file()
+    assert [path.name for path in (root / "cv_1").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_only_rank_zero_aggregates(two_folds: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = shutil.copytree(two_folds, tmp_path / "tiny")
+    (root / "cv_0").mkdir()  # made by rank 0 before its first trainer started this rank
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what Lightning's strategies set on the other ranks
+    cli_main(["cv", "--aggregate", str(root)])
+    assert sorted(path.name for path in root.glob("cv_*")) == ["cv_0"]  # rank 0's folder, no new one
+    assert (root / "cv_0" / "fold_1" / "validate").is_dir()  # this rank took part in the evaluations
+    assert not (root / "cv_0" / "cv_summary.json").exists() and not (root / "cv_0" / "ensemble").exists()

@@ -49,7 +49,7 @@ def gpu_decode_batch(folder: Path) -> tuple[ImageFolderDataModule, CropBatch, li
     module = ImageFolderDataModule(image_size=SIZE, decode="gpu")
     paths = list_images(folder)
     planner, interpolation = module.planner(training=False), module.data_config["interpolation"]
-    dataset = DeviceCropDataset(paths, [0] * len(paths), planner, interpolation, gpu_decode=True)
+    dataset = DeviceCropDataset(paths, [0] * len(paths), planner, interpolation, module.scale_size, gpu_decode=True)
     return module, collate_crops([dataset[i] for i in range(len(dataset))]), paths
 
 
@@ -177,14 +177,38 @@ def test_auto_augment_refuses_the_device_path_by_name(gradients: Path) -> None:
     assert isinstance(datamodule(gradients, auto_augment="rand-m9-mstd0.5").datasets["train"], ImageDataset)
 
 
-def test_big_jpegs_decode_at_the_smallest_scale_that_keeps_the_eval_resize(tmp_path: Path) -> None:
+def test_big_jpegs_draft_for_training_and_decode_in_full_for_eval(tmp_path: Path) -> None:
     path = save_image(tmp_path / "a" / "big.jpg", gradient(1600, 1200), quality=90)
     assert load_rgb(path).size == (1600, 1200)
     assert load_rgb(path, min_size=300).size == (400, 300)  # 1/4 scale: 1/8 would leave 150 < 300
     module = datamodule(tmp_path, decode="cpu", val_fraction=0.0, crop_pct=0.5)  # eval resizes to 64
-    assert module.scale_size == 64 and module.datasets["train"].min_size == 64
+    assert module.scale_size == 64 and module.datasets["val"].min_size is None  # eval: the full decode
+    assert module.datasets["train"].min_size == module.train_decode_size
     image, _, _ = module.datasets["train"][0]
     assert image.shape == (3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    ("crop_scale", "crop_ratio", "drafted", "cached"),
+    [
+        # the 8% crop at ratio 3/4 spans sqrt(0.08 * 3/4) = 0.245 of a side: 64 px need 262, so 1/4 scale, not 1/8
+        ((0.08, 1.0), (3 / 4, 4 / 3), (400, 300), (262, 349)),
+        ((0.02, 1.0), (3 / 4, 4 / 3), (800, 600), (523, 697)),  # 0.1225 of a side: 523 px, so 1/2 scale
+        ((0.001, 1.0), (3 / 4, 4 / 3), (1600, 1200), (1200, 1600)),  # more than the file has: all of it
+        ((1.0, 1.0), (1.0, 1.0), (200, 150), (73, 97)),  # whole-image crops: eval's resize, 64 / 0.875 = 73
+    ],
+)
+def test_training_keeps_the_pixels_of_its_smallest_crop(
+    crop_scale: tuple[float, float], crop_ratio: tuple[float, float], drafted: tuple, cached: tuple, tmp_path: Path
+) -> None:
+    big = save_image(tmp_path / "a" / "big.jpg", gradient(1600, 1200), quality=90)
+    small = save_image(tmp_path / "a" / "small.jpg", gradient(60, 50), quality=90)
+    settings = {"val_fraction": 0.0, "image_size": 64, "crop_pct": 0.875, "crop_scale": crop_scale}
+    files = datamodule(tmp_path, decode="cpu", crop_ratio=crop_ratio, **settings)
+    assert load_rgb(big, files.datasets["train"].min_size).size == drafted
+    cache = datamodule(tmp_path, cache="ram", crop_ratio=crop_ratio, **settings).datasets["train"].cache
+    assert cache[big].shape == (3, *cached)
+    assert cache[small].shape == (3, 50, 60)  # never enlarged: the device crop resizes once
 
 
 def test_default_workers_leave_one_core_to_the_training_loop(gradients: Path) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from classifier import ClassifierNet, ImageClassifier, cli_main
 from classifier.losses import FocalLoss
-from tests.helpers import run_dir, tiny_config
+from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
@@ -111,11 +111,12 @@ def test_optimizer_and_scheduler_from_the_command_line(small_digits: Path, tmp_p
     assert checkpoint["lr_schedulers"][0]["step_size"] == 1
 
 
-def test_default_schedule_is_cosine_over_max_epochs(small_digits: Path, tmp_path: Path) -> None:
+def test_default_schedule_is_cosine_over_every_step_of_max_epochs(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
     cli_main(["fit", "--config", str(config)])
     checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["lr_schedulers"][0]["T_max"] == 2
+    train_images = sum(row["split"] == "train" for row in read_csv(run_dir(tmp_path, 0) / "splits.csv"))
+    assert checkpoint["lr_schedulers"][0]["T_max"] == 2 * (train_images // 32)  # full batches of 32, 2 epochs
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's default
 
 
@@ -127,9 +128,22 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy_and_focuses_otherwise() -> 
     assert FocalLoss(2.0)(easy, torch.tensor([0])) < 1e-3 * F.cross_entropy(easy, torch.tensor([0]))
 
 
-def test_label_smoothing_with_focal_is_refused() -> None:
-    with pytest.raises(ValueError, match="--model.label_smoothing applies to --model.loss ce only"):
-        ImageClassifier(CLASSES, backbone="test_resnet", loss="focal", label_smoothing=0.1)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_loss_with_gamma_zero_and_label_smoothing_is_smoothed_cross_entropy(weighted: bool) -> None:
+    logits, target = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 5
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.7]) if weighted else None
+    reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)(logits, target)
+    torch.testing.assert_close(FocalLoss(0.0, weight, label_smoothing=0.1)(logits, target), reference)
+
+
+def test_focal_loss_recipe_runs_on_the_shipped_config(small_digits: Path, tmp_path: Path) -> None:
+    """The README's imbalance recipe, `--model.loss focal` on configs/resnet18.yaml (label smoothing 0.1)."""
+    tiny = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "callbacks": []}, model={"pretrained": False})
+    cli_main(
+        ["fit", "--config", str(REPO / "configs" / "resnet18.yaml"), "--config", str(tiny), "--model.loss", "focal"]
+    )
+    hparams = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert (hparams["loss"], hparams["label_smoothing"]) == ("focal", 0.1)
 
 
 def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path: Path) -> None:

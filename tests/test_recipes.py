@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.transforms import TrivialAugmentWide
@@ -27,17 +29,54 @@ def make_folder(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
+def logged_lrs(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, lr) per parameter group, as LearningRateMonitor wrote them to TensorBoard."""
+    (events,) = run.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events)).Reload()
+    tags = [tag for tag in accumulator.Tags()["scalars"] if tag.startswith("lr-")]
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in tags}
+
+
+def warmup_then_cosine(steps: int, warmup: int, lr: float = 1e-3) -> list[float]:
+    """The documented schedule, in closed form: a linear ramp of `warmup` steps, then a cosine to 0."""
+    ramp = [lr * (step + 1) / (warmup + 1) for step in range(warmup)]
+    return ramp + [lr * (1 + np.cos(np.pi * step / (steps - warmup))) / 2 for step in range(steps - warmup)]
+
+
+def train_batches(run: Path, batch_size: int = 32) -> int:
+    """Training batches per epoch: the run's train split in full batches (the last partial one is dropped)."""
+    return sum(row["split"] == "train" for row in read_csv(run / "splits.csv")) // batch_size
+
+
+LR_PER_STEP = {
+    "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+    "init_args": {"logging_interval": "step"},
+}
+
+
 def test_warmup_ramps_up_then_hands_over_to_the_schedule(small_digits: Path, tmp_path: Path) -> None:
-    monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
-    trainer = {"max_epochs": 4, "callbacks": [monitor]}
+    trainer = {"max_epochs": 4, "callbacks": [LR_PER_STEP]}
     config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 2})
     cli_main(["fit", "--config", str(config)])
-    (events,) = run_dir(tmp_path, 0).glob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events)).Reload()
-    for group in ("pg1", "pg2"):  # backbone and head
-        lrs = [event.value for event in accumulator.Scalars(f"lr-AdamW/{group}")]
-        # AdamW's 1e-3: 1/3 and 2/3 of it while warming up, then cosine over the remaining 2 epochs
-        np.testing.assert_allclose(lrs, [1e-3 / 3, 2e-3 / 3, 1e-3, 0.5e-3], rtol=1e-5)
+    per_epoch = train_batches(run_dir(tmp_path, 0))
+    lrs = logged_lrs(run_dir(tmp_path, 0))
+    assert set(lrs) == {"lr-AdamW/pg1", "lr-AdamW/pg2"}  # backbone and head
+    for logged in lrs.values():
+        # AdamW's 1e-3 ramped over 2 epochs' steps, then a cosine over the other 2 epochs' steps
+        assert [step for step, _ in logged] == list(range(4 * per_epoch))
+        np.testing.assert_allclose([lr for _, lr in logged], warmup_then_cosine(4 * per_epoch, 2 * per_epoch))
+
+
+@pytest.mark.slow
+def test_cosine_schedule_spans_max_steps_with_accumulation(small_digits: Path, tmp_path: Path) -> None:
+    trainer = {"max_epochs": None, "max_steps": 7, "accumulate_grad_batches": 2, "callbacks": [LR_PER_STEP]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, model={"warmup_epochs": 1})
+    cli_main(["fit", "--config", str(config)])
+    steps_per_epoch = -(-train_batches(run_dir(tmp_path, 0)) // 2)
+    (logged,) = {tag: lrs for tag, lrs in logged_lrs(run_dir(tmp_path, 0)).items() if tag.endswith("pg2")}.values()
+    by_step = dict(logged)  # logged at each batch; the two batches of an accumulated step share their step
+    assert list(by_step) == list(range(7)) and len(logged) == 14
+    np.testing.assert_allclose(list(by_step.values()), warmup_then_cosine(7, steps_per_epoch))
 
 
 def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,6 +93,25 @@ def test_mixup_and_cutmix_give_soft_targets_until_the_switch_off_epoch(monkeypat
     monkeypatch.setattr(ImageClassifier, "current_epoch", property(lambda self: 3))  # the switch-off epoch
     model.training_step(batch, 0)
     assert seen[-1].dtype == torch.long
+
+
+@pytest.mark.parametrize("size", [7, 1])
+def test_mixup_mixes_odd_batches_but_their_last_image(size: int) -> None:
+    model = ImageClassifier([str(c) for c in range(7)], backbone="test_resnet", mixup_alpha=1.0)
+    images, soft = [], []
+    model.register_forward_pre_hook(lambda module, inputs: images.append(inputs[0]))
+    model.criterion.register_forward_pre_hook(lambda module, inputs: soft.append(inputs[1]))
+    batch = torch.randn(size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    targets = torch.arange(size)
+    model.train(size > 1)  # BatchNorm cannot train on one image
+    model.training_step((batch.clone(), targets, targets), 0)
+    (mixed,), (soft,) = images, soft
+    lam = soft[0, 0].item()  # image 0 is mixed with image size-2, its partner under timm's flip pairing
+    pairs = batch[: size - 1]
+    expected_targets = torch.eye(7)[: size - 1] * lam + torch.eye(7)[: size - 1].flip(0) * (1 - lam)
+    torch.testing.assert_close(soft, torch.cat([expected_targets, torch.eye(7)[size - 1 : size]]))
+    torch.testing.assert_close(mixed, torch.cat([pairs * lam + pairs.flip(0) * (1 - lam), batch[-1:]]))
+    assert size == 1 or 0 < lam < 1
 
 
 def test_mixup_needs_cross_entropy() -> None:
@@ -234,3 +292,28 @@ def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     assert (run_dir(tmp_path, 1) / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("policy", "jitter"), [(None, True), ("trivialaugment", False), ("rand-m9-mstd0.5", False), ("original", False)]
+)
+def test_colour_jitter_is_off_under_an_augmentation_policy(policy: str | None, jitter: bool, tmp_path: Path) -> None:
+    make_folder(tmp_path / "d", {"a": 4, "b": 4})
+    datamodule = ImageFolderDataModule(str(tmp_path / "d"), image_size=16, auto_augment=policy, color_jitter=0.4)
+    steps = [type(step).__name__ for step in datamodule.transform(training=True).transforms]
+    assert ("ColorJitter" in steps) == jitter, steps
+
+
+class LogsZero(Callback):
+    """Logs a validation metric that is exactly 0, for a checkpoint monitor."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("val/zero", 0.0)
+
+
+def test_a_best_score_of_zero_is_written_as_zero(small_digits: Path, tmp_path: Path) -> None:
+    trainer = {"max_epochs": 1, "callbacks": [{"class_path": f"{__name__}.LogsZero"}]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer)
+    cli_main(["fit", "--config", str(config), "--checkpoint.monitor", "val/zero"])
+    summary = json.loads((run_dir(tmp_path, 0) / "summary.json").read_text())
+    assert summary["monitor"] == "val/zero" and summary["best_value"] == 0.0
