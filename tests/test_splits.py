@@ -168,3 +168,27 @@ def test_split_folders_of_class_folders_are_still_read(tmp_path: Path) -> None:
     save_image(tmp_path / "d" / ".thumbnails" / "x.png", Image.new("RGB", (8, 8)))  # hidden folders do not count
     splits = ImageFolderDataModule(str(tmp_path / "d")).splits
     assert [splits.split.tolist().count(name) for name in ("train", "val", "test")] == [12, 4, 4]
+
+
+def test_test_takes_an_explicit_split_file_over_the_checkpoints(fitted: Path, tmp_path: Path) -> None:
+    data_dir = copy_of_data(fitted, tmp_path)
+    trained_on = [row["path"] for row in read_csv(fitted / "splits.csv") if row["split"] == "train"][:5]
+    table = tmp_path / "mine.csv"
+    table.write_text("path,label,split\n" + "".join(f"{path},{Path(path).parent.name},test\n" for path in trained_on))
+    best = fitted / "checkpoints" / "best.ckpt"
+    cli_main(["test", "--ckpt_path", str(best), "--data.data_dir", str(data_dir), "--data.splits", str(table)])
+    assert evaluated(newest_run(fitted.parents[2])) == sorted(str(data_dir / path) for path in trained_on)
+
+
+def test_checkpoint_without_a_split_table_warns_and_splits_the_folder(
+    fitted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    checkpoint = torch.load(fitted / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    del checkpoint["ImageFolderDataModule"]["splits"]  # as checkpoints written before split tables were
+    old = run_dir(tmp_path, 0) / "checkpoints" / "old.ckpt"
+    old.parent.mkdir(parents=True)
+    torch.save(checkpoint, old)
+    with caplog.at_level("WARNING", logger="classifier"):
+        cli_main(["test", "--ckpt_path", str(old)])
+    assert f"{old} records no split (it predates split tables)" in caplog.text
+    assert evaluated(run_dir(tmp_path, 1)) == recorded(fitted, fitted.parents[2] / "data", "test")
