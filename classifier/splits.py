@@ -6,6 +6,7 @@ import csv
 import hashlib
 import io
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,13 @@ def read_splits(
         raise ValueError(f"{source} has splits {sorted(bad)}; each row's split must be one of {', '.join(SPLITS)}")
     index = {name: i for i, name in enumerate(classes)}
     paths = [Path(row["path"]) for row in rows]
-    outside = [path for path in paths if path.is_absolute() and not path.is_relative_to(root)]
+    outside = [path for path in paths if path.is_absolute() and not path.is_relative_to(root.absolute())]
     if outside:
         raise ValueError(f"{source} lists images outside --data.data_dir {root}:\n{_listing(outside)}")
+    paths = [path.relative_to(root.absolute()) if path.is_absolute() else path for path in paths]
+    repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{source} lists images more than once:\n{_listing(repeated)}")
     split = np.array([row["split"] for row in rows], dtype=object)
     fold_of = np.array([int(row["fold"]) if row.get("fold") else -1 for row in rows], dtype=np.int64)
     if num_folds is not None:
@@ -139,7 +144,7 @@ def read_splits(
     return Splits(
         root,
         classes,
-        [path.relative_to(root) if path.is_absolute() else path for path in paths],
+        paths,
         np.array([index[row["label"]] for row in rows], dtype=np.int64),
         split.astype(str),
         fold_of,

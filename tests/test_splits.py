@@ -192,3 +192,20 @@ def test_checkpoint_without_a_split_table_warns_and_splits_the_folder(
         cli_main(["test", "--ckpt_path", str(old)])
     assert f"{old} records no split (it predates split tables)" in caplog.text
     assert evaluated(run_dir(tmp_path, 1)) == recorded(fitted, fitted.parents[2] / "data", "test")
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("path,label\na/000.png,a\n", "is not a split table: it needs the columns path,label,split"),
+        ("path,label,split\n/elsewhere/a.png,a,test\n", "lists images outside --data.data_dir .*\n  /elsewhere/a.png"),
+        ("path,label,split\na/000.png,a,test\na/000.png,a,train\n", "lists images more than once:\n  a/000.png"),
+        ("path,label,split\na/000.png,a,holdout\n", r"has splits \['holdout'\]"),
+        ("path,label,split\na/000.png,c,test\n", r"has labels \['c'\] that are not among the classes \['a', 'b'\]"),
+    ],
+)
+def test_bad_splits_file_is_an_error_naming_it(table: str, message: str, tmp_path: Path) -> None:
+    data_dir = make_folder(tmp_path / "d", {"a": 2, "b": 2})
+    (tmp_path / "bad.csv").write_text(table)
+    with pytest.raises(ValueError, match=f"--data.splits {tmp_path / 'bad.csv'} .*{message}"):
+        _ = ImageFolderDataModule(str(data_dir), splits=str(tmp_path / "bad.csv"), classes=["a", "b"]).splits
