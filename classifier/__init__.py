@@ -3,5 +3,7 @@
 from classifier.cli import cli_main
 from classifier.data import ImageFolderDataModule
 from classifier.module import ImageClassifier
+from classifier.net import ClassifierNet
+from classifier.predictor import Predictor
 
-__all__ = ["ImageClassifier", "ImageFolderDataModule", "cli_main"]
+__all__ = ["ClassifierNet", "ImageClassifier", "ImageFolderDataModule", "Predictor", "cli_main"]

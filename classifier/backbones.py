@@ -29,31 +29,34 @@ def backbone_data_config(name: str) -> dict[str, Any]:
     return timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
 
 
-def create_backbone(
-    name: str,
-    num_classes: int,
-    pretrained: bool | str = False,
-    drop_rate: float = 0.0,
-    image_size: int | None = None,
-) -> nn.Module:
-    """A timm model with a fresh `num_classes` head; `pretrained` is False, True (the hub) or a local file."""
-    check_backbone_name(name)
+def backbone_kwargs(name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | None = None) -> dict:
+    """timm's `create_model` arguments for our head size, dropout and, for fixed-size models, input size."""
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs["img_size"] = image_size  # ViT-style models build position embeddings for one size
+    return kwargs
+
+
+def create_backbone(name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | None = None) -> nn.Module:
+    """A timm model with a fresh `num_classes` head and random weights; `load_pretrained` fills it for a fit."""
+    check_backbone_name(name)
+    return timm.create_model(name, **backbone_kwargs(name, num_classes, drop_rate, image_size))
+
+
+def load_pretrained(model: nn.Module, name: str, pretrained: bool | str, kwargs: dict[str, Any]) -> None:
+    """Load the hub's weights (`pretrained` True) or a local file's into `model`, built by `create_backbone`."""
     if pretrained is True:
         try:
-            return timm.create_model(name, pretrained=True, **kwargs)
+            hub = timm.create_model(name, pretrained=True, **kwargs)
         except (OSError, RuntimeError) as error:
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name!r} from the hub ({error}). Offline? "
                 "Pass a local weights file instead: --model.pretrained path/to/weights.pth"
             ) from error
-    model = timm.create_model(name, **kwargs)
-    if isinstance(pretrained, str) and pretrained:
+        model.load_state_dict(hub.state_dict())
+    elif isinstance(pretrained, str) and pretrained:
         load_local_weights(model, Path(pretrained))
-    return model
 
 
 def load_local_weights(model: nn.Module, path: Path) -> None:
@@ -64,8 +67,8 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
         state = timm.models.load_state_dict(str(path))  # weights_only; unwraps state_dict/model, strips module.
     except Exception as error:
         raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
-    if any(key.startswith("backbone.") for key in state):  # a checkpoint of this project: its backbone only
-        state = {key.removeprefix("backbone."): value for key, value in state.items() if key.startswith("backbone.")}
+    if any(key.startswith("net.backbone.") for key in state):  # a checkpoint of this project: its backbone only
+        state = {key.removeprefix("net.backbone."): v for key, v in state.items() if key.startswith("net.backbone.")}
     own = model.state_dict()
     head = _head_prefixes(model)
     dropped = [key for key, value in state.items() if key.startswith(head) and own.get(key, value).shape != value.shape]

@@ -63,13 +63,16 @@ def fits_in_memory(paths: list[Path], size: int, copies: int, what: str) -> bool
 
 
 def fill(
-    paths: list[Path], size: int, interpolation: str, num_threads: int
+    paths: list[Path], size: int, interpolation: str, num_threads: int, draft: bool = True
 ) -> tuple[dict[Path, Tensor], dict[Path, str]]:
-    """Decode and presize every file in parallel threads (PIL releases the GIL); unreadable files map to why."""
+    """Decode and presize every file in parallel threads (PIL releases the GIL); unreadable files map to why.
+
+    Without `draft`, JPEGs decode in full, as eval's transform does.
+    """
 
     def load(path: Path) -> Tensor | str:
         try:
-            return presize(path, size, interpolation)
+            return presize(path, size, interpolation, draft)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             return f"{type(error).__name__}: {error}"
 

@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from classifier.reports import (
@@ -28,7 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class RNGStateCheckpoint(Callback):
-    """Saves and restores the torch, CUDA, numpy and Python RNGs; Lightning does not, so resumes would diverge."""
+    """Saves and restores the torch, CUDA, numpy and Python RNGs; Lightning does not, so resumes would diverge.
+
+    The CUDA state is each rank's own device's, keyed by global rank, so a resume on fewer or other GPUs works.
+    """
+
+    def __init__(self) -> None:
+        self._rank = 0
+        self._device = torch.device("cpu")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._rank, self._device = trainer.global_rank, trainer.strategy.root_device
 
     def state_dict(self) -> dict[str, Any]:
         name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
@@ -38,8 +50,8 @@ class RNGStateCheckpoint(Callback):
             # as a tensor: numpy arrays would make the checkpoint fail torch.load(weights_only=True)
             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
         }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self._device.type == "cuda":
+            state["cuda"] = cuda_rng_states(torch.cuda.get_rng_state(self._device), gather_objects)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -47,8 +59,45 @@ class RNGStateCheckpoint(Callback):
         random.setstate(state_dict["python"])
         name, keys, position, has_gauss, cached_gaussian = state_dict["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        if "cuda" in state_dict and self._device.type == "cuda":
+            restore_cuda_rng_state(state_dict["cuda"], self._rank, self._device.index or 0, torch.cuda.set_rng_state)
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order; `[value]` outside a process group. A collective: all ranks call it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def cuda_rng_states(local_state: Tensor, gather: Callable[[Any], list[Any]]) -> dict[int, Tensor]:
+    """Each rank's CUDA RNG state (of the one device it trains on), keyed by global rank."""
+    return dict(enumerate(gather(local_state)))
+
+
+def restore_cuda_rng_state(
+    saved: dict[int, Tensor] | list[Tensor], rank: int, device_index: int, set_state: Callable[[Tensor, int], None]
+) -> None:
+    """Give this rank's device the state its rank saved.
+
+    A checkpoint from before states were keyed by rank holds one state per device of the saving machine (the
+    list `torch.cuda.get_rng_state_all` returns): this device's entry, if there is one. A rank or device without
+    a saved state keeps its seeded one, with a warning, rather than failing as `set_rng_state_all` does on a
+    machine with fewer GPUs than the list.
+    """
+    if isinstance(saved, dict):
+        state, source = saved.get(rank), f"rank {rank}"
+    else:
+        state, source = (saved[device_index] if device_index < len(saved) else None), f"GPU {device_index}"
+    if state is None:
+        log.warning(
+            "The checkpoint holds no CUDA RNG state for %s (it was saved by %d); CUDA random draws will differ "
+            "from an uninterrupted run.", source, len(saved),
+        )  # fmt: skip
+        return
+    set_state(state, device_index)
 
 
 class FitReport(Callback):

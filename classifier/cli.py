@@ -28,7 +28,15 @@ LINKS = (
     ("model.backbone", "data.backbone", "parse"),
     ("data.image_size", "model.image_size", "parse"),
     ("data.class_names", "model.class_names", "instantiate"),
+    ("data.preprocessing", "model.preprocessing", "instantiate"),
 )
+# settings of the machine, not of the model: a checkpoint never brings them along
+MACHINE_SETTINGS = frozenset(
+    {"data.num_workers", "data.decode", "data.cache", "data.predict_dir", "model.channels_last", "model.compile"}
+)
+# settings of evaluation, which a run may change between sessions; every other model and data setting (the batch
+# size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
+EVAL_SETTINGS = frozenset({"model.tta"})
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 
 
@@ -142,7 +150,8 @@ def latest_checkpoint() -> ModelCheckpoint:
 
 
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
-    """The model and data arguments a checkpoint was trained with, less those that links derive."""
+    """The model and data arguments a checkpoint was trained with, less those that links derive and those of the
+    machine it ran on (a checkpoint trained with `--data.decode gpu` tests on a CPU)."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     derived = {target for _, target, _ in LINKS}
     settings = {}
@@ -151,7 +160,7 @@ def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
         settings[group] = {
             name: value
             for name, value in hparams.items()
-            if not name.startswith("_") and f"{group}.{name}" not in derived
+            if not name.startswith("_") and f"{group}.{name}" not in derived | MACHINE_SETTINGS
         }
     return {group: values for group, values in settings.items() if values}
 
@@ -166,16 +175,61 @@ def _logger_root(trainer: Namespace) -> Path | None:
     return None
 
 
+def _plain(value: Any) -> Any:
+    """Parsed and checkpointed values in one form: dicts for namespaces, lists for tuples."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def run_differences(config: Namespace, ckpt_path: Path) -> dict[str, tuple[Any, Any]]:
+    """`{setting: (this config's value, the checkpoint's)}` for each run-defining setting where they differ."""
+    differences = {}
+    for group, saved in checkpoint_settings(ckpt_path).items():
+        for name, theirs in saved.items():
+            key = f"{group}.{name}"
+            if key in EVAL_SETTINGS or name not in config[group]:
+                continue
+            mine = config[group][name]
+            if key == "data.classes" and mine is None:  # fit fills it in from the folders
+                continue
+            if _plain(mine) != _plain(theirs):
+                differences[key] = (mine, theirs)
+    return differences
+
+
 def find_last_checkpoint(config: Namespace) -> Path | None:
-    """The newest `last.ckpt` among this config's runs, so a resume does not depend on the new version_N."""
+    """The newest `last.ckpt` of this config's runs: those with its model and data settings, fold included.
+
+    Without one, a run of another fold of the same cross-validation means a fresh start; other runs, an error.
+    """
     root = _logger_root(config.trainer)
     if root is None:
         raise ValueError("--ckpt_path last needs a TensorBoard or CSV logger, to find the runs of this config")
-    found = list(root.glob("version_*/checkpoints/last.ckpt"))
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime, reverse=True)
     if not found:
         log.warning("--ckpt_path last: no earlier run with a last.ckpt; training from scratch.")
         return None
-    return max(found, key=lambda path: path.stat().st_mtime)
+    differences = {path: run_differences(config, path) for path in found}
+    matching = [path for path in found if not differences[path]]
+    if matching:
+        return matching[0]
+    if any(set(differing) == {"data.fold"} for differing in differences.values()):
+        log.warning("--ckpt_path last: other folds have runs, fold %d none; training from scratch.", config.data.fold)
+        return None
+    newest = found[0]
+    listed = ", ".join(
+        f"{key} ({mine!r} here, {theirs!r} there)" for key, (mine, theirs) in differences[newest].items()
+    )
+    raise ValueError(
+        f"--ckpt_path last: none of the {len(found)} runs under {root} has this config's settings; the newest, "
+        f"{newest}, differs in {listed}. To continue it with these settings, pass --ckpt_path {newest}; to start a "
+        "new run, give this config its own logger name or save_dir."
+    )
 
 
 def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zlib
 from collections.abc import Callable
@@ -17,14 +16,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import TrivialAugmentWide
 
-from classifier.backbones import backbone_data_config
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
+from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
+from classifier.samplers import Key, seeded, split_key, training_sampler
 from classifier.splits import Splits, build_splits, read_splits
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,10 @@ Batch = tuple[Tensor, Tensor, Tensor]
 
 
 class FileDataset(Dataset):
-    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label."""
+    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label.
+
+    Indexed by a row, or by (row, augmentation seed) from the training sampler.
+    """
 
     def __init__(self, paths: list[Path], targets: list[int]) -> None:
         self.paths = paths
@@ -46,16 +49,20 @@ class FileDataset(Dataset):
 class ImageDataset(FileDataset):
     """(uint8 CHW image, class index, row index) per file, through timm's transforms in the loader workers.
 
-    JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter side.
+    With `min_size` (training), JPEGs decode at the smallest DCT scale that keeps `min_size` pixels on the shorter
+    side; without (eval), in full, so that every eval path renders the same pixels.
     """
 
-    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int) -> None:
+    def __init__(self, paths: list[Path], targets: list[int], transform: Callable, min_size: int | None) -> None:
         super().__init__(paths, targets)
         self.transform = transform
         self.min_size = min_size
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
-        return self.transform(load_rgb(self.paths[index], self.min_size)), self.targets[index], index
+    def __getitem__(self, key: Key) -> tuple[Tensor, int, int]:
+        index, seed = split_key(key)
+        image = load_rgb(self.paths[index], self.min_size)
+        with seeded(seed):
+            return self.transform(image), self.targets[index], index
 
 
 class DeviceCropDataset(FileDataset):
@@ -80,15 +87,20 @@ class DeviceCropDataset(FileDataset):
         self.cache = cache
         self.gpu_decode = gpu_decode
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int, int]:
+    def __getitem__(self, key: Key) -> tuple[Tensor, Tensor, int, int]:
+        index, seed = split_key(key)
         path, target = self.paths[index], self.targets[index]
         if self.cache is not None:
             image = self.cache[path]
         elif self.gpu_decode and is_jpeg_name(path) and (size := jpeg_size(data := path.read_bytes())):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), self.planner(*size), target, index
+            with seeded(seed):
+                plan = self.planner(*size)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), plan, target, index
         else:  # other formats, and JPEGs nvJPEG would decode differently from PIL
-            image = presize(path, self.planner.scale_size, self.interpolation)
-        crop, plan = cut(image, self.planner(image.shape[1], image.shape[2]))
+            image = presize(path, self.planner.scale_size, self.interpolation, draft=self.planner.training)
+        with seeded(seed):
+            plan = self.planner(image.shape[1], image.shape[2])
+        crop, plan = cut(image, plan)
         return crop, plan, target, index
 
 
@@ -250,18 +262,18 @@ class ImageFolderDataModule(LightningDataModule):
     @cached_property
     def data_config(self) -> dict[str, Any]:
         """The backbone's timm data config with this module's overrides applied."""
-        config = backbone_data_config(self.hparams.backbone)
-        if self.hparams.image_size:
-            config["input_size"] = (3, self.hparams.image_size, self.hparams.image_size)
-        if self.hparams.crop_pct:
-            config["crop_pct"] = self.hparams.crop_pct
-        return config
+        return resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The eval preprocessing as plain data, which the model keeps so that its checkpoint is self-contained."""
+        return {key: self.data_config[key] for key in PREPROCESSING_KEYS}
 
     def transform(self, training: bool) -> Callable:
         """timm's train or eval pipeline, ending in a uint8 tensor (normalisation happens on the device)."""
-        config = {key: self.data_config[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode")}
         if not training:
-            return create_transform(**config, normalize=False)
+            return eval_transform(self.preprocessing)
+        config = {key: self.data_config[key] for key in ("input_size", "interpolation", "crop_pct", "crop_mode")}
         hp = self.hparams
         trivial = hp.auto_augment == "trivialaugment"
         pipeline = create_transform(
@@ -335,7 +347,7 @@ class ImageFolderDataModule(LightningDataModule):
     def scale_size(self) -> int:
         """The shorter side eval resizes to before its centre crop (timm's), which the RAM cache and the JPEG
         drafts keep."""
-        return math.floor(self.image_pixels / self.data_config["crop_pct"])
+        return scale_size(self.data_config)
 
     def planner(self, training: bool) -> CropPlanner:
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
@@ -362,15 +374,20 @@ class ImageFolderDataModule(LightningDataModule):
         copies = self.trainer.num_devices if self.trainer is not None else 1
         if not fits_in_memory(paths, self.scale_size, copies, name):
             return None
-        return fill_cache(paths, self.scale_size, self.data_config["interpolation"], num_threads=2 * available_cores())
+        interpolation, training = self.data_config["interpolation"], name == "train"
+        return fill_cache(paths, self.scale_size, interpolation, draft=training, num_threads=2 * available_cores())
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
     ) -> FileDataset:
-        """The file path (timm's transforms in the workers) or the device-rendered one, as configured."""
+        """The file path (timm's transforms in the workers) or the device-rendered one, as configured.
+
+        Eval is rendered on the device only from the RAM cache, where its centre crop is an exact copy of the
+        presized pixels; with GPU decoding it takes the CPU eval transform, so the hardware never changes a score.
+        """
         training = name == "train"
-        if cache is None and not self.gpu_decode:
-            return ImageDataset(paths, targets, self.transform(training), self.scale_size)
+        if cache is None and not (training and self.gpu_decode):
+            return ImageDataset(paths, targets, self.transform(training), self.scale_size if training else None)
         return DeviceCropDataset(
             paths, targets, self.planner(training), self.data_config["interpolation"], cache, self.gpu_decode
         )
@@ -425,12 +442,10 @@ class ImageFolderDataModule(LightningDataModule):
             workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         training = name == "train"
         sampler = None
-        if training and self.hparams.sampler == "balanced":
-            # Lightning wraps it in a DistributedSamplerWrapper under DDP, so each rank gets its share of the draws
-            counts = torch.bincount(torch.tensor(dataset.targets), minlength=len(self.class_names)).float()
-            weights = (1.0 / counts)[dataset.targets]
-            sampler = WeightedRandomSampler(weights, len(dataset), replacement=True, generator=self.generator)
-        elif not training and trainer is not None and trainer.world_size > 1:
+        if training:  # order and augmentation seeds from this module's generator, which checkpoints save
+            balanced = self.hparams.sampler == "balanced"
+            sampler = training_sampler(dataset.targets, len(self.class_names), balanced, self.generator)
+        elif trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -438,15 +453,15 @@ class ImageFolderDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=training and sampler is None,
             sampler=sampler,
             drop_last=training and len(dataset) > self.hparams.batch_size,  # no size-1 batch for BatchNorm
             num_workers=workers,
             collate_fn=collate_crops if isinstance(dataset, DeviceCropDataset) else None,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
-            # shuffling and worker seeds come from this module's generator, which checkpoints save and restore
-            generator=self.generator if training else torch.Generator(),
+            # only the workers' base seeds, which nothing draws from: drawing them from the module's generator
+            # would shift it on every resume, since persistent workers draw them once per run
+            generator=torch.Generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -488,15 +503,13 @@ class ImageFolderDataModule(LightningDataModule):
     def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""
         if device not in self._normalisation_on:
-            mean = torch.tensor(self.data_config["mean"]).view(1, -1, 1, 1) * 255
-            std = torch.tensor(self.data_config["std"]).view(1, -1, 1, 1) * 255
-            self._normalisation_on[device] = mean.to(device), std.to(device)
+            self._normalisation_on[device] = normalisation(self.data_config, device)
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state, so a resumed run draws the same batches; the split table, so that
-        `validate`, `test` and a resumed fit see the images this run was trained on, whatever the folder holds by
-        then."""
+        """The generator's state, so a resumed run draws the same batches and augmentations; the split table, so
+        that `validate`, `test` and a resumed fit see the images this run was trained on, whatever the folder holds
+        by then."""
         return {"generator": self.generator.get_state(), "splits": self.split_table}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -69,9 +69,13 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
         return to_rgb(image)
 
 
-def presize(path: Path, size: int, interpolation: str) -> Tensor:
-    """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds."""
-    image = resize_shorter_side(load_rgb(path, min_size=size), size, interpolation)
+def presize(path: Path, size: int, interpolation: str, draft: bool = True) -> Tensor:
+    """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds.
+
+    `draft` decodes JPEGs at a reduced DCT scale first: fast, and fine for training; eval's pixels come from the
+    full decode.
+    """
+    image = resize_shorter_side(load_rgb(path, min_size=size if draft else None), size, interpolation)
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
 

@@ -15,9 +15,9 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
 
-from classifier.backbones import create_backbone
 from classifier.losses import build_loss, inverse_frequency_weights
-from classifier.tta import TTA, tta_views
+from classifier.net import ClassifierNet
+from classifier.tta import TTA, predict_logits
 
 STAGES = ("train", "val", "test")
 
@@ -35,17 +35,6 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes > 5:
         metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **fast)
     return MetricCollection(metrics, prefix=prefix)
-
-
-def mlp_head(features: int, hidden: list[int] | None, num_classes: int, drop_rate: float) -> nn.Module:
-    """Linear -> BatchNorm -> ReLU -> Dropout per hidden size, then the class layer; Identity without hidden sizes."""
-    if not hidden:
-        return nn.Identity()
-    layers: list[nn.Module] = []
-    for width in hidden:
-        layers += [nn.Linear(features, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
-        features = width
-    return nn.Sequential(*layers, nn.Linear(features, num_classes))
 
 
 class ImageClassifier(LightningModule):
@@ -77,12 +66,14 @@ class ImageClassifier(LightningModule):
         compile: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        preprocessing: dict | None = None,
     ) -> None:
         """
         Args:
             class_names: Class names in index order (linked from the datamodule).
             backbone: Any timm model name.
-            pretrained: False, True for the hub's weights, or a path to a local weights file.
+            pretrained: False, True for the hub's weights, or a path to a local weights file. Read once, when a
+                fit starts from scratch; a checkpoint never needs it again.
             drop_rate: Dropout before the classifier head.
             image_size: Input size, for backbones built for one size (linked from the datamodule).
             loss: ce (cross-entropy) or focal.
@@ -108,6 +99,8 @@ class ImageClassifier(LightningModule):
             compile: Compile the backbone with `torch.compile` (a minute or more of compiling, then faster steps).
             optimizer: Optimizer; AdamW by default.
             scheduler: LR scheduler; None anneals with a cosine over `trainer.max_epochs`.
+            preprocessing: The eval preprocessing (timm data config) the network is trained for (linked from the
+                datamodule); None resolves the backbone's own.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -115,9 +108,7 @@ class ImageClassifier(LightningModule):
         num_classes = len(self.class_names)
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
-        outputs = 0 if head_hidden_dims else num_classes  # 0: timm returns pooled features
-        self.backbone = create_backbone(backbone, outputs, pretrained, drop_rate, image_size)
-        self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
+        self.net = ClassifierNet(backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing)
         self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
         if isinstance(class_weights, list):
             self.criterion.weight.copy_(torch.tensor(class_weights))
@@ -147,24 +138,33 @@ class ImageClassifier(LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         if self.hparams.compile and not self.compiled:
-            self.backbone.compile()  # in place: parameter names, and so checkpoints, stay as they are
+            self.net.backbone.compile()  # in place: parameter names, and so checkpoints, stay as they are
             self.compiled = True
+
+    def on_fit_start(self) -> None:
+        """Pretrained weights, for a fit from scratch only: a resumed fit, test and predict take the checkpoint's."""
+        if self.hparams.pretrained and self.trainer.ckpt_path is None:
+            self.net.load_pretrained(self.hparams.pretrained)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The network's own arguments, so `Predictor` rebuilds it from the checkpoint without this module."""
+        checkpoint["net"] = self.net.config()
 
     def configure_callbacks(self) -> list[Callback]:
         """Lightning's EMA: validates with the average and saves it as the checkpoint's weights."""
         return [EMAWeightAveraging(decay=self.hparams.ema_decay)] if self.hparams.ema_decay else []
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.backbone(images.contiguous(memory_format=self.memory_format)))
+        return self.net(images.contiguous(memory_format=self.memory_format))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """The classifier's parameters: the MLP head's, or the backbone's own linear head's."""
-        return list(self.head.parameters()) or list(self.backbone.get_classifier().parameters())
+        return self.net.classifier_parameters()
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Everything the backbone holds but its classifier head."""
         head = {id(p) for p in self.head_parameters()}
-        return [p for p in self.backbone.parameters() if id(p) not in head]
+        return [p for p in self.net.backbone.parameters() if id(p) not in head]
 
     def backbone_frozen(self) -> bool:
         """Frozen while freeze_backbone holds, or until unfreeze_at_epoch."""
@@ -178,8 +178,8 @@ class ImageClassifier(LightningModule):
         for parameter in self.backbone_parameters():
             parameter.requires_grad_(not frozen)
         if frozen:
-            head = set(self.backbone.get_classifier().modules())
-            for module in self.backbone.modules():
+            head = set(self.net.backbone.get_classifier().modules())
+            for module in self.net.backbone.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm) and module not in head:
                     module.eval()
 
@@ -192,7 +192,7 @@ class ImageClassifier(LightningModule):
         if self.hparams.layer_decay is None:
             groups = [{"params": self.backbone_parameters(), "lr_scale": scale}]
         else:
-            groups = param_groups_layer_decay(self.backbone, layer_decay=self.hparams.layer_decay)
+            groups = param_groups_layer_decay(self.net.backbone, layer_decay=self.hparams.layer_decay)
             head = {id(p) for p in self.head_parameters()}
             for group in groups:
                 group["params"] = [p for p in group["params"] if id(p) not in head]
@@ -204,10 +204,7 @@ class ImageClassifier(LightningModule):
 
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
-        views = tta_views(images, self.hparams.tta)
-        if len(views) == 1:
-            return self(images)
-        return torch.stack([self(view).float().softmax(dim=-1) for view in views]).mean(dim=0).log()
+        return predict_logits(self, images, self.hparams.tta)
 
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch

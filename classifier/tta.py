@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -23,3 +25,11 @@ def tta_views(images: Tensor, tta: TTA | None) -> list[Tensor]:
     if tta in ("flip", "flip_crops"):
         views += [view.flip(-1) for view in views]
     return views
+
+
+def predict_logits(model: Callable[[Tensor], Tensor], images: Tensor, tta: TTA | None) -> Tensor:
+    """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
+    views = tta_views(images, tta)
+    if len(views) == 1:
+        return model(images)
+    return torch.stack([model(view).float().softmax(dim=-1) for view in views]).mean(dim=0).log()

@@ -135,7 +135,7 @@ def test_checkpoint_loads_with_weights_only(trained: Path) -> None:
     assert checkpoint["hyper_parameters"]["class_names"] == [str(d) for d in range(10)]
     assert checkpoint["datamodule_hyper_parameters"]["seed"] == 3
     model = ImageClassifier.load_from_checkpoint(best, map_location="cpu")
-    assert model.backbone.fc.out_features == 10
+    assert model.net.backbone.fc.out_features == 10
 
 
 def test_print_config_is_reusable_as_config(small_digits: Path, tmp_path: Path, capsys) -> None:

@@ -15,9 +15,9 @@ import torchvision
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
-from classifier.data import ImageDataset
-from classifier.device_augment import CropBatch
-from classifier.images import load_rgb
+from classifier.data import DeviceCropDataset, ImageDataset
+from classifier.device_augment import CropBatch, collate_crops
+from classifier.images import list_images, load_rgb
 from tests.helpers import run_dir, save_image, tiny_config
 
 SIZE = 32
@@ -42,6 +42,15 @@ def gradients(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ext = "png" if i % 3 == 0 else "jpg"
             save_image(root / label / f"{i:02d}.{ext}", gradient(width, height, blue), quality=95)
     return root
+
+
+def gpu_decode_batch(folder: Path) -> tuple[ImageFolderDataModule, CropBatch, list[Path]]:
+    """One batch of `folder`'s images as the GPU-decode loader collates it, with centre-crop plans."""
+    module = ImageFolderDataModule(image_size=SIZE, decode="gpu")
+    paths = list_images(folder)
+    planner, interpolation = module.planner(training=False), module.data_config["interpolation"]
+    dataset = DeviceCropDataset(paths, [0] * len(paths), planner, interpolation, gpu_decode=True)
+    return module, collate_crops([dataset[i] for i in range(len(dataset))]), paths
 
 
 def datamodule(data_dir: Path, **settings) -> ImageFolderDataModule:
@@ -126,16 +135,13 @@ def test_gpu_decode_falls_back_to_the_cpu_for_png_cmyk_and_rotated_jpegs_in_the_
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: upright, it is 140 x 180
     save_image(root / "a" / "phone.jpg", gradient(180, 140).rotate(90, expand=True), quality=95, exif=exif)
-    module = ImageFolderDataModule(image_size=SIZE, decode="gpu", predict_dir=str(root), batch_size=16, num_workers=0)
-    module.setup("predict")
-    (raw,) = list(module.predict_dataloader())
-    assert isinstance(raw, CropBatch)
+    module, raw, paths = gpu_decode_batch(root)
     assert len(raw.jpegs) == 3 and len(raw.canvas) == 3  # nvJPEG gets the plain JPEGs only
     images, _, rows = module.on_after_batch_transfer(module.transfer_batch_to_device(raw, torch.device("cpu"), 0), 0)
     mean, std = module._normalisation(torch.device("cpu"))
     transform = ImageFolderDataModule(image_size=SIZE, decode="cpu").transform(training=False)
     for image, row in zip(images * std + mean, rows.tolist(), strict=True):
-        path = module.paths("predict")[row]
+        path = paths[row]
         expected = transform(load_rgb(path)).float()
         assert (image - expected).abs().mean() < 1, path.name  # the same picture, upright (mirrored: > 30)
 
@@ -143,9 +149,7 @@ def test_gpu_decode_falls_back_to_the_cpu_for_png_cmyk_and_rotated_jpegs_in_the_
 def test_a_batch_the_jpeg_decoder_rejects_is_decoded_image_by_image(
     gradients: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    module = ImageFolderDataModule(image_size=SIZE, decode="gpu", predict_dir=str(gradients), num_workers=0)
-    module.setup("predict")
-    (raw, *_) = list(module.predict_dataloader())
+    module, raw, _ = gpu_decode_batch(gradients / "a")
     expected = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
 
     def picky(data, **kwargs):  # like nvJPEG meeting a JPEG feature it lacks: whole batches fail

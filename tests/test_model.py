@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from classifier import ImageClassifier, cli_main
+from classifier import ClassifierNet, ImageClassifier, cli_main
 from classifier.losses import FocalLoss
 from tests.helpers import run_dir, tiny_config
 
@@ -24,13 +24,14 @@ def test_local_weights_load_and_a_mismatched_head_is_dropped(tmp_path: Path, cap
     source = timm.create_model("test_resnet", num_classes=1000)
     weights = tmp_path / "imagenet.pth"
     torch.save(source.state_dict(), weights)
+    net = ClassifierNet("test_resnet", CLASSES)
     with caplog.at_level("INFO", logger="classifier"):
-        model = ImageClassifier(CLASSES, backbone="test_resnet", pretrained=str(weights))
+        net.load_pretrained(str(weights))
     assert "Pretrained head fc.weight, fc.bias has another shape; it is dropped" in caplog.text
-    for name, tensor in model.backbone.state_dict().items():
+    for name, tensor in net.backbone.state_dict().items():
         if not name.startswith("fc."):
             torch.testing.assert_close(tensor, source.state_dict()[name], msg=name)
-    assert model.backbone.fc.out_features == 3
+    assert net.backbone.fc.out_features == 3
 
 
 def test_checkpoint_of_this_project_is_accepted_as_pretrained(small_digits: Path, tmp_path: Path) -> None:
@@ -38,24 +39,25 @@ def test_checkpoint_of_this_project_is_accepted_as_pretrained(small_digits: Path
     cli_main(["fit", "--config", str(config)])
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     trained = ImageClassifier.load_from_checkpoint(best, map_location="cpu")
-    model = ImageClassifier(CLASSES, backbone="test_resnet", pretrained=str(best))
-    torch.testing.assert_close(model.backbone.conv1[0].weight, trained.backbone.conv1[0].weight)
+    net = ClassifierNet("test_resnet", CLASSES)
+    net.load_pretrained(str(best))
+    torch.testing.assert_close(net.backbone.conv1[0].weight, trained.net.backbone.conv1[0].weight)
 
 
 def test_weights_of_another_architecture_are_a_clear_error(tmp_path: Path) -> None:
     weights = tmp_path / "effnet.pth"
     torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
     with pytest.raises(ValueError, match=f"--model.pretrained {weights} does not fit ResNet"):
-        ImageClassifier(CLASSES, backbone="test_resnet", pretrained=str(weights))
+        ClassifierNet("test_resnet", CLASSES).load_pretrained(str(weights))
 
 
 def test_missing_or_garbage_weights_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"--model.pretrained {tmp_path / 'nope.pth'} does not exist"):
-        ImageClassifier(CLASSES, backbone="test_resnet", pretrained=str(tmp_path / "nope.pth"))
+        ClassifierNet("test_resnet", CLASSES).load_pretrained(str(tmp_path / "nope.pth"))
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=f"--model.pretrained {garbage} is not a readable weights file"):
-        ImageClassifier(CLASSES, backbone="test_resnet", pretrained=str(garbage))
+        ClassifierNet("test_resnet", CLASSES).load_pretrained(str(garbage))
 
 
 def test_pretrained_from_the_cli(small_digits: Path, tmp_path: Path) -> None:

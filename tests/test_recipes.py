@@ -134,7 +134,7 @@ def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     checkpoint = torch.load(best, weights_only=True)
     average, live = checkpoint["state_dict"], checkpoint["current_model_state"]
-    assert not torch.equal(average["backbone.fc.weight"], live["backbone.fc.weight"])
+    assert not torch.equal(average["net.backbone.fc.weight"], live["net.backbone.fc.weight"])
 
     cli_main(["test", "--ckpt_path", str(best)])
     row = read_csv(run_dir(tmp_path, 1) / "predictions.csv")[0]
@@ -171,7 +171,11 @@ def imagenet_weights(tmp_path: Path) -> Path:
 
 def backbone_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     state = torch.load(checkpoint, weights_only=True)["state_dict"]
-    return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") and ".fc." not in k}
+    return {
+        k.removeprefix("net.backbone."): v
+        for k, v in state.items()
+        if k.startswith("net.backbone.") and ".fc." not in k
+    }
 
 
 def test_frozen_backbone_keeps_its_weights_and_statistics(small_digits: Path, tmp_path: Path, imagenet_weights: Path):
@@ -182,7 +186,7 @@ def test_frozen_backbone_keeps_its_weights_and_statistics(small_digits: Path, tm
     source = torch.load(imagenet_weights, weights_only=True)
     for name, tensor in backbone_state(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt").items():
         torch.testing.assert_close(tensor, source[name], msg=name)  # weights and BatchNorm running stats
-    assert trained["backbone.fc.weight"].shape == (10, source["fc.weight"].shape[1])
+    assert trained["net.backbone.fc.weight"].shape == (10, source["fc.weight"].shape[1])
 
 
 def test_progressive_unfreezing(small_digits: Path, tmp_path: Path, imagenet_weights: Path) -> None:
@@ -223,7 +227,7 @@ def test_layer_decay_gives_deeper_layers_smaller_rates(small_digits: Path, tmp_p
 
 def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
     model = ImageClassifier([str(d) for d in range(10)], backbone="test_resnet", head_hidden_dims=[32, 16])
-    layers = [type(layer).__name__ for layer in model.head]
+    layers = [type(layer).__name__ for layer in model.net.head]
     assert layers == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model={"head_hidden_dims": [32, 16]})

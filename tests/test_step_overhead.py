@@ -39,7 +39,7 @@ def fitted_model(config: Path, *flags: str) -> torch.nn.Module:
 def test_channels_last_is_off_on_cpu_unless_asked(flag: str | None, expected: bool, small_digits: Path, tmp_path):
     config = tiny_config(tmp_path, small_digits, trainer={"fast_dev_run": 1})
     flags = ["--model.channels_last", flag] if flag else []
-    weight = fitted_model(config, *flags).backbone.conv1[0].weight
+    weight = fitted_model(config, *flags).net.backbone.conv1[0].weight
     assert weight.is_contiguous(memory_format=torch.channels_last) is expected
 
 
@@ -53,7 +53,7 @@ def test_compiled_backbone_trains_and_saves_plain_checkpoints(small_digits: Path
     assert counters["stats"]["unique_graphs"] > 0  # torch.compile really ran
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     state = torch.load(best, weights_only=True)["state_dict"]
-    assert "backbone.fc.weight" in state and not any("_orig_mod" in key for key in state)
+    assert "net.backbone.fc.weight" in state and not any("_orig_mod" in key for key in state)
     cli_main(["test", "--ckpt_path", str(best), "--model.compile", "false"])
     assert json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())["test/acc"] >= 0
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from classifier import ImageFolderDataModule, cli_main
+from classifier.callbacks import RNGStateCheckpoint, cuda_rng_states, restore_cuda_rng_state
+from classifier.device_augment import CropBatch
 from tests.helpers import run_dir, tiny_config
 
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
@@ -21,7 +28,7 @@ def final_weights(tmp_path: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def resumable_config(tmp_path: Path, data_dir: Path) -> Path:
+def resumable_config(tmp_path: Path, data_dir: Path, num_workers: int) -> Path:
     """Random crops, flips and dropout, so that a resume with other RNG draws would show."""
     return tiny_config(
         tmp_path,
@@ -32,16 +39,19 @@ def resumable_config(tmp_path: Path, data_dir: Path) -> Path:
             # the schedule's length is fixed, so stopping early does not change it
             "scheduler": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 4}},
         },
-        data={"hflip": 0.5, "crop_scale": [0.5, 1.0]},
+        data={"hflip": 0.5, "crop_scale": [0.5, 1.0], "num_workers": num_workers},  # persistent with workers
     )
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_ends_with_the_same_weights(small_digits: Path, tmp_path: Path) -> None:
-    uninterrupted = resumable_config(tmp_path / "a", small_digits)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stopped_and_resumed_run_ends_with_the_same_weights(
+    num_workers: int, small_digits: Path, tmp_path: Path
+) -> None:
+    uninterrupted = resumable_config(tmp_path / "a", small_digits, num_workers)
     cli_main(["fit", "--config", str(uninterrupted)])
 
-    config = resumable_config(tmp_path / "b", small_digits)
+    config = resumable_config(tmp_path / "b", small_digits, num_workers)
     cli_main(["fit", "--config", str(config), "--trainer.max_epochs", "2"])  # stopped after epoch 2
     steps_per_epoch = int((ImageFolderDataModule(str(small_digits)).splits.split == "train").sum()) // 32
     stopped = torch.load(run_dir(tmp_path / "b", 0) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -55,12 +65,83 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(small_digits: Path, 
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
+def epoch_contents(loader: DataLoader) -> list[torch.Tensor]:
+    """What one pass of a train loader drew: the pixels (or the device-crop plans) and rows of every batch."""
+    drawn = []
+    for batch in loader:
+        drawn += [batch.plans, batch.rows] if isinstance(batch, CropBatch) else [batch[0], batch[2]]
+    return drawn
+
+
+@pytest.mark.parametrize(
+    ("cache", "sampler"),
+    [("none", "random"), ("ram", "random"), ("none", "balanced")],
+    ids=["files", "ram", "balanced"],
+)
+def test_a_restored_datamodule_draws_the_epochs_an_uninterrupted_one_draws(
+    cache: str, sampler: str, small_digits: Path
+) -> None:
+    options = {"image_size": 16, "batch_size": 32, "num_workers": 2, "hflip": 0.5, "crop_scale": (0.3, 1.0)}
+    options |= {"color_jitter": 0.4, "cache": cache, "sampler": sampler}
+    uninterrupted = ImageFolderDataModule(str(small_digits), **options)
+    uninterrupted.setup("fit")
+    loader = uninterrupted.train_dataloader()  # persistent workers, seeded once for all four epochs
+    epochs = []
+    for epoch in range(4):
+        epochs.append(epoch_contents(loader))
+        if epoch == 1:
+            saved = copy.deepcopy(uninterrupted.state_dict())  # as a checkpoint at the epoch's end holds it
+    resumed = ImageFolderDataModule(str(small_digits), **options)
+    resumed.setup("fit")
+    resumed.load_state_dict(saved)
+    loader = resumed.train_dataloader()
+    for expected in epochs[2:]:
+        drawn = epoch_contents(loader)
+        assert len(drawn) == len(expected)
+        assert all(torch.equal(mine, theirs) for mine, theirs in zip(drawn, expected, strict=True))
+    assert not torch.equal(epochs[2][0], epochs[3][0])  # the epochs themselves differ
+
+
 def test_resume_last_without_an_earlier_run_starts_fresh(small_digits: Path, tmp_path: Path, caplog) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
     with caplog.at_level("WARNING", logger="classifier"):
         cli_main(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert "no earlier run with a last.ckpt; training from scratch" in caplog.text
     assert (run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt").is_file()
+
+
+def last_checkpoint_of(tmp_path: Path, version: int) -> dict:
+    return torch.load(run_dir(tmp_path, version) / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_resume_last_picks_the_run_of_its_own_fold(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, data={"num_folds": 2})
+    fit = ["fit", "--config", str(config), "--ckpt_path", "last"]  # as a SLURM array job, requeued or not
+    cli_main([*fit, "--data.fold", "0"])
+    cli_main([*fit, "--data.fold", "1"])  # fold 0's run is there, but not this fold's: a fresh run
+    for fold in (0, 1):  # requeued in turn; machine settings may change
+        cli_main([*fit, "--data.fold", str(fold), "--trainer.max_epochs", "2", "--data.decode", "cpu"])
+
+    assert sorted(p.name for p in (tmp_path / "lightning_logs" / "tiny").iterdir()) == ["version_0", "version_1"]
+    for fold in (0, 1):
+        checkpoint = last_checkpoint_of(tmp_path, version=fold)
+        assert checkpoint["datamodule_hyper_parameters"]["fold"] == fold
+        assert checkpoint["epoch"] == 1  # resumed after its first epoch, into its own folder
+
+
+def test_resume_last_refuses_a_run_with_other_settings(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "limit_train_batches": 1})
+    cli_main(["fit", "--config", str(config)])
+    last = run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt"
+    changed = ["--data.hflip", "0.5", "--model.drop_rate", "0.2", "--data.num_workers", "1"]
+    expected = (
+        f"none of the 1 runs under {tmp_path / 'lightning_logs' / 'tiny'} has this config's settings; the newest, "
+        f"{last}, differs in model.drop_rate (0.2 here, 0.0 there), data.hflip (0.5 here, 0.0 there). "
+        f"To continue it with these settings, pass --ckpt_path {last}"
+    )
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        cli_main(["fit", "--config", str(config), "--ckpt_path", "last", *changed])
 
 
 def test_missing_checkpoint_path_is_named(small_digits: Path, tmp_path: Path) -> None:
@@ -75,7 +156,7 @@ def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Pa
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
     metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
     assert all(value == value for value in metrics.values())  # no NaN
-    assert final_weights(tmp_path)["backbone.fc.weight"].dtype == torch.float32
+    assert final_weights(tmp_path)["net.backbone.fc.weight"].dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -118,3 +199,50 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     assert len(synced_rows) == len(single_rows) == 32  # header + 31 test images, none twice
     for mine, theirs in zip(single_rows[1:], synced_rows[1:], strict=True):
         assert mine.split(",")[:3] == theirs.split(",")[:3]
+
+
+def cuda_machine(device_count: int) -> tuple[dict[int, torch.Tensor], Callable[[torch.Tensor, int], None]]:
+    """What a machine with `device_count` GPUs was given, and its `torch.cuda.set_rng_state`, which fails, as
+    torch's does, for a device it lacks."""
+    restored = {}
+
+    def set_rng_state(state: torch.Tensor, device: int) -> None:
+        if device >= device_count:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored[device] = state
+
+    return restored, set_rng_state
+
+
+def philox_states(count: int) -> list[torch.Tensor]:
+    return [torch.full((16,), index, dtype=torch.uint8) for index in range(count)]
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = {**RNGStateCheckpoint().state_dict(), "cuda": philox_states(2)}  # an earlier 2-GPU machine's list
+    restored, set_rng_state = cuda_machine(device_count=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i) for i, s in enumerate(states)]
+    )
+    callback = RNGStateCheckpoint()
+    callback.setup(
+        SimpleNamespace(global_rank=0, strategy=SimpleNamespace(root_device=torch.device("cuda", 0))), None, "fit"
+    )
+    callback.load_state_dict(saved)
+    assert list(restored) == [0] and torch.equal(restored[0], saved["cuda"][0])
+
+
+def test_each_rank_gets_its_own_cuda_rng_state_back(caplog: pytest.LogCaptureFixture) -> None:
+    states = philox_states(4)
+    saved = cuda_rng_states(states[0], gather=lambda local: states)  # rank 0 of four gathers every rank's
+    restored, set_rng_state = cuda_machine(device_count=2)
+    for rank in range(2):  # resumed by two ranks, one GPU each
+        restore_cuda_rng_state(saved, rank, device_index=rank, set_state=set_rng_state)
+    assert list(restored) == [0, 1] and all(torch.equal(restored[rank], states[rank]) for rank in range(2))
+
+    restored, set_rng_state = cuda_machine(device_count=8)
+    with caplog.at_level("WARNING", logger="classifier"):
+        restore_cuda_rng_state(saved, rank=5, device_index=5, set_state=set_rng_state)  # more ranks than saved
+    assert not restored and "no CUDA RNG state for rank 5 (it was saved by 4)" in caplog.text

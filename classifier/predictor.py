@@ -1,0 +1,100 @@
+"""Class probabilities from a checkpoint alone, on any machine: for scripts, export, serving and explanations."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from classifier.images import load_rgb, to_rgb
+from classifier.net import ClassifierNet, eval_transform, normalisation
+from classifier.tta import TTA, predict_logits
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's plain data, refusing pickles that would run code (`weights_only`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} is not a checkpoint that loads safely (weights only): {error}") from error
+
+
+class Predictor:
+    """A trained `ClassifierNet` with the eval transform it was trained for, on one device."""
+
+    def __init__(
+        self, net: ClassifierNet, device: str | torch.device = "cpu", tta: TTA | None = None, batch_size: int = 64
+    ) -> None:
+        self.device = torch.device(device)
+        self.net = net.eval().to(self.device)
+        self.tta = tta
+        self.batch_size = batch_size
+        self.transform = eval_transform(net.preprocessing)
+        self.mean, self.std = normalisation(net.preprocessing, self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", tta: TTA | None = None, batch_size: int = 64
+    ) -> Predictor:
+        """Rebuild the network from the checkpoint's own description and weights; nothing else is read.
+
+        `tta` defaults to the test-time augmentation the checkpoint was trained to be tested with.
+        """
+        checkpoint = read_checkpoint(path)
+        if "net" not in checkpoint:
+            raise ValueError(f"{path} holds no network description: was it written by `classifier fit`?")
+        net = ClassifierNet(**checkpoint["net"])
+        state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
+        net.load_state_dict({key: state[key] for key in net.state_dict()})
+        tta = tta or checkpoint.get("hyper_parameters", {}).get("tta")
+        return cls(net, device, tta, batch_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.net.class_names
+
+    @property
+    def preprocessing(self) -> dict:
+        """Input size, interpolation, crop_pct, crop_mode, mean and std: what export and serving must reproduce."""
+        return self.net.preprocessing
+
+    def preprocess(self, image: ImageInput) -> Tensor:
+        """One image (a path, a PIL image or an HWC/HW uint8 array) as the uint8 CHW tensor the network sees."""
+        if isinstance(image, (str, Path)):
+            return self.transform(load_rgb(Path(image)))
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise ValueError(f"arrays must be uint8 HWC RGB or HW grey images, not {image.dtype}")
+            image = Image.fromarray(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"cannot predict on a {type(image).__name__}: pass paths, PIL images or uint8 arrays")
+        return self.transform(to_rgb(image))
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Tensor) -> Tensor:
+        """Probabilities for a preprocessed uint8 NCHW batch."""
+        images = (images.to(self.device).float() - self.mean) / self.std
+        return predict_logits(self.net, images, self.tta).float().softmax(dim=-1).cpu()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""
+        single = isinstance(images, (str, Path, Image.Image, np.ndarray))
+        batch = [images] if single else list(images)
+        if not batch:
+            return torch.zeros(0, len(self.class_names))
+        probs = torch.cat([self.predict_batch(torch.stack(chunk)) for chunk in self._chunks(batch)])
+        return probs[0] if single else probs
+
+    def _chunks(self, images: list[ImageInput]) -> Iterable[list[Tensor]]:
+        for start in range(0, len(images), self.batch_size):
+            yield [self.preprocess(image) for image in images[start : start + self.batch_size]]
