@@ -116,6 +116,18 @@ class ClassifierCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, for the datamodule too and below command-line flags."""
 
+    def before_fit(self) -> None:
+        """Resume, validate and test on the split recorded in --ckpt_path, not on the folder as it is now.
+
+        Lightning calls the datamodule's setup before it restores the datamodule's state from the checkpoint, and
+        `trainer.ckpt_path` is still unset then, so the datamodule is told which file to read it from.
+        """
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            self.datamodule.checkpoint_path = Path(ckpt_path)
+
+    before_validate = before_test = before_fit
+
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and checkpoint is not None and checkpoint.best_model_path:

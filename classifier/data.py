@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import zlib
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -25,7 +26,7 @@ from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
 from classifier.samplers import Key, seeded, split_key, training_sampler
-from classifier.splits import Splits, build_splits
+from classifier.splits import Splits, build_splits, read_splits
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class ImageFolderDataModule(LightningDataModule):
         seed: int = 42,
         num_folds: int | None = None,
         fold: int = 0,
+        splits: str | None = None,
         classes: list[str] | None = None,
         skip_bad_images: bool = False,
         hflip: float = 0.5,
@@ -179,6 +181,9 @@ class ImageFolderDataModule(LightningDataModule):
             seed: Seed of the hold-outs, the folds and the shuffling.
             num_folds: Stratified k-fold over all but the test split; None for a single split.
             fold: Which fold validates, in [0, num_folds).
+            splits: A splits.csv (from any run, or written by hand: `path,label,split`, paths relative to data_dir)
+                that fixes which image is in which split, instead of the fractions and seed. Given a checkpoint,
+                `validate`, `test` and a resumed `fit` take the split it was trained on, unless this is set.
             classes: Class names in index order; restored from checkpoints so indices never shift.
             skip_bad_images: Skip unreadable files with a warning instead of stopping.
             hflip: Probability of a horizontal flip in training.
@@ -198,21 +203,57 @@ class ImageFolderDataModule(LightningDataModule):
                 back to reading from disk, with a warning, when they would not fit.
         """
         super().__init__()
-        self.save_hyperparameters()
+        # the checkpoint keeps the split table itself, so a test elsewhere does not need this file
+        self.save_hyperparameters(ignore=["splits"])
+        self.splits_file = splits
+        self.checkpoint_path: Path | None = None  # set by the CLI to the --ckpt_path whose split to keep
         self.generator = torch.Generator().manual_seed(seed)
         self.datasets: dict[str, FileDataset] = {}
+        self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
         self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
         self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     @cached_property
     def splits(self) -> Splits:
-        """Every image of `data_dir` with its split, read once."""
+        """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
         hp = self.hparams
-        splits = build_splits(
-            Path(hp.data_dir), hp.classes, hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold
-        )
+        recorded = self._recorded_split()
+        if recorded is None:
+            splits = build_splits(
+                Path(hp.data_dir), hp.classes, hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold
+            )
+        else:
+            splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold)
+            self.unlisted = splits.unlisted()
         self.hparams.classes = splits.classes  # so checkpoints carry the class order
         return splits
+
+    @property
+    def split_source(self) -> str | None:
+        """Where the split was recorded (--data.splits or the checkpoint); None when it is made from the folder."""
+        if self.splits_file:
+            return f"--data.splits {self.splits_file}"
+        return f"checkpoint {self.checkpoint_path}" if self.checkpoint_path else None
+
+    def _recorded_split(self) -> tuple[str, str] | None:
+        """(split table, where from): --data.splits, or the table the checkpoint was trained on."""
+        if self.splits_file:
+            if not Path(self.splits_file).is_file():
+                raise FileNotFoundError(f"--data.splits {self.splits_file} does not exist")
+            return Path(self.splits_file).read_text(), self.split_source
+        if self.checkpoint_path is None:
+            return None
+        # setup runs before Lightning restores state_dict(), so read the table from the file
+        checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        state = checkpoint.get(type(self).__qualname__) or {}
+        if "splits" not in state:
+            log.warning(
+                "%s records no split (it predates split tables): the split is made again from %s as it is now",
+                self.checkpoint_path,
+                self.hparams.data_dir,
+            )
+            return None
+        return zlib.decompress(state["splits"]).decode(), self.split_source
 
     @property
     def class_names(self) -> list[str]:
@@ -278,6 +319,7 @@ class ImageFolderDataModule(LightningDataModule):
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         for name in needed:
+            self.splits.verify(name, self.split_source or "this run's split")
             paths, targets = self.splits.subset(name)
             if not paths and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
@@ -384,14 +426,35 @@ class ImageFolderDataModule(LightningDataModule):
         log.warning("Skipping %d unreadable images of %d:\n%s", len(bad), len(paths), listing(bad))
         return [path for path in paths if path not in bad]
 
+    @cached_property
+    def split_table(self) -> bytes:
+        """splits.csv, compressed, as checkpoints keep it: made once, however many checkpoints are saved."""
+        return zlib.compress(self.splits.to_csv().encode())
+
     def _write_splits_csv(self) -> None:
+        """splits.csv into the run folder; with a recorded split, also the images it leaves out, and what to do."""
         trainer = self.trainer
         if trainer is None:
             return
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks; None under fast_dev_run
-        if log_dir is not None and trainer.is_global_zero:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.splits.write_csv(Path(log_dir) / "splits.csv")
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / "splits.csv").write_text(self.splits.to_csv())
+        if self.unlisted:
+            listed = Path(log_dir) / "unlisted_images.txt"
+            listed.write_text("".join(f"{path.absolute()}\n" for path in self.unlisted))
+            log.warning(
+                "%d images under %s are in no split: the split recorded in %s does not hold them (added since?). "
+                "They are listed in %s. Classify them with `classifier predict --ckpt_path %s --data.predict_dir "
+                "%s`, or test them with --data.splits FILE, a splits.csv that lists them (path,label,split).",
+                len(self.unlisted),
+                self.hparams.data_dir,
+                self.split_source,
+                listed,
+                self.checkpoint_path or "CKPT",
+                listed,
+            )
 
     def _loader(self, name: str) -> DataLoader:
         dataset = self.datasets[name]
@@ -466,8 +529,10 @@ class ImageFolderDataModule(LightningDataModule):
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator's state, so a resumed run draws the same batches and augmentations."""
-        return {"generator": self.generator.get_state()}
+        """The generator's state, so a resumed run draws the same batches and augmentations; the split table, so
+        that `validate`, `test` and a resumed fit see the images this run was trained on, whatever the folder holds
+        by then."""
+        return {"generator": self.generator.get_state(), "splits": self.split_table}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])

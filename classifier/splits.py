@@ -1,49 +1,155 @@
-"""Which image goes to train, val or test: folder layouts, stratified hold-outs and k-fold."""
+"""Which image goes to train, val or test: folder layouts, stratified hold-outs, k-fold, and frozen split tables."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from classifier.images import IMAGE_EXTENSIONS, list_images
+from classifier.images import IMAGE_EXTENSIONS, is_image_file, list_images
 
 SPLITS = ("train", "val", "test")
+SHOWN_FILES = 20  # files named in an error; the count says how many more
 
 
 @dataclass
 class Splits:
-    """One row per image: its path, class index, split and, under k-fold, the fold that validates it."""
+    """One row per image: its path (relative to `root`), class index, split, fold, and content fingerprint."""
 
+    root: Path
     classes: list[str]
     paths: list[Path]
     labels: np.ndarray
     split: np.ndarray
     fold: np.ndarray  # -1 outside k-fold and for test rows
+    fingerprints: list[str]  # `fingerprint()` of each file when the split was made; "" until computed
 
     def subset(self, name: str) -> tuple[list[Path], list[int]]:
-        """Paths and class indices of one split, in path order."""
+        """Full paths and class indices of one split, in path order."""
         rows = np.flatnonzero(self.split == name)
-        return [self.paths[i] for i in rows], self.labels[rows].tolist()
+        return [self.root / self.paths[i] for i in rows], self.labels[rows].tolist()
 
     def class_counts(self, name: str = "train") -> list[int]:
         """Images per class in one split, in class-index order."""
         return np.bincount(self.labels[self.split == name], minlength=len(self.classes)).tolist()
 
-    def write_csv(self, path: Path) -> None:
-        """`path,label,split` (plus `fold` under k-fold), so a run's data can be audited and reproduced."""
+    def verify(self, name: str, source: str) -> None:
+        """Check that the files of split `name` are still those recorded in `source`; record the unrecorded ones."""
+        rows = np.flatnonzero(self.split == name)
+        missing = [self.paths[i] for i in rows if not (self.root / self.paths[i]).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} images of the {name} split recorded in {source} are missing from {self.root}:\n"
+                f"{_listing(missing)}\nRestore them, or give the split to evaluate with --data.splits FILE "
+                "(a splits.csv: path,label,split)."
+            )
+        now = fingerprints(self.root, [self.paths[i] for i in rows])
+        changed = [self.paths[i] for i, new in zip(rows, now, strict=True) if self.fingerprints[i] not in ("", new)]
+        if changed:
+            raise ValueError(
+                f"{len(changed)} images of the {name} split recorded in {source} have changed since (their size "
+                f"or bytes differ):\n{_listing(changed)}\nRestore the originals, or, to evaluate the files as they "
+                "are now, give the split with --data.splits FILE (a splits.csv without the fingerprint column)."
+            )
+        for i, new in zip(rows, now, strict=True):
+            self.fingerprints[i] = new
+
+    def unlisted(self) -> list[Path]:
+        """Images under `root` that this split does not hold, such as files added since it was made."""
+        listed = set(self.paths)
+        return [path for path in list_images(self.root) if path.relative_to(self.root) not in listed]
+
+    def to_csv(self) -> str:
+        """`path,label,split[,fold],fingerprint`, paths relative to `root`, so the table moves with the folder."""
+        unknown = [i for i, value in enumerate(self.fingerprints) if not value]
+        for i, value in zip(unknown, fingerprints(self.root, [self.paths[i] for i in unknown]), strict=True):
+            self.fingerprints[i] = value
         with_fold = bool((self.fold >= 0).any())
-        with open(path, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(["path", "label", "split"] + (["fold"] if with_fold else []))
-            for i, image in enumerate(self.paths):
-                row = [str(image), self.classes[self.labels[i]], self.split[i]]
-                if with_fold:
-                    row.append(str(self.fold[i]) if self.fold[i] >= 0 else "")
-                writer.writerow(row)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["path", "label", "split", *(["fold"] if with_fold else []), "fingerprint"])
+        for i, path in enumerate(self.paths):
+            fold = [str(self.fold[i]) if self.fold[i] >= 0 else ""] if with_fold else []
+            writer.writerow([path.as_posix(), self.classes[self.labels[i]], self.split[i], *fold, self.fingerprints[i]])
+        return text.getvalue()
+
+
+def fingerprint(path: Path) -> str:
+    """`<bytes>-<BLAKE2b-64 of the bytes>`: any edit, re-encode or replacement under the same name changes it."""
+    with open(path, "rb") as file:
+        digest = hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
+        return f"{os.fstat(file.fileno()).st_size}-{digest}"
+
+
+def fingerprints(root: Path, paths: list[Path], num_threads: int = 8) -> list[str]:
+    """`fingerprint` of each `root / path`, hashed in threads (hashlib releases the GIL, so they read in parallel)."""
+    with ThreadPoolExecutor(num_threads) as pool:
+        return list(pool.map(fingerprint, (root / path for path in paths)))
+
+
+def _listing(paths: list[Path]) -> str:
+    """One indented line per path, the first SHOWN_FILES of them."""
+    lines = [f"  {path}" for path in paths[:SHOWN_FILES]]
+    if len(paths) > SHOWN_FILES:
+        lines.append(f"  ... and {len(paths) - SHOWN_FILES} more")
+    return "\n".join(lines)
+
+
+def read_splits(
+    text: str, source: str, root: Path, classes: list[str] | None, num_folds: int | None, fold: int
+) -> Splits:
+    """The split table written by `Splits.to_csv` (a run's splits.csv, or a checkpoint's copy of it).
+
+    Paths are taken relative to `root`. Under k-fold, the `fold` column decides val (`fold`) and train (the other
+    folds); the fingerprint column is optional.
+    """
+    rows = list(csv.DictReader(io.StringIO(text)))
+    absent = {"path", "label", "split"} - set(rows[0] if rows else ())
+    if absent:
+        raise ValueError(f"{source} is not a split table: it needs the columns path,label,split (missing {absent})")
+    if num_folds is not None and "fold" not in rows[0]:
+        raise ValueError(f"{source} has no fold column, so it cannot give fold {fold} of --data.num_folds {num_folds}")
+    classes = list(classes) if classes else sorted({row["label"] for row in rows})
+    unknown = {row["label"] for row in rows} - set(classes)
+    if unknown:
+        raise ValueError(f"{source} has labels {sorted(unknown)} that are not among the classes {classes}")
+    bad = {row["split"] for row in rows} - set(SPLITS)
+    if bad:
+        raise ValueError(f"{source} has splits {sorted(bad)}; each row's split must be one of {', '.join(SPLITS)}")
+    index = {name: i for i, name in enumerate(classes)}
+    paths = [Path(row["path"]) for row in rows]
+    outside = [path for path in paths if path.is_absolute() and not path.is_relative_to(root.absolute())]
+    if outside:
+        raise ValueError(f"{source} lists images outside --data.data_dir {root}:\n{_listing(outside)}")
+    paths = [path.relative_to(root.absolute()) if path.is_absolute() else path for path in paths]
+    repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
+    if repeated:
+        raise ValueError(f"{source} lists images more than once:\n{_listing(repeated)}")
+    split = np.array([row["split"] for row in rows], dtype=object)
+    fold_of = np.array([int(row["fold"]) if row.get("fold") else -1 for row in rows], dtype=np.int64)
+    if num_folds is not None:
+        held = fold_of >= 0
+        if set(fold_of[held].tolist()) != set(range(num_folds)):
+            raise ValueError(f"{source}'s folds {sorted(set(fold_of[held].tolist()))} are not those of "
+                             f"--data.num_folds {num_folds}")  # fmt: skip
+        split[held] = np.where(fold_of[held] == fold, "val", "train")
+    return Splits(
+        root,
+        classes,
+        paths,
+        np.array([index[row["label"]] for row in rows], dtype=np.int64),
+        split.astype(str),
+        fold_of,
+        [row.get("fingerprint") or "" for row in rows],
+    )
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
@@ -58,6 +164,34 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
             raise ValueError(f"class folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
         found[folder.name] = images
     return found
+
+
+def split_layout(data_dir: Path) -> dict[str, Path]:
+    """Split name -> folder: train/ [val/] [test/] when present, else data_dir's class folders as train.
+
+    A folder named train, val or test that holds images itself, or that sits beside other folders, may be a class
+    folder rather than a split: refuse the guess.
+    """
+    folders = [d for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    named = [name for name in SPLITS if (data_dir / name) in folders]
+    if not named:
+        return {"train": data_dir}
+    others = sorted(d.name for d in folders if d.name not in SPLITS)
+    direct = [name for name in named if any(is_image_file(p) and p.is_file() for p in (data_dir / name).iterdir())]
+    if others or direct:
+        found = f"{data_dir} has folders named {', '.join(named)} " + (
+            f"beside other folders ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
+            if others
+            else f"holding images directly ({', '.join(direct)})"
+        )
+        raise ValueError(
+            f"{found}: is {'/'.join(named)} a class or a split? Folders named train, val and test are read as "
+            "splits of class folders. If they are classes, rename them (for example to class_test); if they are "
+            "splits, put every class folder inside them, and nothing else beside them."
+        )
+    if "train" not in named:
+        raise ValueError(f"{data_dir} has {'/'.join(named)} folders but no train/ folder")
+    return {name: data_dir / name for name in named}
 
 
 def build_splits(
@@ -78,11 +212,7 @@ def build_splits(
         raise FileNotFoundError(f"--data.data_dir {data_dir} does not exist: point it at a folder of class subfolders")
     if num_folds is not None and not (num_folds >= 2 and 0 <= fold < num_folds):
         raise ValueError(f"--data.fold {fold} is not in [0, {num_folds}) or --data.num_folds {num_folds} is below 2")
-    layout = {name: data_dir / name for name in SPLITS if (data_dir / name).is_dir()}
-    if "train" not in layout:
-        if layout:
-            raise ValueError(f"{data_dir} has {'/'.join(layout)} folders but no train/ folder")
-        layout = {"train": data_dir}
+    layout = split_layout(data_dir)
     scanned = {name: scan_class_folders(folder) for name, folder in layout.items()}
     classes = list(classes) if classes else sorted(scanned["train"])
     class_to_idx = {name: i for i, name in enumerate(classes)}
@@ -95,7 +225,7 @@ def build_splits(
                     f"class folder {layout[split_name] / class_name} is not one of the {len(classes)} training "
                     f"classes ({', '.join(classes)})"
                 )
-            paths += images
+            paths += [image.relative_to(data_dir) for image in images]
             labels += [class_to_idx[class_name]] * len(images)
             origin += [split_name] * len(images)
     order = np.argsort([str(p) for p in paths], kind="stable")
@@ -118,7 +248,7 @@ def build_splits(
     elif "val" not in layout and val_fraction > 0:
         _, held = _hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"])
         split[held] = "val"
-    return Splits(classes, paths, labels, split.astype(str), fold_of)
+    return Splits(data_dir, classes, paths, labels, split.astype(str), fold_of, [""] * len(paths))
 
 
 def _hold_out(

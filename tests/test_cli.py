@@ -29,7 +29,7 @@ def test_fit_writes_checkpoints_splits_and_reports_best(trained: Path, caplog: p
     checkpoints = run_dir(trained, 0) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
     rows = read_csv(run_dir(trained, 0) / "splits.csv")
-    assert len(rows) == 200 and set(rows[0]) == {"path", "label", "split"}
+    assert len(rows) == 200 and list(rows[0]) == ["path", "label", "split", "fingerprint"]
     assert {row["split"] for row in rows} == {"train", "val", "test"}
 
 
@@ -40,7 +40,9 @@ def test_fit_prints_where_best_ckpt_is(small_digits: Path, tmp_path: Path, caplo
     assert str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt") in caplog.text
 
 
-def test_test_from_checkpoint_alone_restores_model_and_data(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_test_from_checkpoint_alone_restores_model_and_data(
+    trained: Path, small_digits: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(trained)  # no config in sight: everything must come from the checkpoint
     best = run_dir(trained, 0) / "checkpoints" / "best.ckpt"
     cli_main(["test", "--ckpt_path", str(best)])
@@ -57,7 +59,7 @@ def test_test_from_checkpoint_alone_restores_model_and_data(trained: Path, monke
     hparams = yaml.safe_load((test_dir / "hparams.yaml").read_text())
     assert hparams["image_size"] == 24 and hparams["backbone"] == "test_resnet"
     predictions = read_csv(test_dir / "predictions.csv")
-    test_paths = sorted(row["path"] for row in fit_splits if row["split"] == "test")
+    test_paths = sorted(str(small_digits / row["path"]) for row in fit_splits if row["split"] == "test")
     assert sorted(row["path"] for row in predictions) == test_paths
     assert all(row["target"] == Path(row["path"]).parent.name for row in predictions)
     accuracy = sum(row["target"] == row["prediction"] for row in predictions) / len(predictions)
@@ -116,11 +118,11 @@ def test_predict_matches_test_time_predictions(trained: Path, tmp_path: Path) ->
         assert float(row["confidence"]) == pytest.approx(float(expected["confidence"]), abs=1e-5)
 
 
-def test_predict_writes_into_its_run_folder_by_default(trained: Path, tmp_path: Path) -> None:
+def test_predict_writes_into_its_run_folder_by_default(trained: Path, small_digits: Path, tmp_path: Path) -> None:
     best = run_dir(trained, 0) / "checkpoints" / "best.ckpt"
     photos = tmp_path / "photos"
     photos.mkdir()
-    shutil.copy(read_csv(run_dir(trained, 0) / "splits.csv")[0]["path"], photos)
+    shutil.copy(small_digits / read_csv(run_dir(trained, 0) / "splits.csv")[0]["path"], photos)
     cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos)])
     written = sorted((trained / "lightning_logs" / "tiny").glob("version_*/predictions.csv"))
     rows = read_csv(max(written, key=lambda p: p.stat().st_mtime))

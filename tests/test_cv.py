@@ -31,9 +31,9 @@ def test_every_fold_trains_in_its_own_run_folder(cross_validated: Path) -> None:
         assert (run_dir(cross_validated, fold) / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated: Path) -> None:
+def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated: Path, small_digits: Path) -> None:
     splits = read_csv(run_dir(cross_validated, 0) / "splits.csv")
-    fold_of = {row["path"]: row["fold"] for row in splits if row["split"] != "test"}
+    fold_of = {str(small_digits / row["path"]): row["fold"] for row in splits if row["split"] != "test"}
     oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
     assert sorted(row["path"] for row in oof) == sorted(fold_of)
     assert all(row["fold"] == fold_of[row["path"]] for row in oof)  # predicted by the model that held it out

@@ -57,7 +57,7 @@ def test_kfold_writes_fold_column(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, data={"num_folds": 4, "fold": 2}, trainer={"max_epochs": 1})
     cli_main(["fit", "--config", str(config)])
     lines = (run_dir(tmp_path, 0) / "splits.csv").read_text().splitlines()
-    assert lines[0] == "path,label,split,fold"
+    assert lines[0] == "path,label,split,fold,fingerprint"
     rows = [line.split(",") for line in lines[1:]]
     assert all((row[2] == "val") == (row[3] == "2") for row in rows)
     assert all((row[2] == "test") == (row[3] == "") for row in rows)

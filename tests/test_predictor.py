@@ -98,8 +98,8 @@ def test_machine_settings_stay_with_the_machine(trained: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_every_eval_path_gives_the_same_probabilities(trained: Path, tmp_path: Path) -> None:
-    val = [Path(row["path"]) for row in read_csv(run_dir(trained, 0) / "splits.csv") if row["split"] == "val"]
+def test_every_eval_path_gives_the_same_probabilities(trained: Path, photos: Path, tmp_path: Path) -> None:
+    val = [photos / row["path"] for row in read_csv(run_dir(trained, 0) / "splits.csv") if row["split"] == "val"]
     assert {path.suffix for path in val} == {".jpg", ".png"}
     runs = {
         "validate": [],
