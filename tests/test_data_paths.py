@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
-from classifier.data import ImageDataset
+from classifier.data import ImageDataset, default_num_workers
 from classifier.device_augment import CropBatch
 from classifier.images import load_rgb
 from tests.helpers import run_dir, save_image, tiny_config
@@ -183,10 +183,20 @@ def test_big_jpegs_decode_at_the_smallest_scale_that_keeps_the_eval_resize(tmp_p
     assert image.shape == (3, SIZE, SIZE)
 
 
-def test_default_workers_leave_one_core_to_the_training_loop(gradients: Path) -> None:
-    module = datamodule(gradients, num_workers=None)
-    cores = len(os.sched_getaffinity(0))
-    assert module.train_dataloader().num_workers == max(1, min(16, cores - 1))
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (8, 7), (64, 16)])
+def test_default_workers_leave_one_core_to_the_training_loop(
+    cores: int, workers: int, gradients: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cores)), raising=False)
+    assert datamodule(gradients, num_workers=None).train_dataloader().num_workers == workers
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(16, 7), (4, 1), (64, 16)])
+def test_default_workers_share_the_cores_between_ddp_processes(
+    cores: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(processes_per_node=2) == workers
 
 
 def test_cache_that_does_not_fit_falls_back_to_the_files(
