@@ -114,7 +114,7 @@ class FitReport(Callback):
                     logger.experiment.add_figure("val/confusion_matrix", figure, trainer.current_epoch, close=False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if trainer.state.fn == "fit":  # the sanity check too: it is no training time either
             self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

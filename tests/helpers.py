@@ -71,7 +71,7 @@ class TrainingSpy(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         def record(module, inputs, output) -> None:
-            self.dtypes.setdefault(str(trainer.state.stage), set()).add(output.dtype)
+            self.dtypes.setdefault(trainer.state.stage.value, set()).add(output.dtype)
 
         pl_module.register_forward_hook(record)
 
@@ -93,3 +93,9 @@ class TrainingSpy(Callback):
         if self.output:
             Path(self.output).mkdir(parents=True, exist_ok=True)
             (Path(self.output) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+def spy_of(trainer) -> TrainingSpy:
+    """The trainer's TrainingSpy, added by a config's trainer.callbacks."""
+    (spy,) = [callback for callback in trainer.callbacks if isinstance(callback, TrainingSpy)]
+    return spy

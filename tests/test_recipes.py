@@ -19,7 +19,7 @@ from torchvision.transforms import TrivialAugmentWide
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
 from classifier.cli import ClassifierCLI
 from classifier.images import load_rgb
-from tests.helpers import TrainingSpy, read_csv, run_dir, save_image, tiny_config
+from tests.helpers import read_csv, run_dir, save_image, spy_of, tiny_config
 
 
 def make_folder(root: Path, counts: dict[str, int]) -> Path:
@@ -131,11 +131,6 @@ def imbalanced_digits(digits_dir: Path, root: Path, counts: dict[str, int]) -> P
         for image in sorted((digits_dir / digit).iterdir())[:count]:
             (root / digit / image.name).write_bytes(image.read_bytes())
     return root
-
-
-def spy_of(trainer) -> TrainingSpy:
-    (spy,) = [callback for callback in trainer.callbacks if isinstance(callback, TrainingSpy)]
-    return spy
 
 
 def test_augmentation_options_from_the_command_line(digits_dir: Path, tmp_path: Path) -> None:
