@@ -19,7 +19,7 @@ from torch import nn
 
 from classifier import ImageClassifier, cli_main
 from classifier.cli import ClassifierCLI
-from classifier.losses import FocalLoss
+from classifier.losses import FocalLoss, inverse_frequency_weights
 from tests.helpers import run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
@@ -286,3 +286,9 @@ def test_focal_loss_with_auto_class_weights_trains(small_digits: Path, tmp_path:
     expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
     torch.testing.assert_close(checkpoint["state_dict"]["criterion.weight"], torch.tensor(expected, dtype=torch.float))
     assert checkpoint["global_step"] == 35 // 8  # it trained: one step per full batch
+
+
+def test_inverse_frequency_weights_and_a_class_without_images() -> None:
+    torch.testing.assert_close(inverse_frequency_weights([30, 10, 5], CLASSES), 45 / (3 * torch.tensor([30.0, 10, 5])))
+    with pytest.raises(ValueError, match=r"auto needs every class in the train split; \['b'\] have no train images"):
+        inverse_frequency_weights([3, 0, 2], CLASSES)
