@@ -64,7 +64,8 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"--model.pretrained {path} does not exist")
     try:
-        state = timm.models.load_state_dict(str(path))  # weights_only; unwraps state_dict/model, strips module.
+        # weights_only (not the default before timm 1.0.26); unwraps state_dict/model, strips module.
+        state = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as error:
         raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
     if any(key.startswith("net.backbone.") for key in state):  # a checkpoint of this project: its backbone only

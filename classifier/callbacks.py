@@ -16,15 +16,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.wrappers import ClasswiseWrapper
 
-from classifier.reports import (
-    classification_report,
-    confusion_matrix_figure,
-    figure_to_array,
-    save_figure,
-    training_curves_figure,
-)
+from classifier.reports import confusion_matrix_figure, save_figure, training_curves_figure
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +104,7 @@ class FitReport(Callback):
         self.seconds = 0.0  # fit time, validation included, over all sessions of a resumed run
         self.train_images = 0
         self._confusion: MulticlassConfusionMatrix | None = None
+        self._f1: ClasswiseWrapper | None = None  # logs val/f1/<class>
         self._started = self._validation_started = self._validation_seconds = 0.0
         self._session_images = 0
         self._epochs: list[tuple[float, int]] = []  # this session's (training seconds, images) per epoch
@@ -127,7 +123,10 @@ class FitReport(Callback):
         self._started = time.perf_counter()
         self._validation_seconds = 0.0
         self._session_images = 0
-        self._confusion = MulticlassConfusionMatrix(len(pl_module.class_names)).to(pl_module.device)
+        classes = pl_module.class_names
+        self._confusion = MulticlassConfusionMatrix(len(classes)).to(pl_module.device)
+        f1 = MulticlassF1Score(len(classes), average=None, validate_args=False)
+        self._f1 = ClasswiseWrapper(f1, labels=list(classes), prefix="val/f1/").to(pl_module.device)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._record(trainer, trainer.current_epoch - 1)  # epoch-level metrics are final only now
@@ -146,24 +145,25 @@ class FitReport(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._confusion.update(outputs.argmax(dim=-1), batch[1])
+            predicted = outputs.argmax(dim=-1)
+            self._confusion.update(predicted, batch[1])
+            self._f1.update(predicted, batch[1])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         matrix = self._confusion.compute().cpu().numpy()  # synced across ranks
         self._confusion.reset()
-        for row in classification_report(matrix, pl_module.class_names)[: len(pl_module.class_names)]:
-            pl_module.log(f"val/f1/{row['class']}", float(row["f1"]), sync_dist=False)  # already synced
+        pl_module.log_dict(self._f1.compute(), sync_dist=False)  # already synced
+        self._f1.reset()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     figure = confusion_matrix_figure(matrix, pl_module.class_names, normalize=True)
-                    image = figure_to_array(figure)
-                    logger.experiment.add_image("val/confusion_matrix", image, trainer.current_epoch, dataformats="HWC")
+                    logger.experiment.add_figure("val/confusion_matrix", figure, trainer.current_epoch, close=False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if trainer.state.fn == "fit":  # the sanity check too: it is no training time either
             self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

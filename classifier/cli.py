@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,13 @@ def latest_checkpoint() -> ModelCheckpoint:
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
     """The model and data arguments a checkpoint was trained with, less those that links derive and those of the
     machine it ran on (a checkpoint trained with `--data.decode gpu` tests on a CPU)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # weights_only: unpickling a checkpoint never runs code from it
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} holds objects other than tensors and plain data, which could run code when "
+            f"loaded, so it was not loaded. Pass a checkpoint written by `classifier fit`. ({str(error)[:300]})"
+        ) from error
     derived = {target for _, target, _ in LINKS}
     settings = {}
     for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):

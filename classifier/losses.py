@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils.class_weight import compute_class_weight
 from torch import Tensor, nn
 
 
@@ -43,9 +45,14 @@ def build_loss(
     raise ValueError(f"--model.loss {name!r} is not one of: ce, focal")
 
 
-def inverse_frequency_weights(class_counts: list[int]) -> Tensor:
-    """n / (k * count): every class contributes equally to the loss, whatever its size."""
-    counts = torch.tensor(class_counts, dtype=torch.float)
-    if (counts == 0).any():
-        raise ValueError("class_weights=auto needs every class in the train split; some have no images")
-    return counts.sum() / (len(counts) * counts)
+def inverse_frequency_weights(class_counts: list[int], class_names: list[str]) -> Tensor:
+    """scikit-learn's "balanced" weights, n / (k * count): every class contributes equally to the loss."""
+    empty = [name for name, count in zip(class_names, class_counts, strict=True) if count == 0]
+    if empty:
+        raise ValueError(
+            f"--model.class_weights auto needs every class in the train split; {empty} have no train images. "
+            "Add images or pass an explicit --model.class_weights list"
+        )
+    labels = np.repeat(np.arange(len(class_counts)), class_counts)
+    weights = compute_class_weight("balanced", classes=np.arange(len(class_counts)), y=labels)
+    return torch.tensor(weights, dtype=torch.float)

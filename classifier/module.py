@@ -10,7 +10,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
-from timm.optim import param_groups_layer_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
@@ -135,7 +135,7 @@ class ImageClassifier(LightningModule):
         and compilation from the device, known only once the trainer is."""
         if stage == "fit" and self.hparams.class_weights == "auto":
             counts = self.trainer.datamodule.class_counts
-            self.criterion.weight.copy_(inverse_frequency_weights(counts))
+            self.criterion.weight.copy_(inverse_frequency_weights(counts, self.class_names))
         channels_last = self.hparams.channels_last
         if channels_last is None:
             channels_last = self.trainer.strategy.root_device.type == "cuda"
@@ -190,21 +190,28 @@ class ImageClassifier(LightningModule):
     def param_groups(self) -> list[dict[str, Any]]:
         """The head at the optimizer's LR; the backbone at backbone_lr_scale of it, per layer with layer_decay.
 
-        Groups carry timm's `lr_scale`; `configure_optimizers` applies it.
+        Norm and bias parameters get no weight decay (timm's rule); the others keep the optimizer's configured
+        one, so their groups carry no `weight_decay` key. Groups carry timm's `lr_scale`; `configure_optimizers`
+        applies it.
         """
-        scale = self.hparams.backbone_lr_scale
-        if self.hparams.layer_decay is None:
-            groups = [{"params": self.backbone_parameters(), "lr_scale": scale}]
+        head = {id(p) for p in self.head_parameters()}
+        backbone = self.net.backbone
+        exempt = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()  # e.g. pos_embed
+        if self.hparams.layer_decay is None:  # weight_decay 1.0 marks the decayed groups; dropped below
+            groups = param_groups_weight_decay(backbone, 1.0, no_weight_decay_list=exempt)
         else:
-            groups = param_groups_layer_decay(self.net.backbone, layer_decay=self.hparams.layer_decay)
-            head = {id(p) for p in self.head_parameters()}
-            for group in groups:
-                group["params"] = [p for p in group["params"] if id(p) not in head]
-                group["lr_scale"] *= scale
-                if group["weight_decay"]:
-                    del group["weight_decay"]  # keep the optimizer's; timm's zero for norms and biases stays
-        head_group = {"params": self.head_parameters() + list(self.criterion.parameters()), "lr_scale": 1.0}
-        return [group for group in [*groups, head_group] if group["params"]]
+            groups = param_groups_layer_decay(backbone, 1.0, exempt, layer_decay=self.hparams.layer_decay)
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in head]
+            group["lr_scale"] = group.get("lr_scale", 1.0) * self.hparams.backbone_lr_scale
+        head_module = self.net.head if list(self.net.head.parameters()) else backbone.get_classifier()
+        head_groups = param_groups_weight_decay(nn.ModuleList([head_module, self.criterion]), 1.0)
+        for group in head_groups:
+            group["lr_scale"] = 1.0
+        for group in [*groups, *head_groups]:
+            if group["weight_decay"]:
+                del group["weight_decay"]  # the optimizer's own
+        return [group for group in [*groups, *head_groups] if group["params"]]
 
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""

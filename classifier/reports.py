@@ -10,45 +10,40 @@ import csv
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: files only, and the user's backend stays as it is
+from matplotlib.ticker import MaxNLocator
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+from sklearn.metrics import precision_recall_fscore_support
+from torchmetrics.functional.classification import multiclass_calibration_error
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torchmetrics.functional.classification import multiclass_calibration_error  # noqa: E402
-
-from classifier.images import load_rgb  # noqa: E402
+from classifier.images import load_rgb
 
 ECE_BINS = 15
 
 
 def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts, rows = true class, columns = predicted class."""
-    return np.bincount(targets * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, -1)
+    return sk_confusion_matrix(targets, predicted, labels=np.arange(num_classes))
 
 
-def classification_report(matrix: np.ndarray, classes: list[str]) -> list[dict[str, float | str | int]]:
-    """Per-class precision, recall, F1 and support, then macro and support-weighted averages (as scikit-learn)."""
-    true_positives = np.diag(matrix).astype(float)
-    support = matrix.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(true_positives / matrix.sum(axis=0))
-        recall = np.nan_to_num(true_positives / support)
-        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+def classification_report(
+    targets: np.ndarray, predicted: np.ndarray, classes: list[str]
+) -> list[dict[str, float | str | int]]:
+    """Per-class precision, recall, F1 and support, then macro and support-weighted averages (scikit-learn's)."""
+    labels = np.arange(len(classes))
+    per_class = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
     rows = [
-        {"class": name, "precision": precision[i], "recall": recall[i], "f1": f1[i], "support": int(support[i])}
-        for i, name in enumerate(classes)
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for name, p, r, f, n in zip(classes, *per_class, strict=True)
     ]
-    total = int(support.sum())
-    weights = support / max(total, 1)
-    for name, average in (("macro avg", np.mean), ("weighted avg", lambda v: float(np.sum(v * weights)))):
-        rows.append(
-            {"class": name, "precision": average(precision), "recall": average(recall), "f1": average(f1),
-             "support": total}
-        )  # fmt: skip
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(targets, predicted, labels=labels, average=average,
+                                                     zero_division=0)  # fmt: skip
+        rows.append({"class": f"{average} avg", "precision": float(p), "recall": float(r), "f1": float(f),
+                     "support": len(targets)})  # fmt: skip
     return rows
 
 
@@ -56,13 +51,11 @@ def calibration_bins(targets: np.ndarray, probs: np.ndarray, bins: int = ECE_BIN
     """(mean confidence, accuracy, count) per equal-width confidence bin, for the reliability diagram."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == targets
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return [
-        (float(confidence[which == b].mean()), float(correct[which == b].mean()), int((which == b).sum()))
-        if (which == b).any()
-        else (float("nan"), float("nan"), 0)
-        for b in range(bins)
-    ]
+    accuracy, mean_confidence = calibration_curve(correct.astype(int), confidence, n_bins=bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=bins)  # scikit-learn's binning
+    filled = iter(zip(mean_confidence.tolist(), accuracy.tolist(), strict=True))  # the non-empty bins, in order
+    return [(*next(filled), int(count)) if count else (float("nan"), float("nan"), 0) for count in counts]
 
 
 def expected_calibration_error(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -97,7 +90,8 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], normalize: b
     values = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1) if normalize else matrix
     side = min(40.0, max(5.0, 0.28 * count + 2.5))  # inches
     cell = side * 0.75 * 72 / count  # points per cell, roughly
-    figure, axes = plt.subplots(figsize=(side, side * 0.9), dpi=120, layout="constrained")
+    figure = Figure(figsize=(side, side * 0.9), dpi=120, layout="constrained")
+    axes = figure.subplots()
     image = axes.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, values.max()))
     figure.colorbar(image, ax=axes, shrink=0.6)
     font = max(5.0, min(10.0, cell * 0.5))
@@ -117,7 +111,8 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], normalize: b
 
 def reliability_figure(per_bin: list, ece: float) -> Figure:
     """Accuracy against confidence per bin; a calibrated model follows the diagonal."""
-    figure, axes = plt.subplots(figsize=(6, 6), dpi=100, layout="constrained")
+    figure = Figure(figsize=(6, 6), dpi=100, layout="constrained")
+    axes = figure.subplots()
     width = 1 / len(per_bin)
     centres = (np.arange(len(per_bin)) + 0.5) * width
     accuracy = [a if count else 0.0 for _, a, count in per_bin]
@@ -141,8 +136,8 @@ def top_losses_figure(
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
     columns = min(4, max(1, len(worst)))
     rows = max(1, math.ceil(len(worst) / columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), dpi=100, squeeze=False,
-                                layout="constrained")  # fmt: skip
+    figure = Figure(figsize=(3 * columns, 3.4 * rows), dpi=100, layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
     if not len(worst):
@@ -158,7 +153,8 @@ def top_losses_figure(
 
 def training_curves_figure(history: list[dict[str, float]]) -> Figure:
     """Loss, accuracy and macro F1 per epoch, train against val."""
-    figure, grid = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100, layout="constrained")
+    figure = Figure(figsize=(15, 4.2), dpi=100, layout="constrained")
+    grid = figure.subplots(1, 3)
     for axes, name in zip(grid, ("loss", "acc", "f1_macro"), strict=True):
         for stage in ("train", "val"):
             points = [(row["epoch"], row[f"{stage}/{name}"]) for row in history if f"{stage}/{name}" in row]
@@ -173,23 +169,15 @@ def training_curves_figure(history: list[dict[str, float]]) -> Figure:
 
 def save_figure(figure: Figure, path: Path) -> None:
     figure.savefig(path)
-    plt.close(figure)
-
-
-def figure_to_array(figure: Figure) -> np.ndarray:
-    """HWC uint8 RGB, for TensorBoard."""
-    figure.canvas.draw()
-    array = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return array
 
 
 def write_evaluation_report(
     run_dir: Path, paths: list[Path], targets: np.ndarray, probs: np.ndarray, classes: list[str]
 ) -> list[dict]:
     """classification_report.csv, confusion_matrix.csv/.png/_normalized.png, reliability_diagram.png, top_losses.png."""
-    matrix = confusion_matrix(targets, probs.argmax(axis=1), len(classes))
-    report = classification_report(matrix, classes)
+    predicted = probs.argmax(axis=1)
+    matrix = confusion_matrix(targets, predicted, len(classes))
+    report = classification_report(targets, predicted, classes)
     write_classification_report(report, run_dir / "classification_report.csv")
     write_confusion_matrix_csv(matrix, classes, run_dir / "confusion_matrix.csv")
     save_figure(confusion_matrix_figure(matrix, classes, normalize=False), run_dir / "confusion_matrix.png")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner import Tuner
+from matplotlib.figure import Figure
 
 from classifier.reports import save_figure
 
@@ -52,7 +53,9 @@ class ClassifierTrainer(Trainer):
         if finder is None or not self.is_global_zero:
             return suggestion
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_figure(finder.plot(suggest=suggestion is not None), run_dir / "lr_find.png")
+        figure = Figure(layout="constrained")  # not pyplot's: the user's backend stays as it is
+        finder.plot(suggest=suggestion is not None, ax=figure.subplots())
+        save_figure(figure, run_dir / "lr_find.png")
         if suggestion is None:
             log.warning("No learning rate suggested (Lightning says why above). Plot: %s", run_dir / "lr_find.png")
         else:

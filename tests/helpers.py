@@ -1,12 +1,15 @@
-"""Helpers for tests: a tiny CPU config each test writes into its tmp_path, and run-folder paths."""
+"""Helpers for tests: a tiny CPU config each test writes into its tmp_path, run-folder paths, a training spy."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+from lightning.pytorch import Callback
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,3 +84,48 @@ def write_photos(root: Path, per_class: int = 12, seed: int = 0) -> Path:
             ext = "png" if i % 3 == 0 else "jpg"
             save_image(root / label / f"{label}_{i:02d}.{ext}", image, **kwargs)
     return root
+
+
+class TrainingSpy(Callback):
+    """Records what training did: each batch's targets, rows and images as the model got them, the gradient norm
+    after each optimizer step, and the dtype the model computed in per stage. With `output`, writes the batches
+    to `output/rank<N>.json` (for runs in other processes)."""
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+        self.batches: list[dict] = []  # {"epoch", "targets", "rows"} per training batch
+        self.images: dict[str, list[torch.Tensor]] = {"train": [], "validate": []}
+        self.grad_norms: list[float] = []
+        self.dtypes: dict[str, set[torch.dtype]] = {}
+        self._step = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        def record(module, inputs, output) -> None:
+            self.dtypes.setdefault(trainer.state.stage.value, set()).add(output.dtype)
+
+        pl_module.register_forward_hook(record)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step = trainer.global_step
+        self.batches.append({"epoch": trainer.current_epoch, "targets": batch[1].tolist(), "rows": batch[2].tolist()})
+        self.images["train"].append(batch[0].detach().cpu())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self._step:  # an optimizer step: the gradients it used are still there
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self.images["validate"].append(batch[0].detach().cpu())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.output:
+            Path(self.output).mkdir(parents=True, exist_ok=True)
+            (Path(self.output) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.batches))
+
+
+def spy_of(trainer) -> TrainingSpy:
+    """The trainer's TrainingSpy, added by a config's trainer.callbacks."""
+    (spy,) = [callback for callback in trainer.callbacks if isinstance(callback, TrainingSpy)]
+    return spy

@@ -49,7 +49,6 @@ def test_test_from_checkpoint_alone_restores_model_and_data(
     test_dir = run_dir(trained, 1)  # filed beside the fit run
     metrics = json.loads((test_dir / "metrics.json").read_text())
     assert set(metrics) == {f"test/{name}" for name in METRICS}
-    assert 0.0 <= metrics["test/acc"] <= 1.0
     # data folder, seed, fractions and classes restored: the same test split as the fit run
     fit_splits = read_csv(run_dir(trained, 0) / "splits.csv")
     assert read_csv(test_dir / "splits.csv") == fit_splits

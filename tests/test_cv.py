@@ -42,11 +42,21 @@ def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated:
 
 
 def test_summary_mean_and_std_are_those_of_the_folds(cross_validated: Path) -> None:
-    summary = json.loads((cross_validated / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
-    assert len(summary["folds"]) == FOLDS and "val/f1_macro" in summary["mean"]
+    cv_dir = cross_validated / "lightning_logs" / "tiny" / "cv_0"
+    summary = json.loads((cv_dir / "cv_summary.json").read_text())
+    per_fold = [
+        json.loads((cv_dir / f"fold_{fold}" / "validate" / "metrics.json").read_text()) for fold in range(FOLDS)
+    ]
+    # each fold's validation of its best checkpoint scores what the fit recorded as best
+    fit_best = [json.loads((run_dir(cross_validated, fold) / "summary.json").read_text()) for fold in range(FOLDS)]
+    assert [metrics["val/f1_macro"] for metrics in per_fold] == pytest.approx(
+        [fit["best_value"] for fit in fit_best], abs=1e-6
+    )
+    assert set(summary["mean"]) == set(per_fold[0]) and "val/f1_macro" in summary["mean"]
     for name, mean in summary["mean"].items():
-        values = [fold[name] for fold in summary["folds"]]
-        assert mean == pytest.approx(np.mean(values)) and summary["std"][name] == pytest.approx(np.std(values))
+        values = [metrics[name] for metrics in per_fold]
+        assert mean == pytest.approx(np.mean(values), abs=1e-9), name
+        assert summary["std"][name] == pytest.approx(np.std(values), abs=1e-9), name
     for fold, metrics in enumerate(summary["folds"]):
         oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
         rows = [row for row in oof if row["fold"] == str(fold)]
@@ -75,6 +85,15 @@ def test_folds_trained_apart_are_aggregated(small_digits: Path, tmp_path: Path) 
     cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
     summary = json.loads((tmp_path / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
     assert summary["runs"] == [str(run_dir(tmp_path, 1)), str(run_dir(tmp_path, 0))]  # fold order
+
+
+def test_aggregate_takes_the_newest_run_of_each_fold(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    for fold in (0, 1, 0):  # fold 0 retrained after a change: version_2 replaces version_0
+        cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+    cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
+    summary = json.loads((tmp_path / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
+    assert summary["runs"] == [str(run_dir(tmp_path, 2)), str(run_dir(tmp_path, 1))]
 
 
 def test_aggregate_names_the_missing_folds(small_digits: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import torchvision
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
-from classifier.data import DeviceCropDataset, ImageDataset
+from classifier.data import DeviceCropDataset, ImageDataset, default_num_workers
 from classifier.device_augment import CropBatch, collate_crops
 from classifier.images import list_images, load_rgb
 from tests.helpers import run_dir, save_image, tiny_config
@@ -211,10 +211,20 @@ def test_training_keeps_the_pixels_of_its_smallest_crop(
     assert cache[small].shape == (3, 50, 60)  # never enlarged: the device crop resizes once
 
 
-def test_default_workers_leave_one_core_to_the_training_loop(gradients: Path) -> None:
-    module = datamodule(gradients, num_workers=None)
-    cores = len(os.sched_getaffinity(0))
-    assert module.train_dataloader().num_workers == max(1, min(16, cores - 1))
+@pytest.mark.parametrize(("cores", "workers"), [(1, 1), (2, 1), (8, 7), (64, 16)])
+def test_default_workers_leave_one_core_to_the_training_loop(
+    cores: int, workers: int, gradients: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cores)), raising=False)
+    assert datamodule(gradients, num_workers=None).train_dataloader().num_workers == workers
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(16, 7), (4, 1), (64, 16)])
+def test_default_workers_share_the_cores_between_ddp_processes(
+    cores: int, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(processes_per_node=2) == workers
 
 
 def test_cache_that_does_not_fit_falls_back_to_the_files(

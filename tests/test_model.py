@@ -7,13 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
 
 from classifier import ClassifierNet, ImageClassifier, cli_main
-from classifier.losses import FocalLoss
+from classifier.cli import ClassifierCLI
+from classifier.losses import FocalLoss, inverse_frequency_weights
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
@@ -117,7 +123,8 @@ def test_default_schedule_is_cosine_over_every_step_of_max_epochs(small_digits: 
     checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
     train_images = sum(row["split"] == "train" for row in read_csv(run_dir(tmp_path, 0) / "splits.csv"))
     assert checkpoint["lr_schedulers"][0]["T_max"] == 2 * (train_images // 32)  # full batches of 32, 2 epochs
-    assert checkpoint["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's default
+    decays = {group["weight_decay"] for group in checkpoint["optimizer_states"][0]["param_groups"]}
+    assert decays == {0.0, 0.01}  # none for norms and biases, AdamW's default for the others
 
 
 def test_focal_loss_with_gamma_zero_is_cross_entropy_and_focuses_otherwise() -> None:
@@ -184,3 +191,122 @@ def _scalar_tags(folder: Path) -> set[str]:
 def test_explicit_class_weights_of_the_wrong_length_are_refused() -> None:
     with pytest.raises(ValueError, match="--model.class_weights has 2 values for 3 classes"):
         ImageClassifier(CLASSES, backbone="test_resnet", class_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_norm_and_bias_parameters_get_no_weight_decay(layer_decay: float | None, small_digits: Path, tmp_path: Path):
+    config = tiny_config(tmp_path, small_digits, trainer={"fast_dev_run": 1}, model={"layer_decay": layer_decay})
+    cli = ClassifierCLI(["fit", "--config", str(config), "--model.optimizer.weight_decay", "0.05"])
+    groups = cli.trainer.optimizers[0].param_groups
+    decay_of = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
+    names = dict(cli.model.named_parameters())
+    assert {id(p) for p in names.values()} == set(decay_of)  # every parameter, once
+    for name, parameter in names.items():
+        exempt = parameter.ndim <= 1  # BatchNorm weights and biases, and every bias
+        assert decay_of[id(parameter)] == (0.0 if exempt else 0.05), name
+    assert (
+        decay_of[id(cli.model.net.backbone.fc.bias)] == 0.0 and decay_of[id(cli.model.net.backbone.fc.weight)] == 0.05
+    )
+
+
+class Hostile:
+    """Unpickling it writes a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.fixture
+def hostile_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "hostile.ckpt"
+    state = timm.create_model("test_resnet").state_dict()
+    torch.save({"state_dict": state, "hyper_parameters": {"payload": Hostile(tmp_path / "marker")}}, path)
+    return path
+
+
+def test_a_hostile_pickle_is_refused_as_ckpt_path(hostile_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=f"--ckpt_path {hostile_checkpoint} holds objects other than tensors"):
+        cli_main(["test", "--ckpt_path", str(hostile_checkpoint)])
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_hostile_pickle_is_refused_as_pretrained(hostile_checkpoint: Path, small_digits: Path, tmp_path: Path):
+    model = {"pretrained": str(hostile_checkpoint)}
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model=model)
+    with pytest.raises(ValueError, match=f"--model.pretrained {hostile_checkpoint} is not a readable weights file"):
+        cli_main(["fit", "--config", str(config)])
+    assert not (tmp_path / "marker").exists()
+
+
+def backbone_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The backbone's tensors in a checkpoint of this project, under the backbone's own names."""
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    return {key.split("backbone.", 1)[1]: value for key, value in state.items() if "backbone." in key}
+
+
+@pytest.mark.parametrize("source", ["torchvision", "safetensors"])
+def test_torchvision_and_safetensors_weights_as_pretrained(source: str, small_digits: Path, tmp_path: Path) -> None:
+    if source == "torchvision":  # timm's resnet18 uses torchvision's parameter names
+        backbone, weights = "resnet18", tmp_path / "resnet18.pth"
+        state = torchvision.models.resnet18(weights=None).state_dict()
+        torch.save(state, weights)
+    else:
+        backbone, weights = "test_resnet", tmp_path / "weights.safetensors"
+        state = timm.create_model("test_resnet", num_classes=1000).state_dict()
+        safetensors.torch.save_file(state, weights)
+    trainer = {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1}
+    model = {"backbone": backbone, "pretrained": str(weights), "freeze_backbone": True}  # the file's weights stay
+    cli_main(["fit", "--config", str(tiny_config(tmp_path, small_digits, trainer=trainer, model=model))])
+    loaded = backbone_of(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt")
+    assert set(loaded) == set(state)
+    for name, tensor in state.items():
+        if not name.startswith("fc."):  # the 1000-class head is replaced by a 10-class one
+            torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    assert loaded["fc.weight"].shape == (10, state["fc.weight"].shape[1])
+
+
+def test_explicit_class_weights_weight_the_cross_entropy() -> None:
+    weights = [0.5, 1.0, 3.0]
+    model = ImageClassifier(CLASSES, backbone="test_resnet", class_weights=weights)
+    images, targets = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 2, 1, 2])
+    loss = model.training_step((images, targets, torch.arange(6)), 0)
+    expected = nn.CrossEntropyLoss(weight=torch.tensor(weights))(model(images), targets)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, F.cross_entropy(model(images), targets))  # the weights matter here
+
+
+def test_focal_loss_uses_class_weights_as_alpha() -> None:
+    weights, gamma = torch.tensor([0.5, 1.0, 3.0]), 2.0
+    model = ImageClassifier(CLASSES, backbone="test_resnet", loss="focal", focal_gamma=gamma, class_weights=[0.5, 1, 3])
+    images, targets = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 2, 1, 2])
+    loss = model.training_step((images, targets, torch.arange(6)), 0)
+    p_t = model(images).softmax(dim=-1)[torch.arange(6), targets]
+    alpha = weights[targets]
+    expected = (-alpha * (1 - p_t) ** gamma * p_t.log()).sum() / alpha.sum()  # Lin et al., normalised by alpha
+    torch.testing.assert_close(loss, expected)
+
+
+def test_focal_loss_with_auto_class_weights_trains(small_digits: Path, tmp_path: Path) -> None:
+    imbalanced = tmp_path / "imbalanced"
+    for digit, count in (("0", 20), ("1", 10), ("2", 5)):
+        (imbalanced / digit).mkdir(parents=True)
+        for image in sorted((small_digits / digit).iterdir())[:count]:
+            (imbalanced / digit / image.name).write_bytes(image.read_bytes())
+    model = {"loss": "focal", "class_weights": "auto"}
+    data = {"val_fraction": 0.0, "test_fraction": 0.0, "batch_size": 8}
+    config = tiny_config(tmp_path, imbalanced, trainer={"max_epochs": 1}, model=model, data=data)
+    cli_main(["fit", "--config", str(config), "--checkpoint.monitor", "train/loss", "--checkpoint.mode", "min"])
+    checkpoint = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)
+    labels = np.repeat([0, 1, 2], [20, 10, 5])
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=labels)
+    torch.testing.assert_close(checkpoint["state_dict"]["criterion.weight"], torch.tensor(expected, dtype=torch.float))
+    assert checkpoint["global_step"] == 35 // 8  # it trained: one step per full batch
+
+
+def test_inverse_frequency_weights_and_a_class_without_images() -> None:
+    torch.testing.assert_close(inverse_frequency_weights([30, 10, 5], CLASSES), 45 / (3 * torch.tensor([30.0, 10, 5])))
+    with pytest.raises(ValueError, match=r"auto needs every class in the train split; \['b'\] have no train images"):
+        inverse_frequency_weights([3, 0, 2], CLASSES)

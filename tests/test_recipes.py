@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +13,15 @@ import pytest
 import timm
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.tuner import Tuner
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
+from classifier.cli import ClassifierCLI
 from classifier.images import load_rgb
-from tests.helpers import read_csv, run_dir, save_image, tiny_config
+from tests.helpers import read_csv, run_dir, save_image, spy_of, tiny_config
 
 
 def make_folder(root: Path, counts: dict[str, int]) -> Path:
@@ -60,7 +63,8 @@ def test_warmup_ramps_up_then_hands_over_to_the_schedule(small_digits: Path, tmp
     cli_main(["fit", "--config", str(config)])
     per_epoch = train_batches(run_dir(tmp_path, 0))
     lrs = logged_lrs(run_dir(tmp_path, 0))
-    assert set(lrs) == {"lr-AdamW/pg1", "lr-AdamW/pg2"}  # backbone and head
+    # the backbone's and the head's norms and biases (no weight decay), and their other weights
+    assert set(lrs) == {f"lr-AdamW/pg{group}" for group in range(1, 5)}
     for logged in lrs.values():
         # AdamW's 1e-3 ramped over 2 epochs' steps, then a cosine over the other 2 epochs' steps
         assert [step for step, _ in logged] == list(range(4 * per_epoch))
@@ -169,21 +173,56 @@ def test_random_erasing_only_touches_training_batches(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_auto_augment_policies(policy: str, operation: str, tmp_path: Path) -> None:
     make_folder(tmp_path / "d", {"a": 4, "b": 4})
-    datamodule = ImageFolderDataModule(str(tmp_path / "d"), image_size=16, auto_augment=policy, hflip=0.0)
-    pipeline = datamodule.transform(training=True)
+    fixed = {"image_size": 16, "hflip": 0.0, "crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "color_jitter": None}
+    plain = ImageFolderDataModule(str(tmp_path / "d"), **fixed).transform(training=True)
+    pipeline = ImageFolderDataModule(str(tmp_path / "d"), auto_augment=policy, **fixed).transform(training=True)
     assert operation in [type(step).__name__ for step in pipeline.transforms]
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert len({plain(image).numpy().tobytes() for _ in range(8)}) == 1  # a whole-image crop, nothing random
     outputs = [pipeline(image) for _ in range(8)]
     assert outputs[0].dtype == torch.uint8 and outputs[0].shape == (3, 16, 16)
-    assert len({o.numpy().tobytes() for o in outputs}) > 1
+    assert len({o.numpy().tobytes() for o in outputs}) > 1  # so only the policy can make them differ
 
 
-def test_augmentation_options_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
-    data = {"auto_augment": "trivialaugment", "random_erasing": 0.5, "sampler": "balanced"}
-    trainer = {"max_epochs": 1, "accumulate_grad_batches": 2, "gradient_clip_val": 1.0}
-    config = tiny_config(tmp_path, small_digits, trainer=trainer, data=data)
-    cli_main(["fit", "--config", str(config)])
-    assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
+def imbalanced_digits(digits_dir: Path, root: Path, counts: dict[str, int]) -> Path:
+    for digit, count in counts.items():
+        (root / digit).mkdir(parents=True)
+        for image in sorted((digits_dir / digit).iterdir())[:count]:
+            (root / digit / image.name).write_bytes(image.read_bytes())
+    return root
+
+
+def test_augmentation_options_from_the_command_line(digits_dir: Path, tmp_path: Path) -> None:
+    data_dir = imbalanced_digits(digits_dir, tmp_path / "d", {"0": 60, "1": 60, "2": 12})
+    data = {"auto_augment": "trivialaugment", "random_erasing": 1.0, "sampler": "balanced", "batch_size": 16,
+            "test_fraction": 0.0, "val_fraction": 0.2}  # fmt: skip
+    trainer = {"max_epochs": 2, "accumulate_grad_batches": 2, "gradient_clip_val": 0.01,
+               "callbacks": [{"class_path": "tests.helpers.TrainingSpy"}]}  # fmt: skip
+    cli = ClassifierCLI(["fit", "--config", str(tiny_config(tmp_path, data_dir, trainer=trainer, data=data))])
+    spy = spy_of(cli.trainer)
+    few = cli.datamodule.class_names.index("2")
+    # trivialaugment: in the training pipeline, whose effect test_auto_augment_policies shows
+    assert TrivialAugmentWide in [type(step) for step in cli.datamodule.datasets["train"].transform.transforms]
+    # balanced sampler: the small class, 9% of the training images, is drawn about a third of the time
+    drawn = [target for batch in spy.batches for target in batch["targets"]]
+    share = np.mean(np.array(cli.datamodule.datasets["train"].targets) == few)
+    assert share < 0.1 and np.mean(np.array(drawn) == few) > 0.25
+    # accumulation: one optimizer step per two batches (and at each epoch's end)
+    per_epoch = Counter(batch["epoch"] for batch in spy.batches)
+    assert cli.trainer.global_step == sum(math.ceil(count / 2) for count in per_epoch.values()) < len(spy.batches)
+    # clipping: every step's gradient norm is the clipping value (unclipped, it is far larger)
+    assert len(spy.grad_norms) == cli.trainer.global_step
+    np.testing.assert_allclose(spy.grad_norms, 0.01, rtol=1e-4)
+    # random erasing: every training image holds noise, which no uint8 pixel normalises to; validation images none
+    config = cli.datamodule.data_config
+    mean, std = (torch.tensor(config[key]).view(-1, 1) * 255 for key in ("mean", "std"))
+    normalised_pixels = (torch.arange(256).float().view(1, -1) - mean) / std  # (channel, 256 values)
+
+    def noisy(image: torch.Tensor) -> bool:
+        return any(not torch.isin(image[c], normalised_pixels[c]).all() for c in range(3))
+
+    assert all(noisy(image) for batch in spy.images["train"] for image in batch)
+    assert not any(noisy(image) for batch in spy.images["validate"] for image in batch)
 
 
 def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_digits: Path, tmp_path: Path) -> None:
@@ -209,14 +248,30 @@ def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_
     assert not torch.allclose(with_live_weights, written, atol=1e-4)
 
 
-def test_lr_find_suggests_a_rate_and_saves_the_plot(small_digits: Path, tmp_path: Path, caplog) -> None:
+def test_lr_find_suggests_a_rate_and_saves_the_plot(
+    small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finders = []
+    lr_find = Tuner.lr_find
+
+    def keep(*args, **kwargs):
+        finders.append(lr_find(*args, **kwargs))
+        return finders[-1]
+
+    monkeypatch.setattr(Tuner, "lr_find", keep)
     config = tiny_config(tmp_path, small_digits)
     with caplog.at_level("INFO", logger="classifier"):
-        cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null"])
+        cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null",
+                  "--min_lr", "1e-5", "--max_lr", "0.1"])  # fmt: skip
     with Image.open(run_dir(tmp_path, 0) / "lr_find.png") as plot:
         assert min(plot.size) > 300
+    lrs, losses = np.array(finders[0].results["lr"]), np.array(finders[0].results["loss"])
+    assert len(lrs) == 50 and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.1)  # the sweep asked for
+    np.testing.assert_allclose(lrs[2:] / lrs[1:-1], (0.1 / 1e-5) ** (1 / 50), rtol=1e-6)  # geometric
+    # the steepest descent of the loss, skipping the first 10 points and the last, as Lightning defines it
+    steepest = 10 + int(np.argmin(np.gradient(losses[10:-1], lrs[10:-1])))
     suggested = [line for line in caplog.text.splitlines() if line.startswith("Use it with: --model.optimizer.lr ")]
-    assert len(suggested) == 1 and 1e-6 <= float(suggested[0].split()[-1]) <= 1.0
+    assert suggested == [f"Use it with: --model.optimizer.lr {lrs[steepest]:.3g}"]
 
 
 @pytest.fixture
@@ -269,8 +324,8 @@ def test_backbone_lr_scale(small_digits: Path, tmp_path: Path) -> None:
     model = {"backbone_lr_scale": 0.1, "scheduler": CONSTANT_LR}
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model=model)
     cli_main(["fit", "--config", str(config)])
-    backbone, head = group_lrs(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt")
-    assert head == pytest.approx(1e-3) and backbone == pytest.approx(1e-4)  # AdamW's default LR, and a tenth
+    lrs = group_lrs(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt")  # backbone, head; each without, with decay
+    assert lrs == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])  # a tenth of AdamW's default LR, and AdamW's default
 
 
 def test_layer_decay_gives_deeper_layers_smaller_rates(small_digits: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from classifier import cli_main
 from classifier.cli import ClassifierCLI
-from tests.helpers import REPO, run_dir, tiny_config
+from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -55,7 +55,11 @@ def test_compiled_backbone_trains_and_saves_plain_checkpoints(small_digits: Path
     state = torch.load(best, weights_only=True)["state_dict"]
     assert "net.backbone.fc.weight" in state and not any("_orig_mod" in key for key in state)
     cli_main(["test", "--ckpt_path", str(best), "--model.compile", "false"])
-    assert json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())["test/acc"] >= 0
+    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+    rows = read_csv(run_dir(tmp_path, 1) / "predictions.csv")
+    assert len(rows) == 30 and metrics["test/acc"] == pytest.approx(
+        sum(row["target"] == row["prediction"] for row in rows) / len(rows), abs=1e-6
+    )  # the plain checkpoint tested every test image
 
 
 class NoHostSyncs(Callback):

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 
 from classifier import ImageFolderDataModule, cli_main
 from classifier.callbacks import RNGStateCheckpoint, cuda_rng_states, restore_cuda_rng_state
+from classifier.cli import ClassifierCLI
 from classifier.device_augment import CropBatch
-from tests.helpers import run_dir, tiny_config
+from tests.helpers import REPO, read_csv, run_dir, spy_of, tiny_config
 
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
 
@@ -149,14 +150,19 @@ def test_missing_checkpoint_path_is_named(small_digits: Path, tmp_path: Path) ->
         cli_main(["test", "--ckpt_path", str(tmp_path / "gone.ckpt")])
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_on_cpu(precision: str, small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "precision": precision})
-    cli_main(["fit", "--config", str(config)])
-    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
-    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+# Lightning runs 16-mixed as bf16-mixed on the CPU, which has no fp16 autocast
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.bfloat16)])
+def test_mixed_precision_on_cpu(precision: str, dtype: torch.dtype, small_digits: Path, tmp_path: Path) -> None:
+    trainer = {"max_epochs": 1, "precision": precision, "callbacks": [{"class_path": "tests.helpers.TrainingSpy"}]}
+    fit = ClassifierCLI(["fit", "--config", str(tiny_config(tmp_path, small_digits, trainer=trainer))])
+    assert spy_of(fit.trainer).dtypes == {"sanity_check": {dtype}, "train": {dtype}, "validate": {dtype}}
+    best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
+    test = ClassifierCLI(["test", "--config", str(tiny_config(tmp_path / "test", small_digits, trainer=trainer)),
+                          "--ckpt_path", str(best)])  # fmt: skip
+    assert spy_of(test.trainer).dtypes == {"test": {dtype}}
+    metrics = json.loads((Path(test.trainer.log_dir) / "metrics.json").read_text())
     assert all(value == value for value in metrics.values())  # no NaN
-    assert final_weights(tmp_path)["net.backbone.fc.weight"].dtype == torch.float32
+    assert final_weights(tmp_path)["net.backbone.fc.weight"].dtype == torch.float32  # the weights stay float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -172,7 +178,8 @@ def test_mixed_precision_on_gpu(precision: str, digits_dir: Path, tmp_path: Path
 
 def run_classifier(*args: str, cwd: Path) -> None:
     """The installed `classifier` command, as a user runs it (DDP re-launches it per rank)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # tests.helpers' callbacks
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     result = subprocess.run([CLASSIFIER, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -180,11 +187,20 @@ def run_classifier(*args: str, cwd: Path) -> None:
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     # 31 test images: an odd count, which a padding DistributedSampler would evaluate one image twice for
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, data={"test_fraction": 0.155})
+    spy = {"class_path": "tests.helpers.TrainingSpy", "init_args": {"output": str(tmp_path / "spy")}}
+    trainer = {"max_epochs": 1, "callbacks": [spy]}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, data={"test_fraction": 0.155})
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     run_classifier("fit", "--config", str(config), *ddp, "--data.sampler", "balanced", cwd=tmp_path)
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     assert best.is_file() and (run_dir(tmp_path, 0) / "splits.csv").is_file()
+    # the balanced sampler under DDP: each rank draws half of one epoch's worth, with replacement, other images
+    train_rows = sum(row["split"] == "train" for row in read_csv(run_dir(tmp_path, 0) / "splits.csv"))
+    drawn = [[row for batch in json.loads((tmp_path / "spy" / f"rank{rank}.json").read_text()) for row in batch["rows"]]
+             for rank in (0, 1)]  # fmt: skip
+    assert [len(rows) for rows in drawn] == [train_rows // 2 // 32 * 32] * 2  # full batches of this rank's half
+    assert drawn[0] != drawn[1] and all(0 <= row < train_rows for row in drawn[0] + drawn[1])
+    assert len(set(drawn[0] + drawn[1])) < len(drawn[0] + drawn[1])  # drawn with replacement
 
     cli_main(["test", "--ckpt_path", str(best)])
     run_classifier("test", "--ckpt_path", str(best), *ddp, cwd=tmp_path)
