@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
@@ -16,6 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Progress
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from classifier.callbacks import FitReport, RNGStateCheckpoint
+from classifier.checkpoints import read_checkpoint
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
@@ -153,13 +152,7 @@ def latest_checkpoint() -> ModelCheckpoint:
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
     """The model and data arguments a checkpoint was trained with, less those that links derive and those of the
     machine it ran on (a checkpoint trained with `--data.decode gpu` tests on a CPU)."""
-    try:  # weights_only: unpickling a checkpoint never runs code from it
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"--ckpt_path {ckpt_path} holds objects other than tensors and plain data, which could run code when "
-            f"loaded, so it was not loaded. Pass a checkpoint written by `classifier fit`. ({str(error)[:300]})"
-        ) from error
+    checkpoint = read_checkpoint(ckpt_path)
     derived = {target for _, target, _ in LINKS}
     settings = {}
     for group, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters")):

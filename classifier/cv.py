@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
+from classifier.checkpoints import read_checkpoint
 from classifier.evaluation import write_predictions
 from classifier.module import classification_metrics
 from classifier.reports import write_evaluation_report
@@ -93,7 +94,7 @@ def find_fold_runs(folder: Path) -> list[Path]:
         raise FileNotFoundError(f"--aggregate {folder} does not exist")
     newest: dict[tuple[int, int], Path] = {}
     for best in sorted(folder.glob("version_*/checkpoints/best.ckpt"), key=lambda path: path.stat().st_mtime):
-        data = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["datamodule_hyper_parameters"]
+        data = read_checkpoint(best, "--aggregate")["datamodule_hyper_parameters"]
         if data.get("num_folds"):
             newest[(data["num_folds"], data["fold"])] = best.parent.parent
     counts = {k for k, _ in newest}

@@ -22,6 +22,7 @@ from torchvision.transforms import TrivialAugmentWide
 
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
+from classifier.checkpoints import read_checkpoint
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
@@ -244,7 +245,7 @@ class ImageFolderDataModule(LightningDataModule):
         if self.checkpoint_path is None:
             return None
         # setup runs before Lightning restores state_dict(), so read the table from the file
-        checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(self.checkpoint_path)
         state = checkpoint.get(type(self).__qualname__) or {}
         if "splits" not in state:
             log.warning(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -11,22 +10,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from classifier.checkpoints import read_checkpoint
 from classifier.images import load_rgb, to_rgb
 from classifier.net import ClassifierNet, eval_transform, normalisation
 from classifier.tta import TTA, predict_logits
 
 ImageInput = str | Path | Image.Image | np.ndarray
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's plain data, refusing pickles that would run code (`weights_only`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{path} is not a checkpoint that loads safely (weights only): {error}") from error
 
 
 class Predictor:
@@ -50,7 +39,7 @@ class Predictor:
 
         `tta` defaults to the test-time augmentation the checkpoint was trained to be tested with.
         """
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, "checkpoint")
         if "net" not in checkpoint:
             raise ValueError(f"{path} holds no network description: was it written by `classifier fit`?")
         net = ClassifierNet(**checkpoint["net"])
