@@ -54,7 +54,9 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str, kwargs:
                 f"could not fetch pretrained weights for {name!r} from the hub ({error}). Offline? "
                 "Pass a local weights file instead: --model.pretrained path/to/weights.pth"
             ) from error
-        model.load_state_dict(hub.state_dict())
+        # our head, not the hub model's freshly drawn one: it was built before DDP synced the ranks' weights
+        head = _head_prefixes(hub)
+        model.load_state_dict({k: v for k, v in hub.state_dict().items() if not k.startswith(head)}, strict=False)
     elif isinstance(pretrained, str) and pretrained:
         load_local_weights(model, Path(pretrained))
 
@@ -68,8 +70,10 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
         state = timm.models.load_state_dict(str(path), weights_only=True)
     except Exception as error:
         raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
-    if any(key.startswith("net.backbone.") for key in state):  # a checkpoint of this project: its backbone only
-        state = {key.removeprefix("net.backbone."): v for key, v in state.items() if key.startswith("net.backbone.")}
+    for prefix in ("net.backbone.", "backbone."):  # a checkpoint of this project (before net.py: backbone.)
+        if any(key.startswith(prefix) for key in state):
+            state = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+            break
     own = model.state_dict()
     head = _head_prefixes(model)
     dropped = [key for key, value in state.items() if key.startswith(head) and own.get(key, value).shape != value.shape]

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Progress
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from classifier.callbacks import FitReport, RNGStateCheckpoint
-from classifier.checkpoints import read_checkpoint
+from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
@@ -29,10 +29,6 @@ LINKS = (
     ("data.image_size", "model.image_size", "parse"),
     ("data.class_names", "model.class_names", "instantiate"),
     ("data.preprocessing", "model.preprocessing", "instantiate"),
-)
-# settings of the machine, not of the model: a checkpoint never brings them along
-MACHINE_SETTINGS = frozenset(
-    {"data.num_workers", "data.decode", "data.cache", "data.predict_dir", "model.channels_last", "model.compile"}
 )
 # settings of evaluation, which a run may change between sessions; every other model and data setting (the batch
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
@@ -219,7 +215,7 @@ def find_last_checkpoint(config: Namespace) -> Path | None:
     if matching:
         return matching[0]
     if any(set(differing) == {"data.fold"} for differing in differences.values()):
-        log.warning("--ckpt_path last: other folds have runs, fold %d none; training from scratch.", config.data.fold)
+        log.warning("--ckpt_path last: other folds have runs, fold %s none; training from scratch.", config.data.fold)
         return None
     newest = found[0]
     listed = ", ".join(

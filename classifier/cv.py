@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.console import Console
 from rich.table import Table
 
-from classifier.checkpoints import read_checkpoint
+from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.evaluation import write_predictions
 from classifier.module import classification_metrics
 from classifier.reports import write_evaluation_report
@@ -44,19 +44,26 @@ def cross_validate(argv: list[str]) -> Path:
 
 def evaluation_args(args: list[str]) -> list[str]:
     """The user's options for the validate and test runs: all but the model's and the data's, which each fold's
-    checkpoint brings; a --config file is passed on without its model and data sections."""
+    checkpoint brings, except the machine's (workers, decode, cache); a --config file is passed on likewise."""
     kept, tokens = [], iter(args)
     for token in tokens:
         name, has_value, _ = token.partition("=")
         value = [] if has_value else [next(tokens, "")]  # every option takes a value
-        if name.startswith(("--model.", "--data.")) or name in ("--model", "--data"):
-            continue
-        if name == "--config":
+        if name in ("--config", "-c"):
             path = token.partition("=")[2] if has_value else value[0]
-            config = yaml.safe_load(Path(path).read_text()) or {}
-            kept += ["--config", yaml.safe_dump({k: v for k, v in config.items() if k not in ("model", "data")})]
-        else:
+            kept += ["--config", yaml.safe_dump(machine_part(yaml.safe_load(Path(path).read_text()) or {}))]
+        elif not name.startswith(("--model", "--data")) or name.removeprefix("--") in MACHINE_SETTINGS:
             kept += [token, *value]
+    return kept
+
+
+def machine_part(config: dict) -> dict:
+    """A config without its model and data settings, but for those of the machine."""
+    kept = {key: value for key, value in config.items() if key not in ("model", "data")}
+    for group in ("model", "data"):
+        machine = {k: v for k, v in (config.get(group) or {}).items() if f"{group}.{k}" in MACHINE_SETTINGS}
+        if machine:
+            kept[group] = machine
     return kept
 
 

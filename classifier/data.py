@@ -299,7 +299,7 @@ class ImageFolderDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Build the datasets the stage needs, after checking that every one of their files decodes."""
-        if self.device_rendered and self.hparams.auto_augment:
+        if stage == "fit" and self.device_rendered and self.hparams.auto_augment:  # eval never augments
             raise ValueError(
                 f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
                 "use it with --data.decode cpu or auto, and --data.cache none"
@@ -374,7 +374,8 @@ class ImageFolderDataModule(LightningDataModule):
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
         if self.data_config.get("crop_mode", "center") != "center":
             raise ValueError(
-                f"{self.hparams.backbone}'s crop_mode {self.data_config['crop_mode']} needs --data.decode cpu"
+                f"{self.hparams.backbone}'s crop_mode {self.data_config['crop_mode']} needs --data.decode cpu "
+                "and --data.cache none"
             )
         hp = self.hparams
         return CropPlanner(

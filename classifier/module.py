@@ -125,6 +125,7 @@ class ImageClassifier(LightningModule):
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.memory_format = torch.contiguous_format
+        self.pretrained_loaded = False
         self.compiled = False
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", classification_metrics(num_classes, prefix=f"{stage}/"))
@@ -147,8 +148,14 @@ class ImageClassifier(LightningModule):
 
     def on_fit_start(self) -> None:
         """Pretrained weights, for a fit from scratch only: a resumed fit, test and predict take the checkpoint's."""
-        if self.hparams.pretrained and self.trainer.ckpt_path is None:
+        if self.trainer.ckpt_path is None:
+            self.start_from_pretrained()
+
+    def start_from_pretrained(self) -> None:
+        """Load the `pretrained` weights, once: a fit from scratch and `lr_find`'s sweep start from them."""
+        if self.hparams.pretrained and not self.pretrained_loaded:
             self.net.load_pretrained(self.hparams.pretrained)
+            self.pretrained_loaded = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The network's own arguments, so `Predictor` rebuilds it from the checkpoint without this module."""

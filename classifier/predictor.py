@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,11 +34,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", tta: TTA | None = None, batch_size: int = 64
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        tta: TTA | Literal["none", "checkpoint"] = "checkpoint",
+        batch_size: int = 64,
     ) -> Predictor:
         """Rebuild the network from the checkpoint's own description and weights; nothing else is read.
 
-        `tta` defaults to the test-time augmentation the checkpoint was trained to be tested with.
+        `tta` is the test-time augmentation the checkpoint was configured with by default; "none" turns it off.
         """
         checkpoint = read_checkpoint(path, "checkpoint")
         if "net" not in checkpoint:
@@ -45,8 +50,9 @@ class Predictor:
         net = ClassifierNet(**checkpoint["net"])
         state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
         net.load_state_dict({key: state[key] for key in net.state_dict()})
-        tta = tta or checkpoint.get("hyper_parameters", {}).get("tta")
-        return cls(net, device, tta, batch_size)
+        if tta == "checkpoint":
+            tta = checkpoint.get("hyper_parameters", {}).get("tta")
+        return cls(net, device, None if tta == "none" else tta, batch_size)
 
     @property
     def class_names(self) -> list[str]:

@@ -18,6 +18,7 @@ from classifier.images import IMAGE_EXTENSIONS, is_image_file, list_images
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more
+HASH_CHUNK = 1 << 20  # bytes hashed at a time (hashlib.file_digest would need Python 3.11)
 
 
 @dataclass
@@ -84,9 +85,11 @@ class Splits:
 
 def fingerprint(path: Path) -> str:
     """`<bytes>-<BLAKE2b-64 of the bytes>`: any edit, re-encode or replacement under the same name changes it."""
+    digest = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as file:
-        digest = hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
-        return f"{os.fstat(file.fileno()).st_size}-{digest}"
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+        return f"{os.fstat(file.fileno()).st_size}-{digest.hexdigest()}"
 
 
 def fingerprints(root: Path, paths: list[Path], num_threads: int = 8) -> list[str]:

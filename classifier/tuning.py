@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.tuner import Tuner
 from matplotlib.figure import Figure
 
+from classifier.module import ImageClassifier
 from classifier.reports import save_figure
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ class ClassifierTrainer(Trainer):
 
     def lr_find(
         self,
-        model: LightningModule,
+        model: ImageClassifier,
         datamodule: LightningDataModule | None = None,
         min_lr: float = 1e-6,
         max_lr: float = 1.0,
@@ -34,6 +35,7 @@ class ClassifierTrainer(Trainer):
             num_training: Training steps in the sweep.
             early_stop_threshold: Stop once the loss exceeds this multiple of the best loss; None never stops.
         """
+        model.start_from_pretrained()  # the sweep runs in a callback's on_fit_start, before the model's own
         max_epochs = self.fit_loop.max_epochs
         self.fit_loop.max_epochs = max(max_epochs or 0, num_training)  # on small data the sweep outlasts max_epochs
         try:

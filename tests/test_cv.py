@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from classifier import cli_main
+from classifier.cv import evaluation_args
 from tests.helpers import read_csv, run_dir, tiny_config
 
 FOLDS = 3
@@ -152,3 +154,18 @@ def test_only_rank_zero_aggregates(two_folds: Path, tmp_path: Path, monkeypatch:
     assert sorted(path.name for path in root.glob("cv_*")) == ["cv_0"]  # rank 0's folder, no new one
     assert (root / "cv_0" / "fold_1" / "validate").is_dir()  # this rank took part in the evaluations
     assert not (root / "cv_0" / "cv_summary.json").exists() and not (root / "cv_0" / "ensemble").exists()
+
+
+def test_evaluation_runs_keep_the_machine_settings_but_not_the_models(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"max_epochs": 3}, "model": {"drop_rate": 0.2, "compile": True},
+                                      "data": {"fold": 1, "num_workers": 2, "cache": "ram"}}))  # fmt: skip
+    flags = ["-c", str(config), "--data.fold", "1", "--data.num_workers=3", "--data.decode", "cpu",
+             "--model.drop_rate", "0.1", "--trainer.precision", "bf16-mixed"]  # fmt: skip
+    kept = evaluation_args(flags)
+    assert kept[2:] == ["--data.num_workers=3", "--data.decode", "cpu", "--trainer.precision", "bf16-mixed"]
+    assert kept[0] == "--config" and yaml.safe_load(kept[1]) == {
+        "trainer": {"max_epochs": 3},
+        "model": {"compile": True},
+        "data": {"num_workers": 2, "cache": "ram"},
+    }

@@ -175,6 +175,9 @@ def test_auto_augment_refuses_the_device_path_by_name(gradients: Path) -> None:
     with pytest.raises(ValueError, match="--data.auto_augment rand-m9-mstd0.5 works on PIL images"):
         datamodule(gradients, cache="ram", auto_augment="rand-m9-mstd0.5")
     assert isinstance(datamodule(gradients, auto_augment="rand-m9-mstd0.5").datasets["train"], ImageDataset)
+    evaluated = ImageFolderDataModule(str(gradients), image_size=SIZE, cache="ram", auto_augment="rand-m9-mstd0.5")
+    evaluated.setup("validate")  # a checkpoint trained with a policy evaluates on any path: eval never augments
+    assert len(evaluated.datasets["val"]) == len(evaluated.splits.subset("val")[0]) > 0
 
 
 def test_big_jpegs_draft_for_training_and_decode_in_full_for_eval(tmp_path: Path) -> None:

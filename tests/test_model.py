@@ -310,3 +310,30 @@ def test_inverse_frequency_weights_and_a_class_without_images() -> None:
     torch.testing.assert_close(inverse_frequency_weights([30, 10, 5], CLASSES), 45 / (3 * torch.tensor([30.0, 10, 5])))
     with pytest.raises(ValueError, match=r"auto needs every class in the train split; \['b'\] have no train images"):
         inverse_frequency_weights([3, 0, 2], CLASSES)
+
+
+def test_hub_weights_keep_our_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every DDP rank built the same head before the hub model, whose head is drawn afresh on each rank
+    hub = timm.create_model("test_resnet", num_classes=3)
+    create = timm.create_model
+    monkeypatch.setattr(
+        "classifier.backbones.timm.create_model",
+        lambda name, pretrained=False, **kwargs: hub if pretrained else create(name, **kwargs),
+    )
+    net = ClassifierNet("test_resnet", CLASSES)
+    head = net.backbone.fc.weight.detach().clone()
+    net.load_pretrained(True)
+    torch.testing.assert_close(net.backbone.fc.weight, head, atol=0, rtol=0)
+    torch.testing.assert_close(net.backbone.conv1[0].weight, hub.conv1[0].weight, atol=0, rtol=0)
+
+
+def test_lr_find_sweeps_the_pretrained_network(small_digits: Path, tmp_path: Path, monkeypatch) -> None:
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), weights)
+    swept = []
+    monkeypatch.setattr("classifier.tuning.Tuner.lr_find", lambda self, model, **kwargs: swept.append(model) or None)
+    config = tiny_config(tmp_path, small_digits, model={"pretrained": str(weights)})
+    cli_main(["lr_find", "--config", str(config)])
+    (model,) = swept
+    source = torch.load(weights, weights_only=True)
+    torch.testing.assert_close(model.net.backbone.conv1[0].weight, source["conv1.0.weight"], atol=0, rtol=0)

@@ -175,6 +175,10 @@ def test_predictor_refuses_what_it_cannot_trust(trained: Path, tmp_path: Path) -
     torch.save(timm.create_model("test_resnet").state_dict(), weights_only)
     with pytest.raises(ValueError, match=f"{weights_only} holds no network description"):
         Predictor.from_checkpoint(weights_only)
+    for name, content in (("notes.ckpt", b"not a checkpoint"), ("cut.ckpt", best(trained).read_bytes()[:5000])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name} is not a readable checkpoint"):
+            Predictor.from_checkpoint(tmp_path / name)
     predictor = Predictor.from_checkpoint(best(trained))
     with pytest.raises(ValueError, match="arrays must be uint8 HWC RGB or HW grey images, not float64"):
         predictor.predict(np.zeros((40, 40, 3)))
@@ -196,5 +200,11 @@ def test_predictor_carries_class_names_and_preprocessing(trained: Path, tmp_path
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
     }
-    one = predictor.predict(np.full((50, 70, 3), 200, np.uint8))
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    one = predictor.predict(image)
     assert one.shape == (3,) and float(one.sum()) == pytest.approx(1.0, abs=1e-6)
+    flipped = Predictor.from_checkpoint(edited_checkpoint(moved, tmp_path / "tta.ckpt", model={"tta": "flip"}))
+    assert flipped.tta == "flip"
+    expected = (predictor.predict(image) + predictor.predict(np.ascontiguousarray(image[:, ::-1]))) / 2
+    torch.testing.assert_close(flipped.predict(image), expected, atol=1e-6, rtol=0)
+    assert Predictor.from_checkpoint(tmp_path / "tta.ckpt", tta="none").tta is None
