@@ -113,16 +113,17 @@ class ClassifierCLI(LightningCLI):
         """Done in `parse_arguments`, for the datamodule too and below command-line flags."""
 
     def before_fit(self) -> None:
-        """Resume, validate and test on the split recorded in --ckpt_path, not on the folder as it is now.
+        """Resume, validate, test and predict with the split and the preprocessing recorded in --ckpt_path, not
+        those of the folder and the installed timm as they are now.
 
         Lightning calls the datamodule's setup before it restores the datamodule's state from the checkpoint, and
-        `trainer.ckpt_path` is still unset then, so the datamodule is told which file to read it from.
+        `trainer.ckpt_path` is still unset then, so the datamodule is told which file to read them from.
         """
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
-            self.datamodule.checkpoint_path = Path(ckpt_path)
+            self.datamodule.use_checkpoint(Path(ckpt_path))
 
-    before_validate = before_test = before_fit
+    before_validate = before_test = before_predict = before_fit
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback

@@ -207,7 +207,7 @@ class ImageFolderDataModule(LightningDataModule):
         # the checkpoint keeps the split table itself, so a test elsewhere does not need this file
         self.save_hyperparameters(ignore=["splits"])
         self.splits_file = splits
-        self.checkpoint_path: Path | None = None  # set by the CLI to the --ckpt_path whose split to keep
+        self.checkpoint_path: Path | None = None  # see use_checkpoint
         self.generator = torch.Generator().manual_seed(seed)
         self.datasets: dict[str, FileDataset] = {}
         self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
@@ -268,8 +268,19 @@ class ImageFolderDataModule(LightningDataModule):
 
     @cached_property
     def data_config(self) -> dict[str, Any]:
-        """The backbone's timm data config with this module's overrides applied."""
-        return resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+        """The backbone's timm data config with this module's overrides applied. Given a checkpoint, its stored
+        interpolation, crop mode, mean and std win, so a newer timm cannot change how a trained model sees images."""
+        config = resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+        if self.checkpoint_path is not None:
+            stored = (read_checkpoint(self.checkpoint_path).get("net") or {}).get("preprocessing") or {}
+            config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
+        return config
+
+    def use_checkpoint(self, path: Path) -> None:
+        """Evaluate, predict or resume with `path`'s split and preprocessing rather than those of the folder and
+        of the installed timm."""
+        self.checkpoint_path = path
+        self.__dict__.pop("data_config", None)  # read before the checkpoint was known, by the CLI's links
 
     @property
     def preprocessing(self) -> dict[str, Any]:

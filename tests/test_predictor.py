@@ -208,3 +208,23 @@ def test_predictor_carries_class_names_and_preprocessing(trained: Path, tmp_path
     expected = (predictor.predict(image) + predictor.predict(np.ascontiguousarray(image[:, ::-1]))) / 2
     torch.testing.assert_close(flipped.predict(image), expected, atol=1e-6, rtol=0)
     assert Predictor.from_checkpoint(tmp_path / "tta.ckpt", tta="none").tta is None
+
+
+def test_evaluation_keeps_the_preprocessing_the_checkpoint_was_trained_with(trained: Path, tmp_path: Path) -> None:
+    # as if a newer timm had changed the backbone's defaults since the fit: the checkpoint's own copy rules
+    checkpoint = torch.load(best(trained), weights_only=True)
+    checkpoint["net"]["preprocessing"].update(mean=[0.2, 0.3, 0.4], std=[0.3, 0.2, 0.25], interpolation="bicubic")
+    stored = tmp_path / "stored.ckpt"
+    torch.save(checkpoint, stored)
+    cli_main(["validate", "--ckpt_path", str(stored), "--predictions.output", str(tmp_path / "val.csv")])
+    paths = [Path(row["path"]) for row in read_csv(tmp_path / "val.csv")]
+    (tmp_path / "val.txt").write_text("\n".join(str(path) for path in paths))
+    cli_main(["predict", "--ckpt_path", str(stored), "--data.predict_dir", str(tmp_path / "val.txt"),
+              "--predictions.output", str(tmp_path / "predict.csv")])  # fmt: skip
+    probs = Predictor.from_checkpoint(stored).predict(paths).numpy()
+    expected = dict(zip([path.name for path in paths], probs, strict=True))
+    for output in ("val.csv", "predict.csv"):
+        found = probabilities(tmp_path / output)
+        assert sorted(found) == sorted(expected)
+        for name, probs in found.items():
+            np.testing.assert_allclose(probs, expected[name], atol=1e-6, err_msg=f"{output}: {name}")
