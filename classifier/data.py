@@ -208,6 +208,8 @@ class ImageFolderDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=["splits"])
         self.splits_file = splits
         self.checkpoint_path: Path | None = None  # see use_checkpoint
+        self._checkpoint_split: bytes | None = None  # its compressed split table
+        self._checkpoint_preprocessing: dict[str, Any] = {}  # its network's stored preprocessing
         self.generator = torch.Generator().manual_seed(seed)
         self.datasets: dict[str, FileDataset] = {}
         self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
@@ -244,17 +246,14 @@ class ImageFolderDataModule(LightningDataModule):
             return Path(self.splits_file).read_text(), self.split_source
         if self.checkpoint_path is None:
             return None
-        # setup runs before Lightning restores state_dict(), so read the table from the file
-        checkpoint = read_checkpoint(self.checkpoint_path)
-        state = checkpoint.get(type(self).__qualname__) or {}
-        if "splits" not in state:
+        if self._checkpoint_split is None:
             log.warning(
                 "%s records no split (it predates split tables): the split is made again from %s as it is now",
                 self.checkpoint_path,
                 self.hparams.data_dir,
             )
             return None
-        return zlib.decompress(state["splits"]).decode(), self.split_source
+        return zlib.decompress(self._checkpoint_split).decode(), self.split_source
 
     @property
     def class_names(self) -> list[str]:
@@ -271,15 +270,17 @@ class ImageFolderDataModule(LightningDataModule):
         """The backbone's timm data config with this module's overrides applied. Given a checkpoint, its stored
         interpolation, crop mode, mean and std win, so a newer timm cannot change how a trained model sees images."""
         config = resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
-        if self.checkpoint_path is not None:
-            stored = (read_checkpoint(self.checkpoint_path).get("net") or {}).get("preprocessing") or {}
-            config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
+        stored = self._checkpoint_preprocessing
+        config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
         return config
 
     def use_checkpoint(self, path: Path) -> None:
         """Evaluate, predict or resume with `path`'s split and preprocessing rather than those of the folder and
-        of the installed timm."""
+        of the installed timm. Read here, once: setup runs before Lightning restores `state_dict()`."""
+        checkpoint = read_checkpoint(path)
         self.checkpoint_path = path
+        self._checkpoint_split = (checkpoint.get(type(self).__qualname__) or {}).get("splits")
+        self._checkpoint_preprocessing = (checkpoint.get("net") or {}).get("preprocessing") or {}
         self.__dict__.pop("data_config", None)  # read before the checkpoint was known, by the CLI's links
 
     @property
@@ -440,9 +441,14 @@ class ImageFolderDataModule(LightningDataModule):
         return [path for path in paths if path not in bad]
 
     @cached_property
+    def split_csv(self) -> str:
+        """splits.csv's text, made once (it hashes unhashed files), for the run folder and every checkpoint."""
+        return self.splits.to_csv()
+
+    @cached_property
     def split_table(self) -> bytes:
         """splits.csv, compressed, as checkpoints keep it: made once, however many checkpoints are saved."""
-        return zlib.compress(self.splits.to_csv().encode())
+        return zlib.compress(self.split_csv.encode())
 
     def _write_splits_csv(self) -> None:
         """splits.csv into the run folder; with a recorded split, also the images it leaves out, and what to do."""
@@ -453,7 +459,7 @@ class ImageFolderDataModule(LightningDataModule):
         if log_dir is None or not trainer.is_global_zero:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(log_dir) / "splits.csv").write_text(self.splits.to_csv())
+        (Path(log_dir) / "splits.csv").write_text(self.split_csv)
         if self.unlisted:
             listed = Path(log_dir) / "unlisted_images.txt"
             listed.write_text("".join(f"{path.absolute()}\n" for path in self.unlisted))

@@ -153,12 +153,17 @@ def test_focal_loss_recipe_runs_on_the_shipped_config(small_digits: Path, tmp_pa
     assert (hparams["loss"], hparams["label_smoothing"]) == ("focal", 0.1)
 
 
-def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path: Path) -> None:
-    imbalanced = tmp_path / "imbalanced"
+def imbalanced_digits(small_digits: Path, root: Path) -> Path:
+    """20 zeros, 10 ones and 5 twos."""
     for digit, count in (("0", 20), ("1", 10), ("2", 5)):
-        (imbalanced / digit).mkdir(parents=True)
+        (root / digit).mkdir(parents=True)
         for image in sorted((small_digits / digit).iterdir())[:count]:
-            (imbalanced / digit / image.name).write_bytes(image.read_bytes())
+            (root / digit / image.name).write_bytes(image.read_bytes())
+    return root
+
+
+def test_auto_class_weights_follow_the_train_split(small_digits: Path, tmp_path: Path) -> None:
+    imbalanced = imbalanced_digits(small_digits, tmp_path / "imbalanced")
     config = tiny_config(
         tmp_path,
         imbalanced,
@@ -290,11 +295,7 @@ def test_focal_loss_uses_class_weights_as_alpha() -> None:
 
 
 def test_focal_loss_with_auto_class_weights_trains(small_digits: Path, tmp_path: Path) -> None:
-    imbalanced = tmp_path / "imbalanced"
-    for digit, count in (("0", 20), ("1", 10), ("2", 5)):
-        (imbalanced / digit).mkdir(parents=True)
-        for image in sorted((small_digits / digit).iterdir())[:count]:
-            (imbalanced / digit / image.name).write_bytes(image.read_bytes())
+    imbalanced = imbalanced_digits(small_digits, tmp_path / "imbalanced")
     model = {"loss": "focal", "class_weights": "auto"}
     data = {"val_fraction": 0.0, "test_fraction": 0.0, "batch_size": 8}
     config = tiny_config(tmp_path, imbalanced, trainer={"max_epochs": 1}, model=model, data=data)
