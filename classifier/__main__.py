@@ -1,3 +1,3 @@
-from classifier.cli import cli_main
+from classifier.cli import main
 
-cli_main()
+main()

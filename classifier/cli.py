@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import Namespace
+from jsonargparse._common import debug_mode_active
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from classifier.callbacks import FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
+from classifier.console import VERBOSE_FLAG, configure_logging, quiet_third_party
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
@@ -33,7 +37,29 @@ LINKS = (
 # settings of evaluation, which a run may change between sessions; every other model and data setting (the batch
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
 EVAL_SETTINGS = frozenset({"model.tta"})
+EVALUATIONS = ("validate", "test", "predict")
+# Lightning's names for a checkpoint its own trainer made or finds: none exists in a fresh evaluation process
+LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
+# what a user can fix: the command prints their message on one line, and the traceback with --verbose
+USER_ERRORS = (OSError, ValueError, MisconfigurationException)
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+
+
+class ClassifierArgumentParser(LightningArgumentParser):
+    """Puts a parse error first, with the closest option names, instead of after a hundred lines of usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        options = [option for action in parser._actions for option in action.option_strings]
+        lines = [f"error: {message}"]
+        for typo in (word.partition("=")[0] for word in message.split() if word.startswith("--")):
+            if typo not in options and (close := difflib.get_close_matches(typo, options, n=3, cutoff=0.75)):
+                lines.append(f"{typo}: did you mean {' or '.join(close)}?")
+        lines.append(f"`{parser.prog.replace(' [options]', '')} --help` lists every option.")
+        sys.stderr.write("\n".join(lines) + "\n")
+        self.exit(2)
 
 
 class ClassifierCLI(LightningCLI):
@@ -45,11 +71,14 @@ class ClassifierCLI(LightningCLI):
             ImageFolderDataModule,
             trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), latest_checkpoint()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
+            seed_everything_default=0,  # reproducible unless a config says otherwise; evaluation is seeded too
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
             trainer_class=ClassifierTrainer,
+            parser_class=ClassifierArgumentParser,
             parser_kwargs={
+                "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
-                "--data.num_folds K` cross-validates (see `classifier cv --help`)."
+                "--data.num_folds K` cross-validates (see `classifier cv --help`).",
             },
             args=args,
             run=run,
@@ -85,10 +114,17 @@ class ClassifierCLI(LightningCLI):
         if subcommand is None or isinstance(args, (dict, Namespace)):
             return
         config = self.config[subcommand]
+        if config.get("weights_only", False) is None:  # Lightning's default loads any pickle, and says so
+            config.weights_only = True
         ckpt_path = config.get("ckpt_path")
+        if subcommand in EVALUATIONS and (not ckpt_path or ckpt_path in LIGHTNING_CHECKPOINT_NAMES):
+            self._subcommand_parsers[subcommand].error(
+                f"classifier {subcommand} needs --ckpt_path FILE, the checkpoint to evaluate (such as "
+                "lightning_logs/<name>/version_N/checkpoints/best.ckpt): a model that was never trained only guesses"
+            )
         if subcommand == "fit" and ckpt_path == "last":
             ckpt_path = config.ckpt_path = find_last_checkpoint(config)
-        if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+        if not ckpt_path or ckpt_path in LIGHTNING_CHECKPOINT_NAMES:
             return
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
@@ -245,21 +281,29 @@ def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:
         logger.init_args.version = version_dir.name
 
 
-def configure_logging() -> None:
-    """Show this package's INFO messages (where files went) on the console."""
-    package = logging.getLogger("classifier")
-    if not package.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        package.addHandler(handler)
-        package.setLevel(logging.INFO)
-
-
 def cli_main(args: ArgsType = None) -> None:
-    """Entry point of the `classifier` command; `args` lets tests drive it without a subprocess."""
+    """The `classifier` command's work; `args` lets tests drive it without a subprocess. Errors propagate."""
     configure_logging()
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
         cross_validate(argv[1:])
     else:
         ClassifierCLI(args=args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the `classifier` command: third-party noise hidden and a user's error on one line, unless
+    `--verbose` (anywhere on the line) asks for every warning and the traceback."""
+    argv = list(sys.argv[1:] if args is None else args)
+    verbose = VERBOSE_FLAG in argv
+    argv = [arg for arg in argv if arg != VERBOSE_FLAG]
+    if args is None:  # LightningCLI reads sys.argv itself, and warns when given the same arguments
+        sys.argv[1:], argv = argv, None
+    try:
+        with quiet_third_party(verbose):
+            cli_main(argv)
+    except USER_ERRORS as error:
+        if verbose:
+            raise
+        sys.stderr.write(f"error: {error}\n(--verbose shows the traceback)\n")
+        sys.exit(1)

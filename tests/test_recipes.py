@@ -21,6 +21,7 @@ from torchvision.transforms import TrivialAugmentWide
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
 from classifier.cli import ClassifierCLI
 from classifier.images import load_rgb
+from classifier.tuning import lr_find_figure
 from tests.helpers import read_csv, run_dir, save_image, spy_of, tiny_config
 
 
@@ -248,10 +249,10 @@ def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_
     assert not torch.allclose(with_live_weights, written, atol=1e-4)
 
 
-def test_lr_find_suggests_a_rate_and_saves_the_plot(
+def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
     small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    finders = []
+    finders, figures = [], []
     lr_find = Tuner.lr_find
 
     def keep(*args, **kwargs):
@@ -259,19 +260,27 @@ def test_lr_find_suggests_a_rate_and_saves_the_plot(
         return finders[-1]
 
     monkeypatch.setattr(Tuner, "lr_find", keep)
+    monkeypatch.setattr("classifier.tuning.lr_find_figure", lambda *args: figures.append(lr_find_figure(*args))
+                        or figures[-1])  # fmt: skip
     config = tiny_config(tmp_path, small_digits)
     with caplog.at_level("INFO", logger="classifier"):
         cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null",
                   "--min_lr", "1e-5", "--max_lr", "0.1"])  # fmt: skip
-    with Image.open(run_dir(tmp_path, 0) / "lr_find.png") as plot:
+    (plot_path,) = (tmp_path / "lightning_logs").rglob("lr_find.png")
+    with Image.open(plot_path) as plot:
         assert min(plot.size) > 300
     lrs, losses = np.array(finders[0].results["lr"]), np.array(finders[0].results["loss"])
     assert len(lrs) == 50 and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.1)  # the sweep asked for
     np.testing.assert_allclose(lrs[2:] / lrs[1:-1], (0.1 / 1e-5) ** (1 / 50), rtol=1e-6)  # geometric
-    # the steepest descent of the loss, skipping the first 10 points and the last, as Lightning defines it
-    steepest = 10 + int(np.argmin(np.gradient(losses[10:-1], lrs[10:-1])))
+    # a fresh model guesses: its first loss is the chance level, ln 10, not Lightning's half of it
+    assert losses[0] == pytest.approx(np.log(10), rel=0.1)
+    # the steepest fall per decade of learning rate, past the first 10 points and before the lowest loss
+    lowest = 10 + int(np.argmin(losses[10:]))
+    steepest = 10 + int(np.argmin(np.gradient(losses[10 : lowest + 1], np.log10(lrs[10 : lowest + 1]))))
+    assert losses[steepest] < losses[10] and steepest < lowest  # on the descending part
     suggested = [line for line in caplog.text.splitlines() if line.startswith("Use it with: --model.optimizer.lr ")]
     assert suggested == [f"Use it with: --model.optimizer.lr {lrs[steepest]:.3g}"]
+    assert figures[0].axes[0].get_title() == f"Suggested learning rate: {lrs[steepest]:.3g}"
 
 
 @pytest.fixture

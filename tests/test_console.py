@@ -1,0 +1,86 @@
+"""What the `classifier` command prints: errors first and on one line, and no third-party noise."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from classifier.cli import main
+from tests.helpers import REPO, tiny_config
+
+NOISE = re.compile(r"warn|deprecat|tip:|no seed found|weights_only|finding best initial lr", re.IGNORECASE)
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    """The command's exit status and the lines it wrote to stderr."""
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    return stopped.value.code, capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_stops_with_one_line(
+    subcommand: str, small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tiny_config(tmp_path, small_digits)
+    status, lines = run_main([subcommand, "--config", str(config), "--data.predict_dir", str(small_digits)], capsys)
+    assert status == 2
+    assert lines == [
+        f"error: classifier {subcommand} needs --ckpt_path FILE, the checkpoint to evaluate (such as "
+        "lightning_logs/<name>/version_N/checkpoints/best.ckpt): a model that was never trained only guesses",
+        f"`classifier {subcommand} --help` lists every option.",
+    ]
+    assert not (tmp_path / "lightning_logs").exists()  # nothing was evaluated, no report written
+
+
+def test_a_misspelt_option_is_named_first_with_the_closest_options(
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tiny_config(tmp_path, small_digits)
+    status, lines = run_main(["fit", "--config", str(config), "--trainer.max_epohcs", "3"], capsys)
+    assert status == 2
+    assert lines[0] == "error: unrecognized arguments: --trainer.max_epohcs 3"
+    assert lines[1].startswith("--trainer.max_epohcs: did you mean --trainer.max_epochs")
+    assert lines[2:] == ["`classifier fit --help` lists every option."]
+
+
+def test_a_missing_data_dir_is_one_line_and_verbose_gives_the_traceback(
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tiny_config(tmp_path, small_digits)
+    missing = tmp_path / "my_photos"
+    status, lines = run_main(["fit", "--config", str(config), "--data.data_dir", str(missing)], capsys)
+    assert status == 1
+    assert lines[-2:] == [
+        f"error: --data.data_dir {missing} does not exist: point it at a folder of class subfolders",
+        "(--verbose shows the traceback)",
+    ]
+    with pytest.raises(FileNotFoundError, match="my_photos does not exist"):
+        main(["fit", "--config", str(config), "--data.data_dir", str(missing), "--verbose"])
+
+
+def classifier_command(*args: str, cwd: Path) -> list[str]:
+    """Run `classifier` as a user does, in its own process with its output redirected to a file; its lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "classifier", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.slow
+def test_a_default_fit_test_and_lr_find_print_no_warnings(tmp_path: Path) -> None:
+    logs = str(tmp_path / "lightning_logs")
+    fit = classifier_command("fit", "--config", "configs/resnet18.yaml", "--trainer.max_epochs", "1",
+                             "--trainer.logger.save_dir", logs, cwd=REPO)  # fmt: skip
+    best = tmp_path / "lightning_logs" / "resnet18" / "version_0" / "checkpoints" / "best.ckpt"
+    assert f"Evaluate it with: classifier test --ckpt_path {best}" in fit
+    test = classifier_command("test", "--ckpt_path", str(best), cwd=REPO)
+    lr_find = classifier_command("lr_find", "--config", "configs/resnet18.yaml", "--num_training", "20",
+                                 "--trainer.logger.save_dir", logs, cwd=REPO)  # fmt: skip
+    assert any(line.startswith("Use it with: --model.optimizer.lr ") for line in lr_find)
+    assert [line for line in fit + test + lr_find if NOISE.search(line)] == []
