@@ -78,7 +78,8 @@ class ClassifierCLI(LightningCLI):
             parser_kwargs={
                 "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
-                "--data.num_folds K` cross-validates (see `classifier cv --help`).",
+                "--data.num_folds K` cross-validates (see `classifier cv --help`). Add --verbose anywhere for "
+                "every warning and the traceback of an error.",
             },
             args=args,
             run=run,

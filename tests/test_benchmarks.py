@@ -48,3 +48,19 @@ def test_train_resolution_benchmark_shows_the_drafts_against_the_full_decode(tmp
     assert figures["draft=scale_size"]["upsampled"] > 0.0 and figures["draft=train"]["upsampled"] == 0.0
     assert figures["draft=train"]["psnr_db"] > figures["draft=scale_size"]["psnr_db"]
     assert "draft=train" in result.stdout and "/full" in result.stdout
+
+
+@pytest.mark.slow
+def test_bundled_digits_benchmark_scores_the_run_and_the_svm_on_one_split(tmp_path: Path) -> None:
+    out = tmp_path / "digits.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "bundled_digits.py"), "--seeds", "3", "--tta", "none", "flip"]
+    result = subprocess.run(
+        [*command, "--max-epochs", "1", "--runs", str(tmp_path / "runs"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    tests = sorted((tmp_path / "runs").rglob("metrics.json"), key=lambda path: path.stat().st_mtime)
+    assert [json.loads(path.read_text())["test/acc"] for path in tests[-1:]] == [row["acc_flip"]]
+    assert row["seed"] == 3 and row["fit_s"] > 0 and 0.95 < row["svm_acc"] <= 1  # RBF SVM on raw 8x8 pixels
+    assert "min–max" in result.stdout and "svm_acc" in result.stdout

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from classifier.cli import main
-from tests.helpers import REPO, tiny_config
-
-NOISE = re.compile(r"warn|deprecat|tip:|no seed found|weights_only|finding best initial lr", re.IGNORECASE)
+from tests.helpers import tiny_config
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -61,26 +56,3 @@ def test_a_missing_data_dir_is_one_line_and_verbose_gives_the_traceback(
     ]
     with pytest.raises(FileNotFoundError, match="my_photos does not exist"):
         main(["fit", "--config", str(config), "--data.data_dir", str(missing), "--verbose"])
-
-
-def classifier_command(*args: str, cwd: Path) -> list[str]:
-    """Run `classifier` as a user does, in its own process with its output redirected to a file; its lines."""
-    done = subprocess.run(
-        [sys.executable, "-m", "classifier", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return (done.stdout + done.stderr).splitlines()
-
-
-@pytest.mark.slow
-def test_a_default_fit_test_and_lr_find_print_no_warnings(tmp_path: Path) -> None:
-    logs = str(tmp_path / "lightning_logs")
-    fit = classifier_command("fit", "--config", "configs/resnet18.yaml", "--trainer.max_epochs", "1",
-                             "--trainer.logger.save_dir", logs, cwd=REPO)  # fmt: skip
-    best = tmp_path / "lightning_logs" / "resnet18" / "version_0" / "checkpoints" / "best.ckpt"
-    assert f"Evaluate it with: classifier test --ckpt_path {best}" in fit
-    test = classifier_command("test", "--ckpt_path", str(best), cwd=REPO)
-    lr_find = classifier_command("lr_find", "--config", "configs/resnet18.yaml", "--num_training", "20",
-                                 "--trainer.logger.save_dir", logs, cwd=REPO)  # fmt: skip
-    assert any(line.startswith("Use it with: --model.optimizer.lr ") for line in lr_find)
-    assert [line for line in fit + test + lr_find if NOISE.search(line)] == []

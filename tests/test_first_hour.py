@@ -1,0 +1,39 @@
+"""A new user's first hour, as they live it: the `classifier` command in its own process, output redirected."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+NOISE = re.compile(r"warn|deprecat|tip:|no seed found|weights_only|finding best initial lr", re.IGNORECASE)
+
+
+def classifier(*args: str) -> list[str]:
+    """Run `classifier` from the repository root as the README does; the lines it printed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "classifier", *args], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (done.stdout + done.stderr).splitlines()
+
+
+@pytest.mark.slow
+def test_lr_finds_rate_trains_the_bundled_config_and_no_command_prints_a_warning(tmp_path: Path) -> None:
+    """lr_find, then fit with its rate and nothing else changed, then test: 0.99 accuracy, and no noise."""
+    logs = ["--trainer.logger.save_dir", str(tmp_path)]
+    lr_find = classifier("lr_find", "--config", "configs/resnet18.yaml", *logs)
+    (flag,) = [line.removeprefix("Use it with: ") for line in lr_find if line.startswith("Use it with: ")]
+    fit = classifier("fit", "--config", "configs/resnet18.yaml", *flag.split(), *logs)
+    (best,) = tmp_path.glob("resnet18/version_*/checkpoints/best.ckpt")
+    assert f"Evaluate it with: classifier test --ckpt_path {best}" in fit
+    test = classifier("test", "--ckpt_path", str(best))
+    (metrics,) = tmp_path.rglob("metrics.json")
+    assert json.loads(metrics.read_text())["test/acc"] >= 0.99
+    assert [line for line in lr_find + fit + test if NOISE.search(line)] == []
