@@ -1,24 +1,28 @@
-"""`classifier fit|validate|test|predict|lr_find`: LightningCLI, checkpoint-restored settings, `--ckpt_path last`."""
+"""`classifier fit|validate|test|predict|lr_find`: LightningCLI, checkpoint-restored settings, `--ckpt_path last`,
+and where each run's folder goes."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from classifier.callbacks import FitReport, RNGStateCheckpoint
+from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
 from classifier.module import ImageClassifier
+from classifier.runs import list_runs
 from classifier.tuning import ClassifierTrainer
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ LINKS = (
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
 EVAL_SETTINGS = frozenset({"model.tta"})
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 
 
 class ClassifierCLI(LightningCLI):
@@ -49,7 +54,8 @@ class ClassifierCLI(LightningCLI):
             trainer_class=ClassifierTrainer,
             parser_kwargs={
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
-                "--data.num_folds K` cross-validates (see `classifier cv --help`)."
+                "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
+                "training runs under DIR (default lightning_logs)."
             },
             args=args,
             run=run,
@@ -70,7 +76,7 @@ class ClassifierCLI(LightningCLI):
                 "checkpoint.filename": "best",
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # ours: says when it stops a run
         parser.set_defaults({"early_stopping.patience": 10})
         parser.link_arguments("checkpoint.monitor", "early_stopping.monitor")
         parser.link_arguments("checkpoint.mode", "early_stopping.mode")
@@ -88,17 +94,19 @@ class ClassifierCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if subcommand == "fit" and ckpt_path == "last":
             ckpt_path = config.ckpt_path = find_last_checkpoint(config)
+        argv = list(sys.argv[1:] if args is None else args)
+        logger_given = any(token.startswith("--trainer.logger") for token in argv)
         if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):
+            place_logger(config, subcommand, None, logger_given)
             return
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
-        argv = list(sys.argv[1:] if args is None else args)
         at = argv.index(subcommand) + 1
         argv[at:at] = [f"--{key}={yaml.safe_dump(value)}" for key, value in checkpoint_settings(ckpt_path).items()]
         self.config = parser.parse_args(argv)
         config = self.config[subcommand]
         config.ckpt_path = str(ckpt_path)
-        place_logger(config, Path(ckpt_path), resume=subcommand == "fit")
+        place_logger(config, subcommand, Path(ckpt_path), logger_given)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with a progress bar that reads the logged loss back from the device every 10 steps
@@ -229,20 +237,56 @@ def find_last_checkpoint(config: Namespace) -> Path | None:
     )
 
 
-def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:
-    """Resume into the checkpoint's run folder; file a validate/test/predict run beside it."""
-    checkpoints = ckpt_path.resolve().parent
-    if checkpoints.name != "checkpoints" or not checkpoints.parent.name.startswith("version_"):
+def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, logger_given: bool) -> None:
+    """Resume into the checkpoint's run folder; file validate, test and predict under the run of the checkpoint they
+    evaluate, and lr_find under `lr_find/`, so that every `version_N` is a training run.
+
+    A logger named on the command line (`--trainer.logger...`) wins; so does one that is not TensorBoard's or CSV's.
+    """
+    run = ckpt_path.resolve().parent.parent if ckpt_path and ckpt_path.resolve().parent.name == "checkpoints" else None
+    if subcommand == "fit":
+        if run is None:
+            return
+        logger = config.trainer.get("logger")
+        if logger in (None, True):
+            logger = config.trainer.logger = Namespace(class_path=TENSORBOARD, init_args=Namespace())
+            logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
+        root = _logger_root(config.trainer)
+        if root is not None and root.resolve() == run.parent:
+            logger.init_args.version = run.name
         return
-    version_dir = checkpoints.parent
     logger = config.trainer.get("logger")
-    if logger in (None, True):
-        logger = Namespace(class_path=TENSORBOARD, init_args=Namespace(save_dir=str(version_dir.parent.parent)))
-        logger.init_args.name = version_dir.parent.name
-        config.trainer.logger = logger
+    ours = logger in (None, True) or (isinstance(logger, Namespace) and logger.class_path.endswith(FILE_LOGGERS))
+    if logger_given or not ours:
+        return
     root = _logger_root(config.trainer)
-    if resume and root is not None and root.resolve() == version_dir.parent:
-        logger.init_args.version = version_dir.name
+    if subcommand == "lr_find":
+        folder = new_timestamped_dir(root / "lr_find")
+    elif ckpt_path is None:  # nothing to file it under
+        return
+    else:  # a checkpoint outside a run folder (copied elsewhere) gets one folder per file name
+        evaluated = run if run is not None else root / "evaluations" / ckpt_path.stem
+        folder = new_timestamped_dir(evaluated / "predict") if subcommand == "predict" else evaluated / subcommand
+    if logger in (None, True):
+        logger = config.trainer.logger = Namespace(class_path=TENSORBOARD, init_args=Namespace())
+    logger.init_args.save_dir, logger.init_args.name = str(folder.parent.parent), folder.parent.name
+    logger.init_args.version = folder.name
+
+
+def new_timestamped_dir(parent: Path) -> Path:
+    """`parent/YYYYmmdd-HHMMSS`, with `-2`, `-3`... for runs started within the same second; made by rank 0 only,
+    whose folder the other ranks' trainers take."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        folder = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        if rank_zero_only.rank != 0:
+            return folder
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: 999 runs started in the second {stamp}")
 
 
 def configure_logging() -> None:
@@ -261,5 +305,7 @@ def cli_main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
         cross_validate(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["runs"]:  # reads run folders, runs no trainer
+        list_runs(argv[1:])
     else:
         ClassifierCLI(args=args)
