@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -13,13 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, early_stopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from classifier.reports import confusion_matrix_figure, save_figure, training_curves_figure
+from classifier.reports import confusion_matrix_figure, save_figure, training_curves_figure, write_json
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +193,7 @@ class FitReport(Callback):
             "parameters": sum(p.numel() for p in pl_module.parameters()),
             "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(run_dir / "summary.json", summary)
 
     def _record(self, trainer: Trainer, epoch: int) -> None:
         if epoch < 0 or any(row["epoch"] == epoch for row in self.history):
@@ -213,6 +212,51 @@ class FitReport(Callback):
             return None
         pick = max if checkpoint.mode == "max" else min
         return int(pick(scored, key=lambda row: row[checkpoint.monitor])["epoch"])
+
+
+class EarlyStopping(early_stopping.EarlyStopping):
+    """Lightning's early stopping, which says in one line when it stops a run and why; `patience: null` turns it off.
+
+    Named as Lightning's, so that its state in checkpoints keeps Lightning's key.
+    """
+
+    def __init__(self, monitor: str, patience: int | None = 3, **kwargs: Any) -> None:
+        """
+        Args:
+            monitor: The metric to watch (the CLI links it to --checkpoint.monitor).
+            patience: Validations without improvement before training stops; null never stops.
+        """
+        super().__init__(monitor, patience=patience or 0, **kwargs)
+        self.patience = patience
+        self.best_epoch: int | None = None
+
+    def _run_early_stopping_check(self, trainer: Trainer) -> None:
+        if self.patience is None:
+            return
+        best, stopping = self.best_score, trainer.should_stop
+        super()._run_early_stopping_check(trainer)
+        if self.best_score is not best:  # improved, in this epoch
+            self.best_epoch = trainer.current_epoch
+        if not trainer.should_stop or stopping or not trainer.is_global_zero:
+            return
+        if self.stopping_reason == early_stopping.EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            reason = (
+                f"{self.monitor} did not improve on its best, {float(self.best_score):.6g} at epoch {self.best_epoch}, "
+                f"in {self.wait_count} validation{'s' * (self.wait_count != 1)} (--early_stopping.patience "
+                f"{self.patience}; null turns it off)"
+            )
+        else:
+            reason = (self.stopping_reason_message or "").removesuffix(" Signaling Trainer to stop.")
+        log.info("Early stopping after epoch %d: %s", trainer.current_epoch, reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, but the patience stays this run's: a resumed run may change it, or turn it off."""
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience, self.best_epoch = patience, state_dict.get("best_epoch")
 
 
 def steady_throughput(epochs: list[tuple[float, int]]) -> float | None:

@@ -1,10 +1,12 @@
-"""`classifier fit|validate|test|predict|lr_find`: LightningCLI, checkpoint-restored settings, `--ckpt_path last`."""
+"""`classifier fit|validate|test|predict|lr_find`: LightningCLI, checkpoint-restored settings, `--ckpt_path last`,
+and where each run's folder goes."""
 
 from __future__ import annotations
 
 import difflib
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -12,17 +14,19 @@ import yaml
 from jsonargparse import Namespace
 from jsonargparse._common import debug_mode_active
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from classifier.callbacks import FitReport, RNGStateCheckpoint
+from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.console import VERBOSE_FLAG, configure_logging, quiet_third_party
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
 from classifier.module import ImageClassifier
+from classifier.runs import list_runs
 from classifier.tuning import ClassifierTrainer
 
 log = logging.getLogger(__name__)
@@ -43,6 +47,7 @@ LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
 # what a user can fix: the command prints their message on one line, and the traceback with --verbose
 USER_ERRORS = (OSError, ValueError, MisconfigurationException)
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 
 
 class ClassifierArgumentParser(LightningArgumentParser):
@@ -78,8 +83,9 @@ class ClassifierCLI(LightningCLI):
             parser_kwargs={
                 "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
-                "--data.num_folds K` cross-validates (see `classifier cv --help`). Add --verbose anywhere for "
-                "every warning and the traceback of an error.",
+                "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
+                "training runs under DIR (default lightning_logs). Add --verbose anywhere for every warning and the "
+                "traceback of an error.",
             },
             args=args,
             run=run,
@@ -100,7 +106,7 @@ class ClassifierCLI(LightningCLI):
                 "checkpoint.filename": "best",
             }
         )
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")  # ours: says when it stops a run
         parser.set_defaults({"early_stopping.patience": 10})
         parser.link_arguments("checkpoint.monitor", "early_stopping.monitor")
         parser.link_arguments("checkpoint.mode", "early_stopping.mode")
@@ -115,8 +121,6 @@ class ClassifierCLI(LightningCLI):
         if subcommand is None or isinstance(args, (dict, Namespace)):
             return
         config = self.config[subcommand]
-        if config.get("weights_only", False) is None:  # Lightning's default loads any pickle, and says so
-            config.weights_only = True
         ckpt_path = config.get("ckpt_path")
         if subcommand in EVALUATIONS and (not ckpt_path or ckpt_path in LIGHTNING_CHECKPOINT_NAMES):
             self._subcommand_parsers[subcommand].error(
@@ -125,17 +129,21 @@ class ClassifierCLI(LightningCLI):
             )
         if subcommand == "fit" and ckpt_path == "last":
             ckpt_path = config.ckpt_path = find_last_checkpoint(config)
+        argv = list(sys.argv[1:] if args is None else args)
+        logger_given = any(token.startswith("--trainer.logger") for token in argv)
         if not ckpt_path or ckpt_path in LIGHTNING_CHECKPOINT_NAMES:
+            place_logger(config, subcommand, None, logger_given)
             return
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
-        argv = list(sys.argv[1:] if args is None else args)
         at = argv.index(subcommand) + 1
         argv[at:at] = [f"--{key}={yaml.safe_dump(value)}" for key, value in checkpoint_settings(ckpt_path).items()]
         self.config = parser.parse_args(argv)
         config = self.config[subcommand]
         config.ckpt_path = str(ckpt_path)
-        place_logger(config, Path(ckpt_path), resume=subcommand == "fit")
+        if config.weights_only is None:  # Lightning's default would load any pickle, and say so
+            config.weights_only = True
+        place_logger(config, subcommand, Path(ckpt_path), logger_given)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with a progress bar that reads the logged loss back from the device every 10 steps
@@ -266,20 +274,56 @@ def find_last_checkpoint(config: Namespace) -> Path | None:
     )
 
 
-def place_logger(config: Namespace, ckpt_path: Path, resume: bool) -> None:
-    """Resume into the checkpoint's run folder; file a validate/test/predict run beside it."""
-    checkpoints = ckpt_path.resolve().parent
-    if checkpoints.name != "checkpoints" or not checkpoints.parent.name.startswith("version_"):
+def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, logger_given: bool) -> None:
+    """Resume into the checkpoint's run folder; file validate, test and predict under the run of the checkpoint they
+    evaluate, and lr_find under `lr_find/`, so that every `version_N` is a training run.
+
+    A logger named on the command line (`--trainer.logger...`) wins; so does one that is not TensorBoard's or CSV's.
+    """
+    run = ckpt_path.resolve().parent.parent if ckpt_path and ckpt_path.resolve().parent.name == "checkpoints" else None
+    if subcommand == "fit":
+        if run is None:
+            return
+        logger = config.trainer.get("logger")
+        if logger in (None, True):
+            logger = config.trainer.logger = Namespace(class_path=TENSORBOARD, init_args=Namespace())
+            logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
+        root = _logger_root(config.trainer)
+        if root is not None and root.resolve() == run.parent:
+            logger.init_args.version = run.name
         return
-    version_dir = checkpoints.parent
     logger = config.trainer.get("logger")
-    if logger in (None, True):
-        logger = Namespace(class_path=TENSORBOARD, init_args=Namespace(save_dir=str(version_dir.parent.parent)))
-        logger.init_args.name = version_dir.parent.name
-        config.trainer.logger = logger
+    ours = logger in (None, True) or (isinstance(logger, Namespace) and logger.class_path.endswith(FILE_LOGGERS))
+    if logger_given or not ours:
+        return
     root = _logger_root(config.trainer)
-    if resume and root is not None and root.resolve() == version_dir.parent:
-        logger.init_args.version = version_dir.name
+    if subcommand == "lr_find":
+        folder = new_timestamped_dir(root / "lr_find")
+    elif ckpt_path is None:  # nothing to file it under
+        return
+    else:  # a checkpoint outside a run folder (copied elsewhere) gets one folder per file name
+        evaluated = run if run is not None else root / "evaluations" / ckpt_path.stem
+        folder = new_timestamped_dir(evaluated / "predict") if subcommand == "predict" else evaluated / subcommand
+    if logger in (None, True):
+        logger = config.trainer.logger = Namespace(class_path=TENSORBOARD, init_args=Namespace())
+    logger.init_args.save_dir, logger.init_args.name = str(folder.parent.parent), folder.parent.name
+    logger.init_args.version = folder.name
+
+
+def new_timestamped_dir(parent: Path) -> Path:
+    """`parent/YYYYmmdd-HHMMSS`, with `-2`, `-3`... for runs started within the same second; made by rank 0 only,
+    whose folder the other ranks' trainers take."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        folder = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        if rank_zero_only.rank != 0:
+            return folder
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: 999 runs started in the second {stamp}")
 
 
 def cli_main(args: ArgsType = None) -> None:
@@ -288,6 +332,8 @@ def cli_main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
         cross_validate(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["runs"]:  # reads run folders, runs no trainer
+        list_runs(argv[1:])
     else:
         ClassifierCLI(args=args)
 

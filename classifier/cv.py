@@ -12,13 +12,12 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from rich.console import Console
 from rich.table import Table
 
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
-from classifier.evaluation import write_predictions
+from classifier.evaluation import print_table, write_predictions
 from classifier.module import classification_metrics
-from classifier.reports import write_evaluation_report
+from classifier.reports import write_evaluation_report, write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def aggregate(runs: list[Path], options: list[str]) -> Path:
         "mean": {name: float(np.mean([metrics[name] for metrics in folds])) for name in names},
         "std": {name: float(np.std([metrics[name] for metrics in folds])) for name in names},
     }
-    (cv_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(cv_dir / "cv_summary.json", summary)
     _write_rows(cv_dir / "oof_predictions.csv", oof_rows)
     ensemble = _ensemble(test_probs, cv_dir / "ensemble") if test_probs else {}
     _show(summary, ensemble)
@@ -178,7 +177,7 @@ def _ensemble(per_fold: list[list[dict[str, str]]], out: Path) -> dict[str, floa
     metrics = classification_metrics(len(classes), prefix="test/")
     scores = {name: float(value) for name, value in metrics(torch.from_numpy(probs), torch.from_numpy(targets)).items()}
     scores["test/loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
-    (out / "metrics.json").write_text(json.dumps(dict(sorted(scores.items())), indent=2) + "\n")
+    write_json(out / "metrics.json", dict(sorted(scores.items())))
     image_paths = [Path(path) for path in paths]
     write_predictions(out / "predictions.csv", image_paths, torch.from_numpy(targets), torch.from_numpy(probs), classes)
     write_evaluation_report(out, image_paths, targets, probs, classes)
@@ -197,4 +196,4 @@ def _show(summary: dict, ensemble: dict[str, float]) -> None:
     table.add_row("mean ± std", *(f"{summary['mean'][n]:.4f} ± {summary['std'][n]:.4f}" for n in names))
     ensemble_row = [f"{ensemble.get(name.replace('val/', 'test/'), float('nan')):.4f}" for name in names]
     table.add_row("ensemble on test", *ensemble_row)
-    Console().print(table)
+    print_table(table)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,10 +10,11 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from torch import Tensor
 
-from classifier.reports import write_evaluation_report
+from classifier.reports import write_evaluation_report, write_json
 
 log = logging.getLogger(__name__)
 SHOWN_PREDICTIONS = 20
@@ -75,12 +75,14 @@ class PredictionWriter(Callback):
             log.info("Predictions for %d images (%d unreadable): %s", len(paths), len(unreadable), output)
             show_predictions(paths, probs, classes, max(1, self.topk))
             return
+        replaced = (run_dir / "metrics.json").is_file()  # the same checkpoint evaluated again
         write_predictions(output, paths, targets, probs, classes)
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(run_dir / "metrics.json", metrics)
         report = write_evaluation_report(run_dir, paths, targets.numpy(), probs.numpy(), classes)
         show_classification_report(report, title=f"{stage} split: {len(paths)} images")
-        log.info("Predictions, metrics.json and report files: %s", run_dir)
+        again = " (replacing the earlier run's)" if replaced else ""
+        log.info("Predictions, metrics.json and report files%s: %s", again, run_dir)
 
 
 def write_predictions(
@@ -122,7 +124,7 @@ def show_classification_report(report: list[dict], title: str) -> None:
         if row["class"] == "macro avg":
             table.add_section()
         table.add_row(row["class"], *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1")), str(row["support"]))
-    Console().print(table)
+    print_table(table)
 
 
 def show_predictions(paths: list[Path], probs: Tensor, classes: list[str], topk: int) -> None:
@@ -134,7 +136,19 @@ def show_predictions(paths: list[Path], probs: Tensor, classes: list[str], topk:
     for i, path in enumerate(paths[:SHOWN_PREDICTIONS]):
         cells = [f"{classes[c]} ({v:.3f})" for v, c in zip(values[i].tolist(), indices[i].tolist(), strict=True)]
         table.add_row(path.name, *cells)
-    Console().print(table)
+    print_table(table)
+
+
+def print_table(table: Table) -> None:
+    """Print a table whole: into a file or pipe at its natural width (rich would cut it at 80 columns); in a
+    terminal at the terminal's width, folding cells rather than cutting them short."""
+    console = Console()
+    for column in table.columns:
+        column.overflow = "fold"
+    if not console.is_terminal:
+        unbounded = console.options.update(max_width=100_000)
+        console.width = max(console.width, Measurement.get(console, unbounded, table).maximum)
+    console.print(table)
 
 
 def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,8 +7,10 @@ each file can be recomputed from `predictions.csv`.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,16 +112,19 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], normalize: b
 
 
 def reliability_figure(per_bin: list, ece: float) -> Figure:
-    """Accuracy against confidence per bin; a calibrated model follows the diagonal."""
+    """Accuracy against confidence per bin; a calibrated model follows the diagonal.
+
+    Opaque bars and an unfilled hatched gap, so no colour comes from two overlapping ones; each is in the legend.
+    """
     figure = Figure(figsize=(6, 6), dpi=100, layout="constrained")
     axes = figure.subplots()
     width = 1 / len(per_bin)
     centres = (np.arange(len(per_bin)) + 0.5) * width
-    accuracy = [a if count else 0.0 for _, a, count in per_bin]
-    axes.bar(centres, accuracy, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    confidence = [c if count else 0.0 for c, _, count in per_bin]  # an empty bin draws nothing
-    axes.bar(centres, np.array(confidence) - np.array(accuracy), bottom=accuracy, width=width, color="tab:red",
-             alpha=0.3, edgecolor="tab:red", label="gap to confidence")  # fmt: skip
+    accuracy = np.array([a if count else 0.0 for _, a, count in per_bin])
+    confidence = np.array([c if count else 0.0 for c, _, count in per_bin])  # an empty bin draws nothing
+    axes.bar(centres, accuracy, width=width, color="tab:blue", edgecolor="black", label="accuracy")
+    axes.bar(centres, confidence - accuracy, bottom=accuracy, width=width, fill=False, hatch="///",
+             edgecolor="tab:red", label="gap to mean confidence")  # fmt: skip
     axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     axes.set_title(f"reliability diagram, ECE = {ece:.4f}")
@@ -169,6 +174,22 @@ def training_curves_figure(history: list[dict[str, float]]) -> Figure:
 
 def save_figure(figure: Figure, path: Path) -> None:
     figure.savefig(path)
+
+
+def rounded(value: Any, digits: int = 6) -> Any:
+    """`value` with every float to `digits` significant digits: float32 metrics read 1.0, not 1.0000001192092896."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(item, digits) for item in value]
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A JSON file for people (summary.json, metrics.json, cv_summary.json): indented, floats rounded."""
+    path.write_text(json.dumps(rounded(data), indent=2) + "\n")
 
 
 def write_evaluation_report(

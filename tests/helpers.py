@@ -57,6 +57,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def floats(data: object) -> list[float]:
+    """Every float in a JSON document."""
+    if isinstance(data, float):
+        return [data]
+    if isinstance(data, dict):
+        data = list(data.values())
+    return [value for item in data for value in floats(item)] if isinstance(data, list) else []
+
+
+def rounded_for_people(data: object) -> bool:
+    """Whether every float of a JSON document reads back from 6 significant digits (no 1.0000001192092896)."""
+    return all(float(f"{value:.6g}") == value for value in floats(data))
+
+
 def write_photos(root: Path, per_class: int = 12, seed: int = 0) -> Path:
     """Photo-like images of three classes (disc, square, stripes) on noise: JPEG and PNG, 80-140 px, landscape
     and portrait, some grey, some stored sideways with an EXIF rotation."""

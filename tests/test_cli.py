@@ -46,7 +46,7 @@ def test_test_from_checkpoint_alone_restores_model_and_data(
     monkeypatch.chdir(trained)  # no config in sight: everything must come from the checkpoint
     best = run_dir(trained, 0) / "checkpoints" / "best.ckpt"
     cli_main(["test", "--ckpt_path", str(best)])
-    test_dir = run_dir(trained, 1)  # filed beside the fit run
+    test_dir = run_dir(trained, 0) / "test"  # filed under the run of the checkpoint it evaluates
     metrics = json.loads((test_dir / "metrics.json").read_text())
     assert set(metrics) == {f"test/{name}" for name in METRICS}
     # data folder, seed, fractions and classes restored: the same test split as the fit run
@@ -91,10 +91,10 @@ def test_command_line_flags_win_over_checkpoint(trained: Path, tmp_path: Path) -
 def test_predict_matches_test_time_predictions(trained: Path, tmp_path: Path) -> None:
     best = run_dir(trained, 0) / "checkpoints" / "best.ckpt"
     cli_main(["test", "--ckpt_path", str(best)])
-    tested = {Path(row["path"]).name: row for row in read_csv(run_dir(trained, 1) / "predictions.csv")}
+    tested = {Path(row["path"]).name: row for row in read_csv(run_dir(trained, 0) / "test" / "predictions.csv")}
     photos = tmp_path / "photos" / "nested"  # no labels, any depth
     photos.mkdir(parents=True)
-    for row in read_csv(run_dir(trained, 1) / "predictions.csv"):
+    for row in read_csv(run_dir(trained, 0) / "test" / "predictions.csv"):
         shutil.copy(row["path"], photos / Path(row["path"]).name)
     output = tmp_path / "out" / "preds.csv"
     cli_main(
@@ -123,7 +123,7 @@ def test_predict_writes_into_its_run_folder_by_default(trained: Path, small_digi
     photos.mkdir()
     shutil.copy(small_digits / read_csv(run_dir(trained, 0) / "splits.csv")[0]["path"], photos)
     cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(photos)])
-    written = sorted((trained / "lightning_logs" / "tiny").glob("version_*/predictions.csv"))
+    written = sorted((trained / "lightning_logs" / "tiny").glob("version_0/predict/*/predictions.csv"))
     rows = read_csv(max(written, key=lambda p: p.stat().st_mtime))
     assert len(rows) == 1 and rows[0]["prediction"] in [str(d) for d in range(10)]
 

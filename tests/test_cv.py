@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from classifier import cli_main
 from classifier.cv import evaluation_args
-from tests.helpers import read_csv, run_dir, tiny_config
+from tests.helpers import read_csv, rounded_for_people, run_dir, tiny_config
 
 FOLDS = 3
 
@@ -55,10 +55,11 @@ def test_summary_mean_and_std_are_those_of_the_folds(cross_validated: Path) -> N
         [fit["best_value"] for fit in fit_best], abs=1e-6
     )
     assert set(summary["mean"]) == set(per_fold[0]) and "val/f1_macro" in summary["mean"]
+    assert rounded_for_people(summary) and rounded_for_people(per_fold)
     for name, mean in summary["mean"].items():
         values = [metrics[name] for metrics in per_fold]
-        assert mean == pytest.approx(np.mean(values), abs=1e-9), name
-        assert summary["std"][name] == pytest.approx(np.std(values), abs=1e-9), name
+        assert mean == pytest.approx(np.mean(values), rel=5e-6, abs=1e-12), name  # 6 significant digits
+        assert summary["std"][name] == pytest.approx(np.std(values), rel=5e-6, abs=1e-12), name
     for fold, metrics in enumerate(summary["folds"]):
         oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
         rows = [row for row in oof if row["fold"] == str(fold)]
@@ -80,13 +81,23 @@ def test_fold_ensemble_averages_probabilities_on_the_test_split(cross_validated:
     assert (cv_dir / "ensemble" / "confusion_matrix.png").is_file()
 
 
-def test_folds_trained_apart_are_aggregated(small_digits: Path, tmp_path: Path) -> None:
+def test_folds_trained_apart_are_aggregated(
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
     for fold in (1, 0):  # as a SLURM array would, in any order
         cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+    monkeypatch.setenv("COLUMNS", "80")  # what rich assumes when output goes to a file
+    capsys.readouterr()
     cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
     summary = json.loads((tmp_path / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
     assert summary["runs"] == [str(run_dir(tmp_path, 1)), str(run_dir(tmp_path, 0))]  # fold order
+    printed = capsys.readouterr().out
+    (header,) = [line for line in printed.splitlines() if line.startswith("┃ fold")]  # one line, none cut short
+    assert [cell.strip() for cell in header.split("┃")[1:-1]] == ["fold"] + [
+        name.removeprefix("val/") for name in summary["mean"] if name != "val/loss"
+    ] + ["loss"]
+    assert "…" not in printed
 
 
 def test_aggregate_takes_the_newest_run_of_each_fold(small_digits: Path, tmp_path: Path) -> None:

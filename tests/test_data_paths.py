@@ -249,8 +249,8 @@ def test_training_from_the_ram_cache_is_as_accurate_as_from_the_files(digits_dir
         config = tiny_config(tmp_path, digits_dir, data={"cache": cache, "crop_scale": [0.6, 1.0], "batch_size": 64},
                              trainer={"max_epochs": 4})  # fmt: skip
         cli_main(["fit", "--config", str(config)])
-        best = run_dir(tmp_path, 2 * version) / "checkpoints" / "best.ckpt"
+        best = run_dir(tmp_path, version) / "checkpoints" / "best.ckpt"
         cli_main(["test", "--ckpt_path", str(best)])
-        accuracy[cache] = json.loads((run_dir(tmp_path, 2 * version + 1) / "metrics.json").read_text())["test/acc"]
+        accuracy[cache] = json.loads((run_dir(tmp_path, version) / "test" / "metrics.json").read_text())["test/acc"]
     assert accuracy["none"] > 0.85 and accuracy["ram"] > 0.85
     assert accuracy["ram"] == pytest.approx(accuracy["none"], abs=0.05)

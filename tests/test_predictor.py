@@ -63,9 +63,9 @@ def test_a_checkpoint_tests_after_its_pretrained_weights_file_is_gone(trained: P
     checkpoint = torch.load(best(trained), weights_only=True)
     assert checkpoint["hyper_parameters"]["pretrained"].endswith("pretrained.pth")  # the file the fit started from
     cli_main(["test", "--ckpt_path", str(best(trained))])
-    rows = read_csv(run_dir(trained, 1) / "predictions.csv")
+    rows = read_csv(run_dir(trained, 0) / "test" / "predictions.csv")
     assert len(rows) == 9  # a quarter of 36 photos
-    metrics = yaml.safe_load((run_dir(trained, 1) / "metrics.json").read_text())
+    metrics = yaml.safe_load((run_dir(trained, 0) / "test" / "metrics.json").read_text())
     assert metrics["test/acc"] == pytest.approx(np.mean([row["target"] == row["prediction"] for row in rows]))
 
 
@@ -81,7 +81,7 @@ def test_a_checkpoint_fine_tuned_from_hub_weights_tests_offline(
     np.testing.assert_allclose(np.stack(list(probabilities(output).values())), expected, atol=1e-6)
 
 
-def test_machine_settings_stay_with_the_machine(trained: Path, tmp_path: Path) -> None:
+def test_machine_settings_stay_with_the_machine(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     elsewhere = edited_checkpoint(
         best(trained),
         tmp_path / "from_a_gpu_node.ckpt",
@@ -89,8 +89,9 @@ def test_machine_settings_stay_with_the_machine(trained: Path, tmp_path: Path) -
         data={"decode": "gpu", "cache": "ram", "num_workers": 7},
     )
     output = tmp_path / "predictions.csv"
+    monkeypatch.chdir(tmp_path)
     cli_main(["test", "--ckpt_path", str(elsewhere), "--predictions.output", str(output)])  # on a CPU
-    run = max((trained / "lightning_logs" / "tiny").glob("version_*"), key=lambda path: path.stat().st_mtime)
+    run = Path("lightning_logs") / "evaluations" / "from_a_gpu_node" / "test"  # outside a run folder
     used = yaml.safe_load((run / "config.yaml").read_text())
     assert (used["data"]["decode"], used["data"]["cache"], used["data"]["num_workers"]) == ("auto", "none", None)
     assert (used["model"]["channels_last"], used["model"]["compile"]) == (None, False)

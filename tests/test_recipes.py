@@ -235,7 +235,7 @@ def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_
     assert not torch.equal(average["net.backbone.fc.weight"], live["net.backbone.fc.weight"])
 
     cli_main(["test", "--ckpt_path", str(best)])
-    row = read_csv(run_dir(tmp_path, 1) / "predictions.csv")[0]
+    row = read_csv(run_dir(tmp_path, 0) / "test" / "predictions.csv")[0]
     model = ImageClassifier.load_from_checkpoint(best, map_location="cpu").eval()
     datamodule = ImageFolderDataModule(str(small_digits), backbone="test_resnet", image_size=32)
     image = datamodule.transform(training=False)(load_rgb(Path(row["path"])))[None]
@@ -266,8 +266,8 @@ def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
     with caplog.at_level("INFO", logger="classifier"):
         cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null",
                   "--min_lr", "1e-5", "--max_lr", "0.1"])  # fmt: skip
-    (plot_path,) = (tmp_path / "lightning_logs").rglob("lr_find.png")
-    with Image.open(plot_path) as plot:
+    (plotted,) = (tmp_path / "lightning_logs" / "tiny" / "lr_find").glob("*/lr_find.png")
+    with Image.open(plotted) as plot:
         assert min(plot.size) > 300
     lrs, losses = np.array(finders[0].results["lr"]), np.array(finders[0].results["loss"])
     assert len(lrs) == 50 and lrs[0] == pytest.approx(1e-5) and lrs[-1] == pytest.approx(0.1)  # the sweep asked for
@@ -355,7 +355,7 @@ def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model={"head_hidden_dims": [32, 16]})
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
-    assert (run_dir(tmp_path, 1) / "metrics.json").is_file()
+    assert (run_dir(tmp_path, 0) / "test" / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize(

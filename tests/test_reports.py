@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
 from classifier.images import load_rgb
 from classifier.reports import calibration_bins, confusion_matrix_figure, reliability_figure, top_losses_figure
-from tests.helpers import read_csv, run_dir, save_image, tiny_config
+from tests.helpers import read_csv, rounded_for_people, run_dir, save_image, tiny_config
 
 CLASSES = [str(d) for d in range(10)]
 PICTURES = ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability_diagram.png", "top_losses.png")
@@ -40,8 +40,18 @@ def evaluated(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return tmp_path
 
 
+def tested_dir(evaluated: Path) -> Path:
+    """Where `test --ckpt_path .../version_0/checkpoints/best.ckpt` files its results."""
+    return run_dir(evaluated, 0) / "test"
+
+
+def elsewhere(tmp_path: Path) -> list[str]:
+    """A logger of its own, so that an evaluation with other options leaves the fixture's test/ folder as it is."""
+    return ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)]
+
+
 def test_predictions_csv_is_self_consistent(evaluated: Path) -> None:
-    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
     assert list(rows[0])[:4] == ["path", "target", "prediction", "confidence"]
     assert list(rows[0])[4:] == [f"prob_{name}" for name in CLASSES]
     probs = probabilities(rows)
@@ -51,7 +61,7 @@ def test_predictions_csv_is_self_consistent(evaluated: Path) -> None:
 
 
 def test_metrics_json_equals_scikit_learn_on_predictions_csv(evaluated: Path) -> None:
-    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
     probs = probabilities(rows)
     y_true = np.array([CLASSES.index(row["target"]) for row in rows])
     y_pred = probs.argmax(axis=1)
@@ -66,8 +76,8 @@ def test_metrics_json_equals_scikit_learn_on_predictions_csv(evaluated: Path) ->
         "test/loss": sk.log_loss(y_true, probs, labels=labels),
         "test/ece": expected_calibration_error(y_true, probs),
     }
-    metrics = json.loads((run_dir(evaluated, 1) / "metrics.json").read_text())
-    assert set(metrics) == set(expected)
+    metrics = json.loads((tested_dir(evaluated) / "metrics.json").read_text())
+    assert set(metrics) == set(expected) and rounded_for_people(metrics)
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value, abs=1e-4), name
 
@@ -85,17 +95,17 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
 
 
 def test_classification_report_and_confusion_matrix_equal_scikit_learn(evaluated: Path) -> None:
-    rows = read_csv(run_dir(evaluated, 1) / "predictions.csv")
+    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
     y_true = [row["target"] for row in rows]
     y_pred = [row["prediction"] for row in rows]
     expected = sk.classification_report(y_true, y_pred, labels=CLASSES, output_dict=True, zero_division=0)
-    report = read_csv(run_dir(evaluated, 1) / "classification_report.csv")
+    report = read_csv(tested_dir(evaluated) / "classification_report.csv")
     assert [row["class"] for row in report] == [*CLASSES, "macro avg", "weighted avg"]
     for row in report:
         for column, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
             assert float(row[column]) == pytest.approx(expected[row["class"]][key], abs=1e-6), (row, column)
         assert int(row["support"]) == expected[row["class"]]["support"]
-    with open(run_dir(evaluated, 1) / "confusion_matrix.csv", newline="") as file:
+    with open(tested_dir(evaluated) / "confusion_matrix.csv", newline="") as file:
         table = list(csv.reader(file))
     assert table[0][1:] == CLASSES and [line[0] for line in table[1:]] == CLASSES
     matrix = np.array([[int(cell) for cell in line[1:]] for line in table[1:]])
@@ -104,7 +114,7 @@ def test_classification_report_and_confusion_matrix_equal_scikit_learn(evaluated
 
 def test_pictures_open_at_a_sensible_size(evaluated: Path) -> None:
     for name in PICTURES:
-        with Image.open(run_dir(evaluated, 1) / name) as image:
+        with Image.open(tested_dir(evaluated) / name) as image:
             assert 300 <= min(image.size) and max(image.size) <= 6000, (name, image.size)
     with Image.open(run_dir(evaluated, 0) / "training_curves.png") as image:
         assert image.size[0] > 800
@@ -116,7 +126,7 @@ def test_fit_logs_confusion_image_and_per_class_f1_and_writes_summary(evaluated:
     assert "val/confusion_matrix" in tags["images"]
     assert {f"val/f1/{name}" for name in CLASSES} <= set(tags["scalars"])
     summary = json.loads((run_dir(evaluated, 0) / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["parameters"] == 373658
+    assert summary["epochs"] == 3 and summary["parameters"] == 373658 and rounded_for_people(summary)
     assert len(summary["epoch_train_images_per_s"]) == 3  # their values: test_throughput_counts_training_time_only
     assert Path(summary["best_checkpoint"]) == run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
     val_f1 = EventAccumulator(str(events)).Reload().Scalars("val/f1_macro")
@@ -126,7 +136,7 @@ def test_fit_logs_confusion_image_and_per_class_f1_and_writes_summary(evaluated:
 
 
 def test_predict_probabilities_equal_test_probabilities(evaluated: Path, tmp_path: Path) -> None:
-    tested = {row["path"]: row for row in read_csv(run_dir(evaluated, 1) / "predictions.csv")}
+    tested = {row["path"]: row for row in read_csv(tested_dir(evaluated) / "predictions.csv")}
     listing = tmp_path / "images.txt"
     listing.write_text("# the test split, listed\n" + "\n".join(tested) + "\n")
     output = tmp_path / "predicted.csv"
@@ -141,10 +151,10 @@ def test_predict_probabilities_equal_test_probabilities(evaluated: Path, tmp_pat
 
 def test_tta_changes_probabilities_and_keeps_them_normalised(evaluated: Path, tmp_path: Path) -> None:
     best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
-    plain = probabilities(read_csv(run_dir(evaluated, 1) / "predictions.csv"))
+    plain = probabilities(read_csv(tested_dir(evaluated) / "predictions.csv"))
     for tta in ("flip", "flip_crops"):
-        cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta])
-        newest = max((evaluated / "lightning_logs" / "tiny").iterdir(), key=lambda d: int(d.name.split("_")[1]))
+        cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta, *elsewhere(tmp_path / tta)])
+        newest = tmp_path / tta / "lightning_logs" / "version_0"
         rows = read_csv(newest / "predictions.csv")
         augmented = probabilities(rows)
         np.testing.assert_allclose(augmented.sum(axis=1), 1.0, atol=1e-5)
@@ -239,7 +249,7 @@ def test_figures_draw_the_numbers_they_are_given(tmp_path: Path) -> None:
 def test_tta_probabilities_are_the_mean_of_the_views_softmax(
     command: str, tta: str, evaluated: Path, digits_dir: Path, tmp_path: Path
 ) -> None:
-    tested = [row["path"] for row in read_csv(run_dir(evaluated, 1) / "predictions.csv")][:24]
+    tested = [row["path"] for row in read_csv(tested_dir(evaluated) / "predictions.csv")][:24]
     best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
     output = tmp_path / "tta.csv"
     if command == "predict":
@@ -248,7 +258,8 @@ def test_tta_probabilities_are_the_mean_of_the_views_softmax(
         cli_main(["predict", "--ckpt_path", str(best), "--data.predict_dir", str(listing), "--model.tta", tta,
                   "--predictions.output", str(output)])  # fmt: skip
     else:
-        cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta, "--predictions.output", str(output)])
+        cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta, "--predictions.output", str(output),
+                  *elsewhere(tmp_path)])  # fmt: skip
     written = {row["path"]: probabilities([row])[0] for row in read_csv(output)}
 
     model = ImageClassifier.load_from_checkpoint(best, map_location="cpu").eval()
@@ -262,3 +273,20 @@ def test_tta_probabilities_are_the_mean_of_the_views_softmax(
     with torch.no_grad():
         expected = torch.stack([model(view).softmax(dim=-1) for view in views]).mean(dim=0).numpy()
     np.testing.assert_allclose(np.array([written[path] for path in tested]), expected, atol=1e-5)
+
+
+def test_reliability_diagram_blends_no_colours_and_explains_each(tmp_path: Path) -> None:
+    # bin 14 overconfident (0.95, 2 of 3 right), bin 8 underconfident (0.55, both right): the gap lies on the bar
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.95, 0.05], [0.55, 0.45], [0.55, 0.45]])
+    targets = np.array([0, 0, 1, 0, 0])
+    axes = reliability_figure(calibration_bins(targets, probs), ece=0.1).axes[0]
+    drawn = [patch for patch in axes.patches if patch.get_height() != 0]
+    assert drawn and all(patch.get_alpha() in (None, 1.0) for patch in drawn)  # nothing translucent over a bar
+    legend = axes.get_legend()
+    explained = {(handle.get_fill(), handle.get_facecolor() if handle.get_fill() else handle.get_edgecolor())
+                 for handle in legend.legend_handles if hasattr(handle, "get_fill")}  # fmt: skip
+    assert {(patch.get_fill(), patch.get_facecolor() if patch.get_fill() else patch.get_edgecolor())
+            for patch in drawn} == explained  # fmt: skip
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "perfect calibration", "accuracy", "gap to mean confidence"
+    ]  # fmt: skip

@@ -35,8 +35,10 @@ def recorded(run: Path, data_dir: Path, split: str) -> list[str]:
     return sorted(str(data_dir / row["path"]) for row in read_csv(run / "splits.csv") if row["split"] == split)
 
 
-def newest_run(tmp_path: Path) -> Path:
-    return max((tmp_path / "lightning_logs" / "tiny").glob("version_*"), key=lambda path: path.stat().st_mtime)
+def newest_evaluation(tmp_path: Path) -> Path:
+    """The folder of the latest validate or test run (under the run folder of the checkpoint it evaluated)."""
+    evaluations = (tmp_path / "lightning_logs" / "tiny").glob("version_*/*/predictions.csv")
+    return max(evaluations, key=lambda path: path.stat().st_mtime).parent
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +66,12 @@ def test_test_and_validate_keep_the_held_out_images_after_files_are_added(
     best = run / "checkpoints" / "best.ckpt"
     with caplog.at_level("WARNING", logger="classifier"):
         cli_main(["test", "--ckpt_path", str(best)])
-    assert evaluated(newest_run(tmp_path)) == recorded(run, data_dir, "test")
+    assert evaluated(newest_evaluation(tmp_path)) == recorded(run, data_dir, "test")
     assert "180 images under" in caplog.text and f"--ckpt_path {best} --data.predict_dir" in caplog.text
-    unlisted = newest_run(tmp_path) / "unlisted_images.txt"
+    unlisted = newest_evaluation(tmp_path) / "unlisted_images.txt"
     assert sorted(unlisted.read_text().splitlines()) == sorted(str(Path(path).absolute()) for path in copies)
     cli_main(["validate", "--ckpt_path", str(best)])
-    assert evaluated(newest_run(tmp_path)) == recorded(run, data_dir, "val")
+    assert evaluated(newest_evaluation(tmp_path)) == recorded(run, data_dir, "val")
 
 
 def test_splits_csv_and_checkpoint_record_paths_and_fingerprints(fitted: Path) -> None:
@@ -91,7 +93,7 @@ def test_splits_csv_and_checkpoint_record_paths_and_fingerprints(fitted: Path) -
 def test_recorded_split_moves_with_the_folder(fitted: Path, tmp_path: Path) -> None:
     data_dir = copy_of_data(fitted, tmp_path)
     cli_main(["test", "--ckpt_path", str(fitted / "checkpoints" / "best.ckpt"), "--data.data_dir", str(data_dir)])
-    assert evaluated(newest_run(fitted.parents[2])) == recorded(fitted, data_dir, "test")
+    assert evaluated(newest_evaluation(fitted.parents[2])) == recorded(fitted, data_dir, "test")
 
 
 def test_missing_file_of_the_recorded_split_is_an_error_naming_it(fitted: Path, tmp_path: Path) -> None:
@@ -131,7 +133,7 @@ def test_splits_file_pins_the_split_across_runs_and_configs(fitted: Path, tmp_pa
     run = fit(tmp_path, data_dir, "--data.splits", str(fitted / "splits.csv"), seed=11, val_fraction=0.3)
     assert (run / "splits.csv").read_text() == (fitted / "splits.csv").read_text()
     cli_main(["test", "--ckpt_path", str(run / "checkpoints" / "best.ckpt")])
-    assert evaluated(newest_run(tmp_path)) == recorded(fitted, data_dir, "test")
+    assert evaluated(newest_evaluation(tmp_path)) == recorded(fitted, data_dir, "test")
 
 
 def test_splits_file_picks_the_fold_and_takes_absolute_paths(tmp_path: Path) -> None:
@@ -177,7 +179,7 @@ def test_test_takes_an_explicit_split_file_over_the_checkpoints(fitted: Path, tm
     table.write_text("path,label,split\n" + "".join(f"{path},{Path(path).parent.name},test\n" for path in trained_on))
     best = fitted / "checkpoints" / "best.ckpt"
     cli_main(["test", "--ckpt_path", str(best), "--data.data_dir", str(data_dir), "--data.splits", str(table)])
-    assert evaluated(newest_run(fitted.parents[2])) == sorted(str(data_dir / path) for path in trained_on)
+    assert evaluated(newest_evaluation(fitted.parents[2])) == sorted(str(data_dir / path) for path in trained_on)
 
 
 def test_checkpoint_without_a_split_table_warns_and_splits_the_folder(
@@ -191,7 +193,7 @@ def test_checkpoint_without_a_split_table_warns_and_splits_the_folder(
     with caplog.at_level("WARNING", logger="classifier"):
         cli_main(["test", "--ckpt_path", str(old)])
     assert f"{old} records no split (it predates split tables)" in caplog.text
-    assert evaluated(run_dir(tmp_path, 1)) == recorded(fitted, fitted.parents[2] / "data", "test")
+    assert evaluated(run_dir(tmp_path, 0) / "test") == recorded(fitted, fitted.parents[2] / "data", "test")
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,8 @@ def test_compiled_backbone_trains_and_saves_plain_checkpoints(small_digits: Path
     state = torch.load(best, weights_only=True)["state_dict"]
     assert "net.backbone.fc.weight" in state and not any("_orig_mod" in key for key in state)
     cli_main(["test", "--ckpt_path", str(best), "--model.compile", "false"])
-    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
-    rows = read_csv(run_dir(tmp_path, 1) / "predictions.csv")
+    metrics = json.loads((run_dir(tmp_path, 0) / "test" / "metrics.json").read_text())
+    rows = read_csv(run_dir(tmp_path, 0) / "test" / "predictions.csv")
     assert len(rows) == 30 and metrics["test/acc"] == pytest.approx(
         sum(row["target"] == row["prediction"] for row in rows) / len(rows), abs=1e-6
     )  # the plain checkpoint tested every test image

@@ -172,7 +172,7 @@ def test_mixed_precision_on_gpu(precision: str, digits_dir: Path, tmp_path: Path
     config = tiny_config(tmp_path, digits_dir, trainer=trainer)
     cli_main(["fit", "--config", str(config)])
     cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
-    metrics = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
+    metrics = json.loads((run_dir(tmp_path, 0) / "test" / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.8  # fp32 on CPU reaches about 0.9 in these 5 epochs
 
 
@@ -203,15 +203,16 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     assert len(set(drawn[0] + drawn[1])) < len(drawn[0] + drawn[1])  # drawn with replacement
 
     cli_main(["test", "--ckpt_path", str(best)])
+    tested = run_dir(tmp_path, 0) / "test"  # each test of best.ckpt replaces the one before
+    single, single_rows = json.loads((tested / "metrics.json").read_text()), (tested / "predictions.csv").read_text()
     run_classifier("test", "--ckpt_path", str(best), *ddp, cwd=tmp_path)
-    single = json.loads((run_dir(tmp_path, 1) / "metrics.json").read_text())
-    synced = json.loads((run_dir(tmp_path, 2) / "metrics.json").read_text())
+    synced = json.loads((tested / "metrics.json").read_text())
     assert single.keys() == synced.keys()
     for name, value in single.items():
         # float32 sums accumulate in another order across ranks; a duplicated image shifts acc by 3%
         assert synced[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    single_rows = (run_dir(tmp_path, 1) / "predictions.csv").read_text().splitlines()
-    synced_rows = (run_dir(tmp_path, 2) / "predictions.csv").read_text().splitlines()
+    single_rows = single_rows.splitlines()
+    synced_rows = (tested / "predictions.csv").read_text().splitlines()
     assert len(synced_rows) == len(single_rows) == 32  # header + 31 test images, none twice
     for mine, theirs in zip(single_rows[1:], synced_rows[1:], strict=True):
         assert mine.split(",")[:3] == theirs.split(",")[:3]
@@ -262,3 +263,27 @@ def test_each_rank_gets_its_own_cuda_rng_state_back(caplog: pytest.LogCaptureFix
     with caplog.at_level("WARNING", logger="classifier"):
         restore_cuda_rng_state(saved, rank=5, device_index=5, set_state=set_rng_state)  # more ranks than saved
     assert not restored and "no CUDA RNG state for rank 5 (it was saved by 4)" in caplog.text
+
+
+def test_early_stopping_says_when_it_stops_a_run(small_digits: Path, tmp_path: Path, caplog) -> None:
+    # min_delta 10: no F1 can improve on the first epoch's, so the run stops after epoch 1
+    trainer = {"max_epochs": 5, "limit_train_batches": 1, "limit_val_batches": 1}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, early_stopping={"patience": 1, "min_delta": 10.0})
+    with caplog.at_level("INFO", logger="classifier"):
+        cli_main(["fit", "--config", str(config)])
+    first = last_checkpoint_of(tmp_path, 0)["callbacks"]["FitReport"]["history"][0]["val/f1_macro"]
+    stops = [record.getMessage() for record in caplog.records if "Early stopping" in record.getMessage()]
+    assert stops == [
+        f"Early stopping after epoch 1: val/f1_macro did not improve on its best, {first:.6g} at epoch 0, in 1 "
+        "validation (--early_stopping.patience 1; null turns it off)"
+    ]
+    assert last_checkpoint_of(tmp_path, 0)["epoch"] == 1
+
+
+def test_early_stopping_turned_off_trains_every_epoch(small_digits: Path, tmp_path: Path, caplog) -> None:
+    trainer = {"max_epochs": 4, "limit_train_batches": 1, "limit_val_batches": 1}
+    config = tiny_config(tmp_path, small_digits, trainer=trainer, early_stopping={"patience": 1, "min_delta": 10.0})
+    with caplog.at_level("INFO", logger="classifier"):
+        cli_main(["fit", "--config", str(config), "--early_stopping.patience", "null"])
+    assert last_checkpoint_of(tmp_path, 0)["epoch"] == 3
+    assert "Early stopping" not in caplog.text
