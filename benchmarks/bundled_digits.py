@@ -55,7 +55,8 @@ def measure(seed: int, runs: Path, ttas: list[str], fit_options: list[str]) -> d
     (run,) = run_root.glob("*/version_*")
     row["val_f1"] = json.loads((run / "summary.json").read_text())["best_value"]
     for tta in ttas:
-        classifier("test", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--model.tta", tta)
+        policy = "null" if tta == "none" else tta
+        classifier("test", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"), "--model.tta", policy)
         newest = max(run_root.rglob("metrics.json"), key=lambda path: path.stat().st_mtime)
         metrics = json.loads(newest.read_text())
         row[f"acc_{tta}"], row[f"ece_{tta}"] = metrics["test/acc"], metrics["test/ece"]
