@@ -49,11 +49,12 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str, kwargs:
     if pretrained is True:
         try:
             hub = timm.create_model(name, pretrained=True, **kwargs)
-        except (OSError, RuntimeError) as error:
-            raise RuntimeError(
-                f"could not fetch pretrained weights for {name!r} from the hub ({error}). Offline? "
-                "Pass a local weights file instead: --model.pretrained path/to/weights.pth"
-            ) from error
+        except (OSError, RuntimeError) as error:  # offline, no network, or nothing on the hub for `name`
+            raise ConnectionError(  # an OSError: the command prints it on one line
+                f"--model.pretrained true: could not download the pretrained weights of {name!r} from the "
+                f"Hugging Face hub ({type(error).__name__}). Pass a local weights file "
+                "(--model.pretrained path/to/weights.pth|.safetensors) or go online."
+            ) from None  # the hub client's own chain of errors says no more than this
         # our head, not the hub model's freshly drawn one: it was built before DDP synced the ranks' weights
         head = _head_prefixes(hub)
         model.load_state_dict({k: v for k, v in hub.state_dict().items() if not k.startswith(head)}, strict=False)

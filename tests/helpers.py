@@ -6,11 +6,12 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from lightning.pytorch import Callback
 from PIL import Image
+
+from tests.photos import write_photos as write_photos  # re-exported: the tests' photo-like images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,35 +70,6 @@ def floats(data: object) -> list[float]:
 def rounded_for_people(data: object) -> bool:
     """Whether every float of a JSON document reads back from 6 significant digits (no 1.0000001192092896)."""
     return all(float(f"{value:.6g}") == value for value in floats(data))
-
-
-def write_photos(root: Path, per_class: int = 12, seed: int = 0) -> Path:
-    """Photo-like images of three classes (disc, square, stripes) on noise: JPEG and PNG, 80-140 px, landscape
-    and portrait, some grey, some stored sideways with an EXIF rotation."""
-    rng = np.random.default_rng(seed)
-    for label in ("disc", "square", "stripes"):
-        for i in range(per_class):
-            width, height = (int(v) for v in rng.integers(80, 141, size=2))
-            pixels = rng.integers(0, 90, (height, width, 3), dtype=np.uint8)
-            y, x = np.mgrid[:height, :width]
-            colour = rng.integers(150, 256, size=3, dtype=np.uint8)
-            if label == "disc":
-                pixels[(x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2] = colour
-            elif label == "square":
-                pixels[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = colour
-            else:
-                pixels[(x // 6) % 2 == 0] = colour
-            image = Image.fromarray(pixels)
-            if i % 4 == 1:
-                image = image.convert("L")
-            kwargs: dict = {}
-            if i % 4 == 2:  # stored sideways; upright once EXIF's rotation is applied
-                exif = Image.Exif()
-                exif[0x0112] = 6
-                image, kwargs = image.rotate(90, expand=True), {"exif": exif}
-            ext = "png" if i % 3 == 0 else "jpg"
-            save_image(root / label / f"{label}_{i:02d}.{ext}", image, **kwargs)
-    return root
 
 
 class TrainingSpy(Callback):
