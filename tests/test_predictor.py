@@ -73,6 +73,7 @@ def test_a_checkpoint_fine_tuned_from_hub_weights_tests_offline(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # a checkpoint outside a run folder files its evaluation under ./lightning_logs
     hub = edited_checkpoint(best(trained), tmp_path / "hub.ckpt", model={"pretrained": True})
     output = tmp_path / "predictions.csv"
     cli_main(["validate", "--ckpt_path", str(hub), "--predictions.output", str(output)])
@@ -211,7 +212,10 @@ def test_predictor_carries_class_names_and_preprocessing(trained: Path, tmp_path
     assert Predictor.from_checkpoint(tmp_path / "tta.ckpt", tta="none").tta is None
 
 
-def test_evaluation_keeps_the_preprocessing_the_checkpoint_was_trained_with(trained: Path, tmp_path: Path) -> None:
+def test_evaluation_keeps_the_preprocessing_the_checkpoint_was_trained_with(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a checkpoint outside a run folder files its evaluation under ./lightning_logs
     # as if a newer timm had changed the backbone's defaults since the fit: the checkpoint's own copy rules
     checkpoint = torch.load(best(trained), weights_only=True)
     checkpoint["net"]["preprocessing"].update(mean=[0.2, 0.3, 0.4], std=[0.3, 0.2, 0.25], interpolation="bicubic")
