@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import REPO
 
-PHOTOS_CPU_TEST_ACC = 0.8  # measured 0.83 (30 of 36); the issue asks for 0.9, not reached yet
+PHOTOS_CPU_TEST_ACC = 0.9  # the issue's target; measured 1.0, 1.0 and 0.97 for generator seeds 0, 1, 2
 
 NOISE = re.compile(r"warn|deprecat|tip:|no seed found|weights_only|finding best initial lr", re.IGNORECASE)
 
