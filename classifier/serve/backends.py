@@ -48,6 +48,27 @@ class CheckpointBackend:
         return self.predictor.predict_batch(self._torch.from_numpy(images)).numpy()
 
 
+class OnnxBackend:
+    """An exported `.onnx` file with the preprocessing stored in it, through ONNX Runtime: torch is never imported."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path) -> None:
+        from classifier.runtime import OnnxPredictor
+
+        self.path = path
+        self.predictor = OnnxPredictor(path)
+        self.class_names = self.predictor.class_names
+        self.preprocessing = self.predictor.preprocessing
+        self.test_metrics = self.preprocessing.get("test_metrics")
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.predictor.preprocess(image)
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_batch(images)
+
+
 def run_test_metrics(checkpoint: Path) -> dict | None:
     """`classifier test`'s metrics.json for a checkpoint still in its run folder (`<run>/checkpoints/X.ckpt`)."""
     metrics = checkpoint.parent.parent / "test" / "metrics.json"
@@ -61,9 +82,7 @@ def load_backend(path: str | Path) -> Backend:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--model {path} does not exist")
-    if path.suffix.lower() == ".onnx":
-        raise ValueError(f"--model {path}: serving .onnx files needs `classifier export`, which is not installed yet")
-    return CheckpointBackend(path)
+    return OnnxBackend(path) if path.suffix.lower() == ".onnx" else CheckpointBackend(path)
 
 
 def sha256(path: Path) -> str:
