@@ -402,3 +402,62 @@ def test_the_page_shows_the_top_classes_of_a_dropped_digit(trained: dict) -> Non
     assert labels[0] == trained["classes"][best] and len(labels) == 5
     assert percentages[0] == f"{expected[best] * 100:.1f}%"
     assert preview == 8  # the digit itself, 8 px wide, shown before the bars
+
+
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.slow
+def test_an_onnx_model_is_served_without_torch_with_the_checkpoint_probabilities(trained: dict, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    cli_main(["export", "--ckpt_path", str(trained["checkpoint"]), "--output", str(tmp_path), "--check", "none"])
+    model = tmp_path / "model.onnx"
+    paths = sorted(trained["images"].iterdir())
+    process, url = start_server(model, "--topk", "10")
+    try:
+        response = httpx.post(f"{url}/predict", files=[upload(path) for path in paths], timeout=60)
+        info = httpx.get(f"{url}/info").json()
+        libraries = mapped_libraries(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "libtorch" not in libraries and "libc10" not in libraries  # torch was never imported
+    assert "onnxruntime" in libraries
+    assert info["backend"] == "onnxruntime" and info["class_names"] == trained["classes"]
+    assert info["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert info["test_metrics"] == json.loads((trained["checkpoint"].parents[1] / "test" / "metrics.json").read_text())
+    for result in response.json()["results"]:
+        expected = trained["expected"][result["file"]]
+        np.testing.assert_allclose(probabilities(result, trained["classes"]), expected, atol=1e-4)
+
+
+def test_the_serve_command_and_the_onnx_backend_import_no_torch() -> None:
+    pytest.importorskip("onnxruntime")
+    code = (
+        "import sys, classifier.entry, classifier.serve.command, classifier.serve.backends, classifier.runtime; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_serving_benchmark_quick_writes_every_figure(trained: dict, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "serving.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "serving.py"), "--model", str(trained["checkpoint"])]
+    command += ["--images", str(trained["images"]), "--quick", "--out", str(out)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["served"]) == {"1", "8", "32"}
+    for served in figures["served"].values():
+        assert served["errors"] == 0 and served["img_s"] > 0 and served["p50_ms"] <= served["p99_ms"]
+    assert figures["offline"]["img_s"] > 0 and figures["served_over_offline"] > 0
+    bad = figures["bad_input"]
+    assert bad["server_errors"] == 0 and bad["unexpected_status"] == 0 and bad["alive"] and bad["ready_after"]
+    assert bad["good_correct"] == bad["good"] > 0
+    assert "served/offline at concurrency 32" in result.stderr
