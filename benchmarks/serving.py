@@ -224,6 +224,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("serving.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     if args.quick:
         args.requests, args.bad_requests, args.num_images = 40, 40, 32
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -375,8 +375,17 @@ def test_the_command_stops_on_bad_flags_with_one_line(flags: list[str], message:
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.fixture(scope="module")
+def server(trained: dict) -> Iterator[str]:
+    """`classifier serve` on the checkpoint, in a subprocess; its URL."""
+    process, url = start_server(trained["checkpoint"])
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
 @pytest.mark.slow
-def test_the_page_shows_the_top_classes_of_a_dropped_digit(trained: dict) -> None:
+def test_the_page_shows_the_top_classes_of_a_picked_digit(trained: dict, server: str) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     playwright = pytest.importorskip("playwright.sync_api")
     if chromium is None:
@@ -384,24 +393,47 @@ def test_the_page_shows_the_top_classes_of_a_dropped_digit(trained: dict) -> Non
     path = sorted(trained["images"].iterdir())[6]
     expected = trained["expected"][path.name]
     best = int(np.argmax(expected))
-    process, url = start_server(trained["checkpoint"])
-    try:
-        with playwright.sync_playwright() as driver:
-            browser = driver.chromium.launch(executable_path=chromium)
-            page = browser.new_page()
-            page.goto(url)
-            page.set_input_files("#file", str(path))
-            page.wait_for_selector("#results .row")
-            labels = page.locator("#results .label").all_inner_texts()
-            percentages = page.locator("#results .pct").all_inner_texts()
-            preview = page.locator("#preview").evaluate("image => image.complete && image.naturalWidth")
-            browser.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium)
+        page = browser.new_page()
+        page.goto(server)
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector("#results .row")
+        labels = page.locator("#results .label").all_inner_texts()
+        percentages = page.locator("#results .pct").all_inner_texts()
+        preview = page.locator("#preview").evaluate("image => image.complete && image.naturalWidth")
+        browser.close()
     assert labels[0] == trained["classes"][best] and len(labels) == 5
     assert percentages[0] == f"{expected[best] * 100:.1f}%"
-    assert preview == 8  # the digit itself, 8 px wide, shown before the bars
+    assert preview == 8  # the digit itself, 8 px wide, shown above the bars
+
+
+@pytest.mark.slow
+def test_the_example_clients_classify_through_a_running_server(trained: dict, server: str) -> None:
+    paths = sorted(trained["images"].iterdir())[:2]
+    python = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "client.py"), *map(str, paths), "--url", server],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert python.returncode == 0, python.stderr
+    for line, path in zip(python.stdout.splitlines(), paths, strict=True):
+        best = trained["classes"][int(np.argmax(trained["expected"][path.name]))]
+        assert line.startswith(f"{path.name}: {best} ")
+    if shutil.which("curl") is None:
+        return
+    curl = subprocess.run(
+        ["bash", str(REPO / "examples" / "client.sh"), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "URL": server},
+    )
+    assert curl.returncode == 0, curl.stderr
+    results = json.loads(curl.stdout)["results"]
+    assert [result["file"] for result in results] == [path.name for path in paths]
+    assert all(result["status"] == "ok" for result in results)
 
 
 def mapped_libraries(pid: int) -> str:
