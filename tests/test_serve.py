@@ -437,7 +437,9 @@ def test_the_example_clients_classify_through_a_running_server(trained: dict, se
 
 
 def mapped_libraries(pid: int) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
+    """The shared libraries a process and its children (uvicorn's workers) have loaded."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return "".join(Path(f"/proc/{process}/maps").read_text() for process in [pid, *children])
 
 
 @pytest.mark.slow
@@ -446,11 +448,12 @@ def test_an_onnx_model_is_served_without_torch_with_the_checkpoint_probabilities
     cli_main(["export", "--ckpt_path", str(trained["checkpoint"]), "--output", str(tmp_path), "--check", "none"])
     model = tmp_path / "model.onnx"
     paths = sorted(trained["images"].iterdir())
-    process, url = start_server(model, "--topk", "10")
+    process, url = start_server(model, "--topk", "10", "--workers", "2")
     try:
-        response = httpx.post(f"{url}/predict", files=[upload(path) for path in paths], timeout=60)
+        responses = [httpx.post(f"{url}/predict", files=[upload(path)], timeout=60) for path in paths]
         info = httpx.get(f"{url}/info").json()
         libraries = mapped_libraries(process.pid)
+        assert len(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()) >= 2
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -459,7 +462,7 @@ def test_an_onnx_model_is_served_without_torch_with_the_checkpoint_probabilities
     assert info["backend"] == "onnxruntime" and info["class_names"] == trained["classes"]
     assert info["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     assert info["test_metrics"] == json.loads((trained["checkpoint"].parents[1] / "test" / "metrics.json").read_text())
-    for result in response.json()["results"]:
+    for result in (response.json()["results"][0] for response in responses):
         expected = trained["expected"][result["file"]]
         np.testing.assert_allclose(probabilities(result, trained["classes"]), expected, atol=1e-4)
 
