@@ -58,10 +58,11 @@ def calibrate_checkpoint(
 ) -> Path:
     """Fit T on the checkpoint's validation logits; write `output` and its `.json` report beside it."""
     started = time.perf_counter()
+    torch_device = device_of(device)
     checkpoint = read_checkpoint(ckpt_path)
     check_writable(output, ckpt_path)
     datamodule = frozen_datamodule(ckpt_path, checkpoint, data_dir, num_workers)
-    predictor = Predictor.from_checkpoint(ckpt_path, device_of(device), tta="none")
+    predictor = Predictor.from_checkpoint(ckpt_path, torch_device, tta="none")
     before = predictor.net.temperature  # a checkpoint calibrated before: fitted again from the raw logits
     predictor.net.temperature = 1.0
     logits = {split: split_logits(predictor, datamodule, split) for split in datamodule.datasets}
@@ -95,11 +96,14 @@ def calibrate_checkpoint(
 
 
 def device_of(name: str) -> torch.device:
-    """`--device` as a torch device, or a one-line error naming it."""
+    """`--device` as a torch device this machine has, or a one-line error naming it."""
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"--device {name} is not a device torch knows: {error}") from error
+        raise ValueError(f"--device {name} is not a device torch knows (such as cpu, cuda, cuda:1 or mps)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu")
+    return device
 
 
 def check_writable(output: Path, ckpt_path: Path) -> None:

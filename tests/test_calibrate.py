@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,9 @@ def test_calibrate_refuses_what_it_cannot_fit_or_write(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     checkpoint = torch.load(trained, weights_only=True)
+    table = zlib.decompress(checkpoint["ImageFolderDataModule"]["splits"]).decode()
+    checkpoint["ImageFolderDataModule"]["splits"] = zlib.compress(table.replace(",val,", ",train,").encode())
+    torch.save(checkpoint, no_val := tmp_path / "no_val.ckpt")  # as if trained with --data.val_fraction 0
     del checkpoint["ImageFolderDataModule"]["splits"]  # as written before checkpoints froze their split
     torch.save(checkpoint, unsplit := tmp_path / "unsplit.ckpt")
     a_file = tmp_path / "notes.txt"
@@ -193,6 +197,10 @@ def test_calibrate_refuses_what_it_cannot_fit_or_write(
         ("--ckpt_path", str(unsplit)): f"error: --ckpt_path {unsplit} records no frozen split (it predates split "
         "tables), so the images its run validated on are unknown; calibrating on others could fit on training "
         "images. Retrain, then calibrate.",
+        ("--ckpt_path", str(no_val)): f"error: --ckpt_path {no_val}: its run held out no validation images, so "
+        "there is nothing to fit on",
+        ("--ckpt_path", str(trained), "--device", "gpu0"): "error: --device gpu0 is not a device torch knows (such "
+        "as cpu, cuda, cuda:1 or mps)",
         ("--ckpt_path", str(trained), "--output", str(a_file / "x.ckpt")): f"error: --output {a_file / 'x.ckpt'}: "
         f"its folder {a_file} does not exist or is not a folder",
         ("--ckpt_path", str(trained), "--output", str(trained)): f"error: --output {trained} is the checkpoint being "
@@ -202,4 +210,4 @@ def test_calibrate_refuses_what_it_cannot_fit_or_write(
         with pytest.raises(SystemExit):
             main(["calibrate", *args])
         assert capsys.readouterr().err.splitlines() == [message, "(--verbose shows the traceback)"]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "unsplit.ckpt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["no_val.ckpt", "notes.txt", "unsplit.ckpt"]
