@@ -19,6 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from classifier.calibrate import calibrate
 from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.console import VERBOSE_FLAG, configure_logging, quiet_third_party
@@ -84,7 +85,8 @@ class ClassifierCLI(LightningCLI):
                 "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
                 "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
-                "training runs under DIR (default lightning_logs). Add --verbose anywhere for every warning and the "
+                "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
+                "temperature that calibrates X's probabilities. Add --verbose anywhere for every warning and the "
                 "traceback of an error.",
             },
             args=args,
@@ -334,6 +336,8 @@ def cli_main(args: ArgsType = None) -> None:
         cross_validate(argv[1:])
     elif isinstance(argv, list) and argv[:1] == ["runs"]:  # reads run folders, runs no trainer
         list_runs(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["calibrate"]:  # fits one number on saved logits, no trainer
+        calibrate(argv[1:])
     else:
         ClassifierCLI(args=args)
 

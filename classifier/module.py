@@ -69,6 +69,7 @@ class ImageClassifier(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict | None = None,
+        temperature: float = 1.0,
     ) -> None:
         """
         Args:
@@ -105,6 +106,8 @@ class ImageClassifier(LightningModule):
                 step, over the whole run (`trainer.max_epochs` or `trainer.max_steps`).
             preprocessing: The eval preprocessing (timm data config) the network is trained for (linked from the
                 datamodule); None resolves the backbone's own.
+            temperature: Divides the logits of test and predict: set by `classifier calibrate`, which writes it
+                into a new checkpoint. fit and lr_find train at 1.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -112,7 +115,9 @@ class ImageClassifier(LightningModule):
         num_classes = len(self.class_names)
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
-        self.net = ClassifierNet(backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing)
+        self.net = ClassifierNet(
+            backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing, temperature
+        )
         self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
         if isinstance(class_weights, list):
             self.criterion.weight.copy_(torch.tensor(class_weights))
@@ -134,6 +139,12 @@ class ImageClassifier(LightningModule):
     def setup(self, stage: str) -> None:
         """Class weights come from the train split, known only once the datamodule is set up; the memory layout
         and compilation from the device, known only once the trainer is."""
+        if stage == "fit" and self.net.temperature != 1.0:
+            raise ValueError(
+                f"--model.temperature is {self.net.temperature}: fit and lr_find train the unscaled logits, so they "
+                "need 1 (a checkpoint written by `classifier calibrate` is for test and predict; resume from the one "
+                "it was calibrated from)"
+            )
         if stage == "fit" and self.hparams.class_weights == "auto":
             counts = self.trainer.datamodule.class_counts
             self.criterion.weight.copy_(inverse_frequency_weights(counts, self.class_names))

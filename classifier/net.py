@@ -66,7 +66,11 @@ def mlp_head(features: int, hidden: list[int] | None, num_classes: int, drop_rat
 
 
 class ClassifierNet(nn.Module):
-    """Normalised images in, class logits out; carries the class names and the preprocessing it expects."""
+    """Normalised images in, class logits out; carries the class names and the preprocessing it expects.
+
+    `temperature` divides the logits (temperature scaling, fitted by `classifier calibrate`), so that every consumer
+    of the network (test, predict, `Predictor`, export, serving) gets calibrated probabilities with no code of its own.
+    """
 
     def __init__(
         self,
@@ -76,6 +80,7 @@ class ClassifierNet(nn.Module):
         image_size: int | None = None,
         head_hidden_dims: list[int] | None = None,
         preprocessing: dict | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.backbone_name = backbone
@@ -84,6 +89,9 @@ class ClassifierNet(nn.Module):
         self.image_size = image_size
         self.head_hidden_dims = list(head_hidden_dims) if head_hidden_dims else None
         self.preprocessing = dict(preprocessing or resolve_preprocessing(backbone, image_size))
+        if not temperature > 0:
+            raise ValueError(f"the temperature must be positive, not {temperature}")
+        self.temperature = float(temperature)
         num_classes = len(self.class_names)
         self.backbone = create_backbone(backbone, self._backbone_outputs, drop_rate, image_size)
         self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
@@ -99,7 +107,7 @@ class ClassifierNet(nn.Module):
         load_pretrained(self.backbone, self.backbone_name, pretrained, kwargs)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.backbone(images))
+        return self.head(self.backbone(images)) / self.temperature
 
     def config(self) -> dict[str, Any]:
         """The constructor's arguments, as plain data: enough to rebuild this network anywhere."""
@@ -110,6 +118,7 @@ class ClassifierNet(nn.Module):
             "image_size": self.image_size,
             "head_hidden_dims": self.head_hidden_dims,
             "preprocessing": self.preprocessing,
+            "temperature": self.temperature,
         }
 
     def classifier_parameters(self) -> list[nn.Parameter]:
