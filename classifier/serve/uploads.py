@@ -98,7 +98,7 @@ def decode(upload: Upload, max_pixels: int, allowed: tuple[str, ...] = ALLOWED_T
     try:
         image = Image.open(io.BytesIO(upload.data), formats=[kind])  # reads the header only
     except Image.DecompressionBombError:
-        raise Refused(413, "too_many_pixels", f"{upload.name} claims more than {max_pixels} pixels") from None
+        raise Refused(413, "too_many_pixels", f"{upload.name} claims too many pixels to decode safely") from None
     except Exception as error:  # noqa: BLE001 - any header the decoder rejects is a bad upload, not a server error
         raise Refused(422, "undecodable", f"{upload.name} cannot be read as {kind}: {error}") from None
     width, height = image.size
