@@ -309,7 +309,7 @@ def test_clients_that_disconnect_or_stall_give_their_queue_slot_back(trained: di
         return {}
 
     async def scenario() -> tuple[dict, dict, httpx.Response, str]:
-        app = create_app(backend, max_queue=1, batch_timeout_ms=10_000, max_batch_size=2)
+        app = create_app(backend, max_queue=1, batch_timeout_ms=10_000, max_batch_size=2, read_timeout_s=0.5)
         async with serving(app) as client:
             disconnected = await asgi_post(app, [image], end_then_disconnect, {})
             gone.clear()
