@@ -84,7 +84,8 @@ class ClassifierCLI(LightningCLI):
                 "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
                 "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
-                "training runs under DIR (default lightning_logs). Add --verbose anywhere for every warning and the "
+                "training runs under DIR (default lightning_logs); `classifier export --ckpt_path X` exports a "
+                "checkpoint (see `classifier export --help`). Add --verbose anywhere for every warning and the "
                 "traceback of an error.",
             },
             args=args,
@@ -334,6 +335,10 @@ def cli_main(args: ArgsType = None) -> None:
         cross_validate(argv[1:])
     elif isinstance(argv, list) and argv[:1] == ["runs"]:  # reads run folders, runs no trainer
         list_runs(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["export"]:  # a checkpoint to ONNX & co., runs no trainer
+        from classifier.export import export_command  # onnx and onnxruntime: the [export] extra
+
+        export_command(argv[1:])
     else:
         ClassifierCLI(args=args)
 
