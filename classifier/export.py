@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -59,7 +60,9 @@ def export_net(
 ) -> dict:
     """Write `net` (in eval mode, whatever its mode now) to `path` as `format`, with `description` (preprocess.json)
     inside the file; returns the description with the exporter that was used."""
-    model = ExportedModel(net, tta, softmax).eval().requires_grad_(False)
+    model = ExportedModel(copy.deepcopy(net), tta, softmax)  # a copy: the caller's network keeps its mode
+    model.eval().requires_grad_(False)
+
     _, height, width = net.preprocessing["input_size"]
     # size-1 dimensions get specialised, so a dynamic batch is traced at 2
     example = torch.randint(0, 256, (2 if dynamic_batch else 1, 3, height, width), dtype=torch.uint8)
@@ -77,11 +80,11 @@ def export_net(
         torch.export.save(program, path, extra_files={"preprocess.json": json.dumps(description)})
     elif format == "torchscript":
         log.warning("TorchScript is deprecated upstream (PyTorch recommends torch.export); traced with torch.jit")
+        description["exporter"] = "torch.jit.trace"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation, said once above
             traced = torch.jit.trace(model, example)
-        description["exporter"] = "torch.jit.trace"
-        torch.jit.save(traced, str(path), _extra_files={"preprocess.json": json.dumps(description)})
+            torch.jit.save(traced, str(path), _extra_files={"preprocess.json": json.dumps(description)})
     else:
         raise ValueError(f"--format {format}: choose one of {', '.join(FILES)}")
     return description
