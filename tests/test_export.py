@@ -40,10 +40,10 @@ def tiny(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled digits model (configs/resnet18.yaml on data/digits), 2 epochs of its 15, tested."""
+    """The bundled digits model (configs/resnet18.yaml on data/digits), 4 epochs of its 15 (about 98%), tested."""
     root = tmp_path_factory.mktemp("digits")
     logger = ["--trainer.logger.init_args.save_dir", str(root)]
-    cli_main(["fit", "--config", str(REPO / "configs" / "resnet18.yaml"), "--trainer.max_epochs", "2",
+    cli_main(["fit", "--config", str(REPO / "configs" / "resnet18.yaml"), "--trainer.max_epochs", "4",
               "--data.data_dir", str(REPO / "data" / "digits"), *logger])  # fmt: skip
     best = root / "resnet18" / "version_0" / "checkpoints" / "best.ckpt"
     cli_main(["test", "--ckpt_path", str(best)])
@@ -223,7 +223,7 @@ def test_int8_keeps_the_digits_models_accuracy(digits: Path, tmp_path: Path) -> 
     parity = json.loads((out / "parity.json").read_text())
     int8 = parity["int8"]
     assert parity["passed"] and int8["passed"] and int8["calibration"] == "200 train split images"
-    assert parity["count"] == 270 and int8["top1_agreement"] >= 0.97
+    assert parity["count"] == 270 and int8["top1_agreement"] >= 0.99
     assert int8["accuracy_change_points"] >= -1.0
     assert int8["accuracy"] == pytest.approx(parity["pytorch_accuracy"] + int8["accuracy_change_points"] / 100)
     predictor = OnnxPredictor(out / "model.int8.onnx")
