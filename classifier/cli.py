@@ -86,7 +86,9 @@ class ClassifierCLI(LightningCLI):
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
                 "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
                 "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
-                "temperature that calibrates X's probabilities. Add --verbose anywhere for every warning and the "
+                "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
+                "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
+                "ONNX file over HTTP (see `classifier serve --help`). Add --verbose anywhere for every warning and the "
                 "traceback of an error.",
             },
             args=args,
@@ -338,6 +340,10 @@ def cli_main(args: ArgsType = None) -> None:
         list_runs(argv[1:])
     elif isinstance(argv, list) and argv[:1] == ["calibrate"]:  # fits one number on saved logits, no trainer
         calibrate(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["export"]:  # a checkpoint to ONNX & co., runs no trainer
+        from classifier.export import export_command  # onnx and onnxruntime: the [export] extra
+
+        export_command(argv[1:])
     else:
         ClassifierCLI(args=args)
 

@@ -24,7 +24,8 @@ from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.checkpoints import read_checkpoint
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
-from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, list_images, load_rgb, presize
+from classifier.imageio import list_images, load_rgb
+from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
 from classifier.samplers import Key, seeded, split_key, training_sampler
 from classifier.splits import Splits, build_splits, read_splits

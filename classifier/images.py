@@ -1,4 +1,7 @@
-"""Reading image files as correct RGB, whatever mode a real folder holds them in."""
+"""Image files for training and evaluation: presized tensors, JPEG sizes for the GPU decoder, decode checks.
+
+The decoding rules themselves (every mode to upright RGB) live in the torch-free `classifier.imageio`.
+"""
 
 from __future__ import annotations
 
@@ -8,65 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms
 
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+from classifier.imageio import load_rgb
+
 EXIF_ORIENTATION = 0x0112
 JPEG_EXTENSIONS = (".jpeg", ".jpg")
-
-
-def is_image_file(path: Path) -> bool:
-    """Hidden files (`.DS_Store`, `._x.jpg`) and non-image files (`Thumbs.db`) are never samples."""
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def list_images(root: Path) -> list[Path]:
-    """Every image below `root`, sorted, skipping hidden folders such as `.ipynb_checkpoints`."""
-    return sorted(
-        path
-        for path in root.rglob("*")
-        if is_image_file(path)
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parent.parts)
-    )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB; `convert("RGB")` alone saturates 16-bit images and keeps garbage under transparency."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
-        if image.mode in SIXTEEN_BIT_MODES or array.max() > 255:
-            array = array / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        if array.max() <= 1.0:
-            array = array * 255.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ALPHA_MODES:
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
-    """Decode one file to RGB; the file is closed before returning.
-
-    With `min_size`, a JPEG decodes at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least
-    `min_size` (DCT-domain downscaling, several times faster than a full decode followed by a resize).
-    """
-    with Image.open(path) as image:
-        if min_size:
-            image.draft(image.mode, (min_size, min_size))
-        return to_rgb(image)
 
 
 def presize(path: Path, size: int | None, interpolation: str, training: bool = False) -> Tensor:

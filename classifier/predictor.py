@@ -12,7 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from classifier.checkpoints import read_checkpoint
-from classifier.images import load_rgb, to_rgb
+from classifier.imageio import as_rgb_image
 from classifier.net import ClassifierNet, eval_transform, normalisation
 from classifier.tta import TTA, predict_logits
 
@@ -65,15 +65,7 @@ class Predictor:
 
     def preprocess(self, image: ImageInput) -> Tensor:
         """One image (a path, a PIL image or an HWC/HW uint8 array) as the uint8 CHW tensor the network sees."""
-        if isinstance(image, (str, Path)):
-            return self.transform(load_rgb(Path(image)))
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                raise ValueError(f"arrays must be uint8 HWC RGB or HW grey images, not {image.dtype}")
-            image = Image.fromarray(image)
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"cannot predict on a {type(image).__name__}: pass paths, PIL images or uint8 arrays")
-        return self.transform(to_rgb(image))
+        return self.transform(as_rgb_image(image))
 
     @torch.inference_mode()
     def predict_batch(self, images: Tensor) -> Tensor:

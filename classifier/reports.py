@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from classifier.images import load_rgb
+from classifier.imageio import load_rgb
 
 ECE_BINS = 15
 

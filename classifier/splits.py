@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from classifier.images import IMAGE_EXTENSIONS, is_image_file, list_images
+from classifier.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more

@@ -64,3 +64,23 @@ def test_bundled_digits_benchmark_scores_the_run_and_the_svm_on_one_split(tmp_pa
     assert [json.loads(path.read_text())["test/acc"] for path in tests[-1:]] == [row["acc_flip"]]
     assert row["seed"] == 3 and row["fit_s"] > 0 and 0.95 < row["svm_acc"] <= 1  # RBF SVM on raw 8x8 pixels
     assert "min–max" in result.stdout and "svm_acc" in result.stdout
+
+
+@pytest.mark.slow
+def test_inference_benchmark_times_every_runtime_against_eager(tmp_path: Path) -> None:
+    out = tmp_path / "inference.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "inference.py"), "--models", "test_resnet", "--quick"]
+    result = subprocess.run([*command, "--image-size", "32", "--batch", "8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())["test_resnet"]
+    runtimes = figures["runtimes"]
+    assert list(runtimes) == ["eager", "compile", "ort_fp32", "ort_int8", "torch_free_e2e"]
+    assert runtimes["eager"]["p50_vs_eager"] == 1.0 and runtimes["eager"]["img_s_vs_eager"] == 1.0
+    for name, f in runtimes.items():
+        assert 0 < f["p50_ms"] <= f["p95_ms"] and f["img_s"] > 0, name
+        assert f["img_s_vs_eager"] == pytest.approx(f["img_s"] / runtimes["eager"]["img_s"]), name
+    summary = figures["summary"]
+    assert summary["int8_img_s_vs_fp32"] == pytest.approx(runtimes["ort_int8"]["img_s"] / runtimes["ort_fp32"]["img_s"])
+    assert 0 < summary["e2e_share_outside_model"] < 1
+    assert "torch_free_e2e" in result.stdout and "/eager" in result.stdout

@@ -16,6 +16,7 @@ from scipy.special import log_softmax, softmax
 
 from classifier import ClassifierNet, Predictor, cli_main
 from classifier.cli import main
+from classifier.runtime import OnnxPredictor
 from tests.helpers import read_csv, run_dir, tiny_config
 
 SHARPEN = 20.0  # the head's weights and bias times this: the logits too, which makes the model overconfident
@@ -168,6 +169,10 @@ def test_test_and_predict_use_the_calibrated_temperature(
     expected = softmax(independent_logits(overconfident, paths) / temperature, axis=1)
     np.testing.assert_allclose(predicted, expected, atol=1e-5)
     np.testing.assert_allclose(Predictor.from_checkpoint(calibrated).predict(paths).numpy(), expected, atol=1e-5)
+
+    exported = tmp_path / "export"  # the temperature leaves the framework with the network
+    cli_main(["export", "--ckpt_path", str(calibrated), "--output", str(exported), "--check", "none"])
+    np.testing.assert_allclose(OnnxPredictor(exported / "model.onnx").predict(paths), expected, atol=1e-5)
 
 
 def test_calibrate_without_the_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

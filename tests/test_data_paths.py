@@ -17,7 +17,7 @@ from PIL import Image
 from classifier import ImageFolderDataModule, cli_main
 from classifier.data import DeviceCropDataset, ImageDataset, default_num_workers
 from classifier.device_augment import CropBatch, collate_crops
-from classifier.images import list_images, load_rgb
+from classifier.imageio import list_images, load_rgb
 from tests.helpers import run_dir, save_image, tiny_config
 
 SIZE = 32

@@ -4,7 +4,6 @@ imports torch). Both take decoded images and uint8 NCHW batches as numpy arrays.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +31,7 @@ class CheckpointBackend:
     def __init__(self, path: Path) -> None:
         import torch
 
+        from classifier.export import run_test_metrics
         from classifier.predictor import Predictor
 
         self._torch = torch
@@ -67,14 +67,6 @@ class OnnxBackend:
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         return self.predictor.predict_batch(images)
-
-
-def run_test_metrics(checkpoint: Path) -> dict | None:
-    """`classifier test`'s metrics.json for a checkpoint still in its run folder (`<run>/checkpoints/X.ckpt`)."""
-    metrics = checkpoint.parent.parent / "test" / "metrics.json"
-    if checkpoint.parent.name != "checkpoints" or not metrics.is_file():
-        return None
-    return json.loads(metrics.read_text())
 
 
 def load_backend(path: str | Path) -> Backend:
