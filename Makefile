@@ -9,10 +9,10 @@ CONFIG ?= configs/resnet18.yaml
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-install:  ## Create .venv (VENV=...) and install classifier with its test tools
+install:  ## Create .venv (VENV=...) and install classifier with its test tools and every extra
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,export]"
+	$(BIN)/pip install -e ".[dev,export,serve]"
 
 train:  ## Train configs/resnet18.yaml on the bundled digits (CONFIG=... for another)
 	$(BIN)/classifier fit --config $(CONFIG)

@@ -1,3 +1,3 @@
-from classifier.cli import main
+from classifier.entry import main
 
 main()

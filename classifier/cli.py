@@ -87,7 +87,8 @@ class ClassifierCLI(LightningCLI):
                 "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
                 "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
                 "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
-                "checkpoint (see `classifier export --help`). Add --verbose anywhere for every warning and the "
+                "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
+                "ONNX file over HTTP (see `classifier serve --help`). Add --verbose anywhere for every warning and the "
                 "traceback of an error.",
             },
             args=args,

@@ -1,0 +1,98 @@
+"""The model behind the server: a checkpoint through PyTorch, or an `.onnx` file through ONNX Runtime (which never
+imports torch). Both take decoded images and uint8 NCHW batches as numpy arrays."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+
+class Backend(Protocol):
+    name: str
+    path: Path
+    class_names: list[str]
+    preprocessing: dict
+    test_metrics: dict | None
+
+    def preprocess(self, image: Image.Image) -> np.ndarray: ...
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class CheckpointBackend:
+    """A `classifier fit` checkpoint, through `classifier.predictor.Predictor` on the CPU."""
+
+    name = "pytorch"
+
+    def __init__(self, path: Path) -> None:
+        import torch
+
+        from classifier.export import run_test_metrics
+        from classifier.predictor import Predictor
+
+        self._torch = torch
+        self.path = path
+        self.predictor = Predictor.from_checkpoint(path)
+        self.class_names = self.predictor.class_names
+        self.preprocessing = self.predictor.preprocessing
+        self.test_metrics = run_test_metrics(path)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.predictor.preprocess(image).numpy()
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_batch(self._torch.from_numpy(images)).numpy()
+
+
+class OnnxBackend:
+    """An exported `.onnx` file with the preprocessing stored in it, through ONNX Runtime: torch is never imported."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path) -> None:
+        from classifier.runtime import OnnxPredictor
+
+        self.path = path
+        self.predictor = OnnxPredictor(path)
+        self.class_names = self.predictor.class_names
+        self.preprocessing = self.predictor.preprocessing
+        self.test_metrics = self.preprocessing.get("test_metrics")
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.predictor.preprocess(image)
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        return self.predictor.predict_batch(images)
+
+
+def load_backend(path: str | Path) -> Backend:
+    """The backend for a model file: ONNX Runtime for `.onnx`, PyTorch for anything else (a checkpoint)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {path} does not exist")
+    return OnnxBackend(path) if path.suffix.lower() == ".onnx" else CheckpointBackend(path)
+
+
+def sha256(path: Path) -> str:
+    """The model file's hash, so a client can tell which model answered."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe(backend: Backend) -> dict[str, Any]:
+    """What `/info` says about the model."""
+    return {
+        "backend": backend.name,
+        "model": backend.path.name,
+        "model_sha256": sha256(backend.path),
+        "class_names": backend.class_names,
+        "preprocessing": backend.preprocessing,
+        "test_metrics": backend.test_metrics,
+    }

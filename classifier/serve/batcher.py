@@ -1,0 +1,121 @@
+"""Micro-batching: concurrent requests' images are stacked into one batch of up to `max_batch_size`, gathered for at
+most `batch_timeout_ms`, and run in a worker thread so the event loop keeps accepting and reading requests."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class QueueFull(Exception):
+    """More images are waiting than the batcher holds: the client should retry later."""
+
+
+@dataclass(eq=False)
+class _Item:
+    image: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Images in, probabilities out, one call per image; a cancelled call (a client gone) gives its slot back."""
+
+    def __init__(
+        self,
+        predict_batch: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int = 16,
+        batch_timeout_ms: float = 5.0,
+        max_queue: int = 1024,
+        on_batch: Callable[[int, float], None] = lambda size, seconds: None,
+        on_queue: Callable[[int], None] = lambda depth: None,
+    ) -> None:
+        self.predict_batch = predict_batch
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_ms / 1000
+        self.max_queue = max_queue
+        self.on_batch, self.on_queue = on_batch, on_queue
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Called once no request is in flight (uvicorn drains them first); fails any that still wait."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._pending:
+            item.future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def predict(self, image: np.ndarray) -> np.ndarray:
+        """The probabilities of one preprocessed uint8 CHW image, computed in the next batch."""
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"{len(self._pending)} images are waiting; try again shortly")
+        item = _Item(image, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._arrived.set()
+        self.on_queue(len(self._pending))
+        try:
+            return await item.future
+        finally:
+            if item.future.cancelled() and item in self._pending:  # gone before its batch formed
+                self._pending.remove(item)
+                self.on_queue(len(self._pending))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._gather_batch()
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            self.on_queue(len(self._pending))
+            if not batch:  # every waiting client went away
+                continue
+            started = time.perf_counter()
+            try:
+                probabilities = await loop.run_in_executor(
+                    self._executor, self.predict_batch, np.stack([item.image for item in batch])
+                )
+            except asyncio.CancelledError:  # stopped mid-batch
+                for item in batch:
+                    item.future.cancel()
+                raise
+            except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the server goes on
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                continue
+            self.on_batch(len(batch), time.perf_counter() - started)
+            for item, row in zip(batch, probabilities, strict=True):
+                if not item.future.done():
+                    item.future.set_result(row)
+
+    async def _gather_batch(self) -> None:
+        """Wait for a first image, then for more until the batch is full or the timeout has passed."""
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = asyncio.get_running_loop().time() + self.batch_timeout_s
+        while len(self._pending) < self.max_batch_size:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
