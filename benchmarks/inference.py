@@ -1,8 +1,8 @@
 """Inference speed in one run, on the same images: PyTorch eager, torch.compile, ONNX Runtime fp32 and int8, and the
 torch-free `OnnxPredictor` end to end (JPEG decode, resize, crop and model).
 
-    python benchmarks/inference.py --out inference.json           # ResNet-18 and EfficientNet-B0 at 224 px + digits
-    python benchmarks/inference.py --models test_resnet --image-size 32 --quick   # a smoke run, seconds
+    python -m benchmarks.inference --out inference.json           # ResNet-18 and EfficientNet-B0 at 224 px + digits
+    python -m benchmarks.inference --models test_resnet --image-size 32 --quick   # a smoke run, seconds
 
 Random weights for the 224-px models (none can be downloaded); the bundled digits model is the newest
 `lightning_logs/resnet18/version_*/checkpoints/best.ckpt` (`make train`), or `--digits CKPT`. Every model sees the

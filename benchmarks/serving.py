@@ -1,8 +1,8 @@
 """`classifier serve` under load, next to the same ONNX model's offline batched throughput, measured in the same run.
 
-    python benchmarks/serving.py --model best.ckpt --out serving.json        # exports to ONNX first
-    python benchmarks/serving.py --model model.onnx --images data/digits     # 2,000 requests per concurrency
-    python benchmarks/serving.py --model best.ckpt --quick                    # a smoke run: 40 requests each
+    python -m benchmarks.serving --model best.ckpt --out serving.json        # exports to ONNX first
+    python -m benchmarks.serving --model model.onnx --images data/digits     # 2,000 requests per concurrency
+    python -m benchmarks.serving --model best.ckpt --quick                    # a smoke run: 40 requests each
 
 The server runs on 127.0.0.1 in its own process; the client (httpx) sends a bounded number of one-image requests at
 each concurrency (1, 8, 32) and stops. Per concurrency: p50, p95 and p99 latency, images/s, and errors (any answer

@@ -69,7 +69,7 @@ def test_bundled_digits_benchmark_scores_the_run_and_the_svm_on_one_split(tmp_pa
 @pytest.mark.slow
 def test_inference_benchmark_times_every_runtime_against_eager(tmp_path: Path) -> None:
     out = tmp_path / "inference.json"
-    command = [sys.executable, str(REPO / "benchmarks" / "inference.py"), "--models", "test_resnet", "--quick"]
+    command = [sys.executable, "-m", "benchmarks.inference", "--models", "test_resnet", "--quick"]  # as the README
     result = subprocess.run([*command, "--image-size", "32", "--batch", "8", "--out", str(out)],
                             capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
