@@ -24,8 +24,8 @@ test-fast:  ## Run the tests not marked slow
 	$(BIN)/pytest -m "not slow"
 
 lint:  ## Check style with ruff
-	$(BIN)/ruff check classifier tests benchmarks
-	$(BIN)/ruff format --check classifier tests benchmarks
+	$(BIN)/ruff check classifier tests benchmarks examples
+	$(BIN)/ruff format --check classifier tests benchmarks examples
 
 data:  ## Rewrite the bundled digits under data/digits from scikit-learn
 	$(BIN)/python -m classifier.digits data/digits

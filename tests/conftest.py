@@ -1,11 +1,22 @@
-"""Shared fixtures: real digit images on disk."""
+"""Shared fixtures: real digit images on disk; one thread per test process when pytest-xdist runs several."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+# the CLI, imported before pytest collects the test modules, as `import classifier` did before it became lazy:
+# imported later, in-process `cli_main` calls under pytest parsed `--trainer.limit_test_batches 1` as 1.0 (every
+# batch) instead of one batch (tests/test_runs.py, tests/test_cv.py); the `classifier` command parses it as 1
+import classifier.cli  # noqa: F401
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversubscribed threads only thrash
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the `classifier` processes the tests start, too
+    torch.set_num_threads(1)
 
 from classifier.digits import write_digits
 
