@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# the CLI, imported before pytest collects the test modules, as `import classifier` did before it became lazy:
-# imported later, in-process `cli_main` calls under pytest parsed `--trainer.limit_test_batches 1` as 1.0 (every
-# batch) instead of one batch (tests/test_runs.py, tests/test_cv.py); the `classifier` command parses it as 1
+# Lightning before scikit-learn's datasets (which `classifier.digits` imports): typing caches unions by equality, so
+# once sklearn.datasets has built `Optional[Union[float, int]]`, Lightning's `Optional[Union[int, float]]` for
+# `limit_*_batches` comes back as that object, jsonargparse tries float first, and `--trainer.limit_test_batches 1`
+# (one batch) parses as 1.0 (every batch). The `classifier` command imports Lightning first; so do the tests.
 import classifier.cli  # noqa: F401
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversubscribed threads only thrash
