@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import warnings
@@ -19,7 +18,7 @@ from classifier.checkpoints import read_checkpoint
 from classifier.net import ClassifierNet, normalisation
 from classifier.parity import BATCH_SIZES, calibration_images, check_images, check_parity, check_quantized
 from classifier.predictor import Predictor
-from classifier.preprocess import METADATA_KEY, describe, write_preprocess
+from classifier.preprocess import METADATA_KEY, describe, file_sha256, write_preprocess
 from classifier.tta import TTA, predict_logits
 
 log = logging.getLogger(__name__)
@@ -27,7 +26,6 @@ log = logging.getLogger(__name__)
 FILES = {"onnx": "model.onnx", "exported_program": "model.pt2", "torchscript": "model.torchscript.pt"}
 INT8_FILE = "model.int8.onnx"
 INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
-HASH_CHUNK = 1 << 20
 
 
 class ExportedModel(nn.Module):
@@ -116,15 +114,6 @@ def embed_metadata(path: Path, description: dict) -> None:
     del model.metadata_props[:]
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(description))
     onnx.save(model, path)
-
-
-def file_sha256(path: Path) -> str:
-    """The checkpoint's hash, so an exported model names exactly the weights it holds."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def run_test_metrics(ckpt_path: Path) -> dict | None:

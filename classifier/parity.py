@@ -63,8 +63,7 @@ def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels:
 
 def reference(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
     """The checkpoint's probabilities for uint8 NCHW pixels."""
-    chunks = (pixels[start : start + REFERENCE_BATCH] for start in range(0, len(pixels), REFERENCE_BATCH))
-    return np.concatenate([predictor.predict_batch(torch.from_numpy(chunk)).numpy() for chunk in chunks])
+    return in_batches(lambda chunk: predictor.predict_batch(torch.from_numpy(chunk)).numpy(), pixels, REFERENCE_BATCH)
 
 
 def random_images(predictor: Predictor) -> CheckImages:

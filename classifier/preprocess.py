@@ -7,6 +7,7 @@ transform through torchvision), with Pillow alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 PREPROCESS_FILE = "preprocess.json"
 METADATA_KEY = "classifier.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
+HASH_CHUNK = 1 << 20
 PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -33,6 +35,15 @@ def resize_size(preprocessing: dict) -> list[int]:
     _, height, width = preprocessing["input_size"]
     crop_pct = preprocessing.get("crop_pct") or 0.875
     return [math.floor(height / crop_pct), math.floor(width / crop_pct)]
+
+
+def file_sha256(path: Path) -> str:
+    """A model or checkpoint file's SHA-256, so that an export or a server names exactly the weights it holds."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def describe(net_config: dict, checkpoint_sha256: str, test_metrics: dict | None, **export: Any) -> dict[str, Any]:

@@ -3,12 +3,13 @@ imports torch). Both take decoded images and uint8 NCHW batches as numpy arrays.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
+
+from classifier.preprocess import file_sha256
 
 
 class Backend(Protocol):
@@ -77,21 +78,12 @@ def load_backend(path: str | Path) -> Backend:
     return OnnxBackend(path) if path.suffix.lower() == ".onnx" else CheckpointBackend(path)
 
 
-def sha256(path: Path) -> str:
-    """The model file's hash, so a client can tell which model answered."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe(backend: Backend) -> dict[str, Any]:
     """What `/info` says about the model."""
     return {
         "backend": backend.name,
         "model": backend.path.name,
-        "model_sha256": sha256(backend.path),
+        "model_sha256": file_sha256(backend.path),
         "class_names": backend.class_names,
         "preprocessing": backend.preprocessing,
         "test_metrics": backend.test_metrics,
