@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
 
-from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
+from classifier.checkpoints import read_checkpoint
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import print_table
 from classifier.module import classification_metrics
@@ -129,11 +129,7 @@ def frozen_datamodule(
             f"--ckpt_path {ckpt_path} records no frozen split (it predates split tables), so the images its run "
             "validated on are unknown; calibrating on others could fit on training images. Retrain, then calibrate."
         )
-    settings = {k: v for k, v in saved.items() if not k.startswith("_") and f"data.{k}" not in MACHINE_SETTINGS}
-    if data_dir:
-        settings["data_dir"] = data_dir
-    datamodule = ImageFolderDataModule(**settings, num_workers=num_workers)
-    datamodule.use_checkpoint(ckpt_path)
+    datamodule = ImageFolderDataModule.from_checkpoint(ckpt_path, data_dir, num_workers=num_workers)
     held_out = set(datamodule.splits.split.tolist())
     if "val" not in held_out:
         raise ValueError(

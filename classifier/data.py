@@ -22,7 +22,7 @@ from torchvision.transforms import TrivialAugmentWide
 
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
-from classifier.checkpoints import read_checkpoint
+from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.imageio import list_images, load_rgb
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, presize
@@ -274,6 +274,16 @@ class ImageFolderDataModule(LightningDataModule):
         stored = self._checkpoint_preprocessing
         config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
         return config
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, data_dir: str | None = None, **machine: Any) -> ImageFolderDataModule:
+        """The data of a checkpoint's run, outside a trainer: its saved settings less the machine's (`machine` gives
+        those), its frozen split and its preprocessing; `data_dir` where the images are now, if they moved."""
+        saved = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+        settings = {k: v for k, v in saved.items() if not k.startswith("_") and f"data.{k}" not in MACHINE_SETTINGS}
+        datamodule = cls(**settings | ({"data_dir": data_dir} if data_dir else {}), **machine)
+        datamodule.use_checkpoint(path)
+        return datamodule
 
     def use_checkpoint(self, path: Path) -> None:
         """Evaluate, predict or resume with `path`'s split and preprocessing rather than those of the folder and

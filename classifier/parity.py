@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ from classifier.data import ImageFolderDataModule
 from classifier.imageio import list_images
 from classifier.predictor import Predictor
 from classifier.runtime import OnnxPredictor, softmax
-from classifier.splits import read_splits
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +39,11 @@ class CheckImages:
 
 def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | None) -> tuple[list[Path], list[int]]:
     """The files of split `name` recorded in the checkpoint, as `classifier test` finds them, checked unchanged."""
-    table = (checkpoint.get(ImageFolderDataModule.__qualname__) or {}).get("splits")
-    if table is None:
+    if not (checkpoint.get(ImageFolderDataModule.__qualname__) or {}).get("splits"):
         raise LookupError(f"{ckpt_path} records no frozen split")
-    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
-    source = f"checkpoint {ckpt_path}"
-    root = Path(data_dir or hparams.get("data_dir", "."))
-    text = zlib.decompress(table).decode()
-    splits = read_splits(text, source, root, hparams.get("classes"), hparams.get("num_folds"), hparams.get("fold", 0))
-    splits.verify(name, source)
-    return splits.subset(name)
+    datamodule = ImageFolderDataModule.from_checkpoint(ckpt_path, data_dir, num_workers=0)
+    datamodule.splits.verify(name, datamodule.split_source)
+    return datamodule.splits.subset(name)
 
 
 def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels: list[int] | None) -> CheckImages:
