@@ -10,6 +10,8 @@ from typing import Any
 import timm
 from torch import nn
 
+from classifier.checkpoints import loading
+
 log = logging.getLogger(__name__)
 
 
@@ -66,11 +68,9 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
     """Load a timm/torchvision state dict or a checkpoint of this project, dropping a head of another shape."""
     if not path.is_file():
         raise FileNotFoundError(f"--model.pretrained {path} does not exist")
-    try:
+    with loading("--model.pretrained", path):
         # weights_only (not the default before timm 1.0.26); unwraps state_dict/model, strips module.
         state = timm.models.load_state_dict(str(path), weights_only=True)
-    except Exception as error:
-        raise ValueError(f"--model.pretrained {path} is not a readable weights file: {error}") from error
     for prefix in ("net.backbone.", "backbone."):  # a checkpoint of this project (before net.py: backbone.)
         if any(key.startswith(prefix) for key in state):
             state = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}

@@ -3,8 +3,11 @@ settings they do not carry."""
 
 from __future__ import annotations
 
+import contextlib
 import pickle
-import zipfile
+import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,9 @@ import torch
 MACHINE_SETTINGS = frozenset(
     {"data.num_workers", "data.decode", "data.cache", "data.predict_dir", "model.channels_last", "model.compile"}
 )
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; only it can be memory-mapped
+FORBIDDEN_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global|Unsupported globals: ([\w.]+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, Any]:
@@ -24,15 +30,40 @@ def read_checkpoint(path: str | Path, option: str = "--ckpt_path") -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{option} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{option} {path} holds objects other than tensors and plain data, which could run code when loaded, "
-            f"so it was not loaded. Pass a checkpoint written by `classifier fit`. ({str(error)[:300]})"
-        ) from error
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile) as error:  # not a torch.save zip, cut short
-        raise ValueError(
-            f"{option} {path} is not a readable checkpoint (truncated, or not written by torch.save?): "
-            f"{str(error)[:300]}"
-        ) from error
+    with open(path, "rb") as file:
+        zipped = file.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    with loading(option, path):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+
+
+@contextlib.contextmanager
+def loading(option: str, path: Path) -> Iterator[None]:
+    """Around a `torch.load(weights_only=True)`, ours or timm's: whatever it raises, one line naming the file."""
+    with warnings.catch_warnings():  # torch's note on a plain pickle's protocol, which is refused anyway
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - refused or unreadable, the user learns which and of what file
+            raise unreadable(option, path, error) from error
+
+
+def unreadable(option: str, path: Path, error: BaseException) -> ValueError:
+    """A pickle that `weights_only` refused, an empty file, or one cut short or of another format."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        found = FORBIDDEN_GLOBAL.search(str(cause)) or FORBIDDEN_GLOBAL.search(str(error))
+        calls = f" (it calls {found[1] or found[2]})" if found else ""
+        return ValueError(
+            f"{option} {path} holds pickled objects other than tensors and plain data{calls}, which could run code "
+            "when loaded, so it was not loaded. Use a checkpoint written by `classifier fit`, or weights saved as "
+            ".safetensors or as a state dict of tensors"
+        )
+    if path.stat().st_size == 0:
+        return ValueError(f"{option} {path} is empty (0 bytes): a save or copy that never wrote? Use another file")
+    detail = ANSI.sub("", str(error)).strip().split(". ")[0].splitlines()
+    return ValueError(
+        f"{option} {path} is not a readable checkpoint ({path.stat().st_size} bytes): cut short by an unfinished "
+        f"save or copy, or not written by torch.save ({type(error).__name__}: {detail[0] if detail else 'no detail'})"
+    )

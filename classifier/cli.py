@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
+from argparse import ArgumentError
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +24,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from classifier.calibrate import calibrate
 from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
-from classifier.console import VERBOSE_FLAG, configure_logging, quiet_third_party
+from classifier.console import (
+    DEBUG_ENV,
+    USAGE_ERROR,
+    ExitCodes,
+    configure_logging,
+    debug_requested,
+    exit_codes,
+    parse_error_line,
+    quiet_third_party,
+)
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
@@ -45,8 +56,11 @@ EVAL_SETTINGS = frozenset({"model.tta"})
 EVALUATIONS = ("validate", "test", "predict")
 # Lightning's names for a checkpoint its own trainer made or finds: none exists in a fresh evaluation process
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
-# what a user can fix: the command prints their message on one line, and the traceback with --verbose
-USER_ERRORS = (OSError, ValueError, MisconfigurationException)
+# what a user can fix: the command prints their message on one line, and the traceback with --debug
+USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
+# the exit status of each kind of error, first match first: the user's mistakes (options, config, input files) 2, as
+# the parser's own errors; any error not listed is a bug and keeps its traceback (Python's status 1)
+EXIT_CODES: ExitCodes = ((USER_ERRORS, USAGE_ERROR),)
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 
@@ -55,17 +69,18 @@ class ClassifierArgumentParser(LightningArgumentParser):
     """Puts a parse error first, with the closest option names, instead of after a hundred lines of usage."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or debug_mode_active():
+        if not self.exit_on_error or debug_mode_active() or debug_requested([])[0]:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [option for action in parser._actions for option in action.option_strings]
-        lines = [f"error: {message}"]
-        for typo in (word.partition("=")[0] for word in message.split() if word.startswith("--")):
+        line = f"error: {parse_error_line(message)}"
+        for typo in (word.partition("=")[0].rstrip(":") for word in message.split() if word.startswith("--")):
             if typo not in options and (close := difflib.get_close_matches(typo, options, n=3, cutoff=0.75)):
-                lines.append(f"{typo}: did you mean {' or '.join(close)}?")
-        lines.append(f"`{parser.prog.replace(' [options]', '')} --help` lists every option.")
-        sys.stderr.write("\n".join(lines) + "\n")
-        self.exit(2)
+                line += f" ({typo}: did you mean {' or '.join(close)}?)"
+            elif typo in options and message.endswith("expected one argument"):
+                line += f" (a value that starts with '-' goes as {typo}=VALUE)"
+        sys.stderr.write(f"{line}\n`{parser.prog.replace(' [options]', '')} --help` lists every option.\n")
+        self.exit(USAGE_ERROR)
 
 
 class ClassifierCLI(LightningCLI):
@@ -88,7 +103,7 @@ class ClassifierCLI(LightningCLI):
                 "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
                 "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
                 "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
-                "ONNX file over HTTP (see `classifier serve --help`). Add --verbose anywhere for every warning and the "
+                "ONNX file over HTTP (see `classifier serve --help`). Add --debug anywhere for every warning and the "
                 "traceback of an error.",
             },
             args=args,
@@ -349,18 +364,18 @@ def cli_main(args: ArgsType = None) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `classifier` command: third-party noise hidden and a user's error on one line, unless
-    `--verbose` (anywhere on the line) asks for every warning and the traceback."""
-    argv = list(sys.argv[1:] if args is None else args)
-    verbose = VERBOSE_FLAG in argv
-    argv = [arg for arg in argv if arg != VERBOSE_FLAG]
+    """Entry point of the `classifier` command: third-party noise hidden and a user's error on one line with its exit
+    status (`EXIT_CODES`), unless `--debug`/`--verbose` (anywhere on the line) or CLASSIFIER_DEBUG=1 asks for every
+    warning and the traceback."""
+    debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
     if args is None:  # LightningCLI reads sys.argv itself, and warns when given the same arguments
         sys.argv[1:], argv = argv, None
+    debug_env = os.environ.get(DEBUG_ENV)
+    if debug:  # the parser's errors too, here and in the processes a run starts
+        os.environ[DEBUG_ENV] = "1"
     try:
-        with quiet_third_party(verbose):
+        with exit_codes(EXIT_CODES, debug), quiet_third_party(debug):
             cli_main(argv)
-    except USER_ERRORS as error:
-        if verbose:
-            raise
-        sys.stderr.write(f"error: {error}\n(--verbose shows the traceback)\n")
-        sys.exit(1)
+    finally:
+        if debug_env is None:
+            os.environ.pop(DEBUG_ENV, None)

@@ -1,20 +1,32 @@
-"""What the `classifier` command shows: its own log lines, one-line errors, and no third-party noise unless verbose."""
+"""What the `classifier` command shows: its own log lines, one-line errors with their exit status, and no
+third-party noise unless debugging."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
+import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-VERBOSE_FLAG = "--verbose"
+DEBUG_FLAGS = ("--debug", "--verbose")  # anywhere on the line: every warning, and the traceback of any error
+DEBUG_ENV = "CLASSIFIER_DEBUG"  # =1: the same, for a whole job script and the processes it starts
+DEBUG_HINT = f"({DEBUG_FLAGS[0]} or {DEBUG_ENV}=1 shows the traceback)"
+USAGE_ERROR = 2  # a mistake in the options, the config or the input files: argparse's own status for bad options
+ExitCodes = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], int]]
+PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*')
+EXPECTED = re.compile(r"Expected a (.+?)(?:\. Got value: .*)?$", re.MULTILINE)
+GIVEN = re.compile(r"(?:Given|Got) value: (.*)$", re.MULTILINE)
 # Lightning's and torch's messages that every run repeats and that ask nothing of the user
 NOISY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning 2.6 on torch >= 2.10, fixed upstream
     r"The dirpath has changed from",  # evaluating a checkpoint: its ModelCheckpoint state names the training run
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small folders; epoch logs stay
     r"The '\w+' does not have many workers",  # a config's num_workers is a choice (0 for the in-memory digits)
+    r"Image size \(\d+ pixels\) exceeds limit",  # PIL's warning for an image that the decode check refuses
 )
 NOISY_LOGS = re.compile(
     r"💡 Tip:"  # advertisements for Lightning's cloud services
@@ -62,3 +74,41 @@ def quiet_third_party(verbose: bool) -> Iterator[None]:
         finally:
             for logger in loggers:
                 logger.removeFilter(hide)
+
+
+def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether a debug flag or `CLASSIFIER_DEBUG=1` asks for tracebacks, and the arguments without the flags."""
+    debug = any(flag in argv for flag in DEBUG_FLAGS) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return debug, [arg for arg in argv if arg not in DEBUG_FLAGS]
+
+
+@contextlib.contextmanager
+def exit_codes(table: ExitCodes, debug: bool) -> Iterator[None]:
+    """End the command with the status `table` gives the error's class (first match): its message on one line, or
+    its traceback when debugging. An error of no listed class is a bug, and keeps its traceback and Python's 1."""
+    try:
+        yield
+    except Exception as error:
+        status = next((code for kinds, code in table if isinstance(error, kinds)), None)
+        if status is None:
+            raise
+        if debug:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        else:
+            sys.stderr.write(f"error: {error}\n{DEBUG_HINT}\n")
+        sys.exit(status)
+
+
+def parse_error_line(message: str) -> str:
+    """jsonargparse's report of a bad value, which spans up to a dozen lines, as `--key value: expected ...`."""
+    key = PARSER_KEY.match(message)
+    if key is None:
+        return " ".join(message.split())
+    expected = []
+    for kind in EXPECTED.findall(message):
+        kind = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", kind).replace("NoneType", "null")
+        expected.append(re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", kind))
+    given = GIVEN.search(message)
+    if not expected or given is None:
+        return f"--{key[1]}: {' '.join(message[key.end() :].split())}"
+    return f"--{key[1]} {given[1]}: expected {' or '.join(dict.fromkeys(expected))}"

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from classifier.console import VERBOSE_FLAG, configure_logging
+from classifier.console import USAGE_ERROR, configure_logging, debug_requested, exit_codes
+
+# as `classifier.cli.EXIT_CODES`, less Lightning's errors, which serving never raises: a missing extra is the user's
+SERVE_EXIT_CODES = (((OSError, ValueError, ModuleNotFoundError), USAGE_ERROR),)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -15,19 +18,12 @@ def main(args: list[str] | None = None) -> None:
 
         cli_main(args)
         return
-    verbose = VERBOSE_FLAG in argv
+    debug, argv = debug_requested(argv)
     configure_logging()
-    try:
-        from classifier.serve.command import serve
-
-        serve([arg for arg in argv[1:] if arg != VERBOSE_FLAG])
-    except ModuleNotFoundError as error:
-        if verbose:
-            raise
-        sys.stderr.write(f"error: classifier serve needs {error.name}: pip install 'classifier[serve]'\n")
-        sys.exit(1)
-    except (OSError, ValueError) as error:
-        if verbose:
-            raise
-        sys.stderr.write(f"error: {error}\n(--verbose shows the traceback)\n")
-        sys.exit(1)
+    with exit_codes(SERVE_EXIT_CODES, debug):
+        try:
+            from classifier.serve.command import serve
+        except ModuleNotFoundError as error:
+            message = f"classifier serve needs {error.name}: pip install 'classifier[serve]'"
+            raise ModuleNotFoundError(message, name=error.name) from error
+        serve(argv[1:])

@@ -5,6 +5,7 @@ Training, `classifier predict`, `Predictor` and the torch-free `classifier.runti
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+BOMB_PIXELS = re.compile(r"Image size \((\d+) pixels\)")  # PIL's DecompressionBombError
 
 
 def is_image_file(path: Path) -> bool:
@@ -21,13 +23,37 @@ def is_image_file(path: Path) -> bool:
 
 
 def list_images(root: Path) -> list[Path]:
-    """Every image below `root`, sorted, skipping hidden folders such as `.ipynb_checkpoints`."""
+    """Every image below `root`, sorted, skipping hidden folders such as `.ipynb_checkpoints`.
+
+    A broken symbolic link or a link loop named like an image is listed, so that the decode check reports it;
+    links to folders are not followed.
+    """
     return sorted(
         path
         for path in root.rglob("*")
         if is_image_file(path)
-        and path.is_file()
+        and (path.is_file() or (path.is_symlink() and not path.exists()))
         and not any(part.startswith(".") for part in path.relative_to(root).parent.parts)
+    )
+
+
+def open_image(path: Path) -> Image.Image:
+    """PIL's lazy open, refusing before any decode an image whose header claims more than PIL.Image.MAX_IMAGE_PIXELS
+    (PIL refuses above twice that, and below only warns and decodes it)."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise too_many_pixels(int(BOMB_PIXELS.search(str(error))[1])) from None
+    if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        image.close()
+        raise too_many_pixels(image.width * image.height, f"{image.width}x{image.height} = ")
+    return image
+
+
+def too_many_pixels(pixels: int, size: str = "") -> Image.DecompressionBombError:
+    return Image.DecompressionBombError(
+        f"{size}{pixels} pixels, over the limit of {Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS): not "
+        "decoded, as it could be a decompression bomb"
     )
 
 
@@ -58,7 +84,7 @@ def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
     With `min_size`, a JPEG decodes at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least
     `min_size` (DCT-domain downscaling, several times faster than a full decode followed by a resize).
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if min_size:
             image.draft(image.mode, (min_size, min_size))
         return to_rgb(image)

@@ -6,17 +6,18 @@ The decoding rules themselves (every mode to upright RGB) live in the torch-free
 from __future__ import annotations
 
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms
 
-from classifier.imageio import load_rgb
+from classifier.imageio import load_rgb, open_image
 
 EXIF_ORIENTATION = 0x0112
 JPEG_EXTENSIONS = (".jpeg", ".jpg")
@@ -64,10 +65,15 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 def check_image(path: Path) -> str | None:
     """Why `path` cannot be decoded in full, or None when it can (truncation is found, never tolerated)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, which still reads every byte
             image.load()
+    except FileNotFoundError:
+        target = f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "gone since it was listed"
+        return f"FileNotFoundError: {target}"
     except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
+        if isinstance(error, UnidentifiedImageError) and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
         return f"{type(error).__name__}: {error}"
     return None
 

@@ -18,6 +18,7 @@ from classifier.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more
+UNREADABLE = "unreadable"  # the fingerprint of a file that cannot be opened
 HASH_CHUNK = 1 << 20  # bytes hashed at a time (hashlib.file_digest would need Python 3.11)
 
 
@@ -45,7 +46,7 @@ class Splits:
     def verify(self, name: str, source: str) -> None:
         """Check that the files of split `name` are still those recorded in `source`; record the unrecorded ones."""
         rows = np.flatnonzero(self.split == name)
-        missing = [self.paths[i] for i in rows if not (self.root / self.paths[i]).is_file()]
+        missing = [self.paths[i] for i in rows if not os.path.lexists(self.root / self.paths[i])]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} images of the {name} split recorded in {source} are missing from {self.root}:\n"
@@ -53,7 +54,11 @@ class Splits:
                 "(a splits.csv: path,label,split)."
             )
         now = fingerprints(self.root, [self.paths[i] for i in rows])
-        changed = [self.paths[i] for i, new in zip(rows, now, strict=True) if self.fingerprints[i] not in ("", new)]
+        changed = [  # an unreadable file is the decode check's to report, with its reason
+            self.paths[i]
+            for i, new in zip(rows, now, strict=True)
+            if self.fingerprints[i] not in ("", new) and new != UNREADABLE
+        ]
         if changed:
             raise ValueError(
                 f"{len(changed)} images of the {name} split recorded in {source} have changed since (their size "
@@ -84,9 +89,17 @@ class Splits:
 
 
 def fingerprint(path: Path) -> str:
-    """`<bytes>-<BLAKE2b-64 of the bytes>`: any edit, re-encode or replacement under the same name changes it."""
+    """`<bytes>-<BLAKE2b-64 of the bytes>`: any edit, re-encode or replacement under the same name changes it.
+
+    A file that cannot be opened (permissions, a broken link), which the decode check reports or skips, gets
+    `UNREADABLE`.
+    """
     digest = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as file:
+    try:
+        file = open(path, "rb")
+    except OSError:
+        return UNREADABLE
+    with file:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
         return f"{os.fstat(file.fileno()).st_size}-{digest.hexdigest()}"
