@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,8 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from classifier.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more
@@ -177,7 +180,10 @@ def scan_class_folders(root: Path) -> dict[str, list[Path]]:
     for folder in folders:
         images = list_images(folder)
         if not images:
-            raise ValueError(f"class folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(
+                f"class folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, in any case): add "
+                "its images, or remove the folder"
+            )
         found[folder.name] = images
     return found
 
@@ -239,11 +245,18 @@ def build_splits(
             if class_name not in class_to_idx:
                 raise ValueError(
                     f"class folder {layout[split_name] / class_name} is not one of the {len(classes)} training "
-                    f"classes ({', '.join(classes)})"
+                    f"classes ({', '.join(classes)}): add {layout['train'] / class_name}/ with training images, or "
+                    "remove or rename the folder"
                 )
             paths += [image.relative_to(data_dir) for image in images]
             labels += [class_to_idx[class_name]] * len(images)
             origin += [split_name] * len(images)
+        absent = [name for name in classes if name not in by_class]
+        if split_name != "train" and absent:
+            log.warning(
+                "%s holds no folder for %d of the %d classes (%s): its scores cannot measure them. Add their folders "
+                "to measure them.", layout[split_name], len(absent), len(classes), ", ".join(absent)
+            )  # fmt: skip
     order = np.argsort([str(p) for p in paths], kind="stable")
     paths = [paths[i] for i in order]
     labels = np.asarray(labels, dtype=np.int64)[order]
@@ -253,7 +266,7 @@ def build_splits(
     pool = np.flatnonzero(split == "train")
     pool_size = len(pool)
     if "test" not in layout and test_fraction > 0:
-        pool, held = _hold_out(pool, labels, round(test_fraction * pool_size), seed, "test", layout["train"])
+        pool, held = _hold_out(pool, labels, round(test_fraction * pool_size), seed, "test", layout["train"], classes)
         split[held] = "test"
     if num_folds is not None:
         pool = np.sort(np.concatenate([pool, np.flatnonzero(split == "val")]))
@@ -262,17 +275,26 @@ def build_splits(
             fold_of[pool[val_rows]] = k
         split[pool] = np.where(fold_of[pool] == fold, "val", "train")
     elif "val" not in layout and val_fraction > 0:
-        _, held = _hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"])
+        _, held = _hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"], classes)
         split[held] = "val"
     return Splits(data_dir, classes, paths, labels, split.astype(str), fold_of, [""] * len(paths))
 
 
 def _hold_out(
-    rows: np.ndarray, labels: np.ndarray, size: int, seed: int, name: str, folder: Path
+    rows: np.ndarray, labels: np.ndarray, size: int, seed: int, name: str, folder: Path, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split `rows` into (kept, held out), `size` held out, stratified by label."""
     if size == 0:
         return rows, rows[:0]
+    counts = np.bincount(labels[rows], minlength=len(classes))
+    alone = [classes[i] for i in np.flatnonzero(counts == 1)]
+    if alone:
+        raise ValueError(
+            f"cannot carve a stratified {name} split from {folder}: {len(alone)} classes have 1 image left for it "
+            f"({', '.join(alone[:SHOWN_FILES])}), and a class needs 2, one to train on and one to {name}. Add images "
+            f"to them, remove their folders, or give the {name} images yourself in a {name}/ folder beside train/ "
+            f"(or --data.{name}_fraction 0)"
+        )
     try:
         kept, held = train_test_split(rows, test_size=size, stratify=labels[rows], random_state=seed)
     except ValueError as error:

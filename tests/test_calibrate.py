@@ -111,11 +111,11 @@ def test_training_refuses_a_temperature(
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
     with pytest.raises(SystemExit) as stopped:
         main([subcommand, "--config", str(config), "--model.temperature", "2"])
-    assert stopped.value.code == 1
+    assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines()[-2:] == [
         "error: --model.temperature is 2.0: fit and lr_find train the unscaled logits, so they need 1 (a checkpoint "
         "written by `classifier calibrate` is for test and predict; resume from the one it was calibrated from)",
-        "(--verbose shows the traceback)",
+        "(--debug or CLASSIFIER_DEBUG=1 shows the traceback)",
     ]
     assert not list(tmp_path.rglob("*.ckpt"))
 
@@ -179,10 +179,10 @@ def test_calibrate_without_the_checkpoint_is_one_line(tmp_path: Path, capsys: py
     missing = tmp_path / "best.ckpt"
     with pytest.raises(SystemExit) as stopped:
         main(["calibrate", "--ckpt_path", str(missing)])
-    assert stopped.value.code == 1
+    assert stopped.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: --ckpt_path {missing} does not exist",
-        "(--verbose shows the traceback)",
+        "(--debug or CLASSIFIER_DEBUG=1 shows the traceback)",
     ]
 
 
@@ -214,5 +214,5 @@ def test_calibrate_refuses_what_it_cannot_fit_or_write(
     for args, message in cases.items():
         with pytest.raises(SystemExit):
             main(["calibrate", *args])
-        assert capsys.readouterr().err.splitlines() == [message, "(--verbose shows the traceback)"]
+        assert capsys.readouterr().err.splitlines() == [message, "(--debug or CLASSIFIER_DEBUG=1 shows the traceback)"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["no_val.ckpt", "notes.txt", "unsplit.ckpt"]
