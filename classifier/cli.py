@@ -69,8 +69,10 @@ class ClassifierArgumentParser(LightningArgumentParser):
     """Puts a parse error first, with the closest option names, instead of after a hundred lines of usage."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or debug_mode_active() or debug_requested([])[0]:
+        if not self.exit_on_error or debug_mode_active():
             super().error(message, ex)
+        if debug_requested([])[0]:  # the command shows its traceback, and exits with USAGE_ERROR
+            raise ArgumentError(None, message) from ex
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [option for action in parser._actions for option in action.option_strings]
         line = f"error: {parse_error_line(message)}"

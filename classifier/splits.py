@@ -290,10 +290,10 @@ def _hold_out(
     alone = [classes[i] for i in np.flatnonzero(counts == 1)]
     if alone:
         raise ValueError(
-            f"cannot carve a stratified {name} split from {folder}: {len(alone)} classes have 1 image left for it "
-            f"({', '.join(alone[:SHOWN_FILES])}), and a class needs 2, one to train on and one to {name}. Add images "
-            f"to them, remove their folders, or give the {name} images yourself in a {name}/ folder beside train/ "
-            f"(or --data.{name}_fraction 0)"
+            f"cannot carve a stratified {name} split from {folder}: a class needs 2 images left for it, one to train "
+            f"on and one to {name}, and these have 1: {', '.join(alone[:SHOWN_FILES])}. Add images to them, remove "
+            f"their folders, or give the {name} images yourself in a {name}/ folder beside train/ (or "
+            f"--data.{name}_fraction 0)"
         )
     try:
         kept, held = train_test_split(rows, test_size=size, stratify=labels[rows], random_state=seed)
