@@ -18,7 +18,9 @@ MACHINE_SETTINGS = frozenset(
     {"data.num_workers", "data.decode", "data.cache", "data.predict_dir", "model.channels_last", "model.compile"}
 )
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; only it can be memory-mapped
-FORBIDDEN_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global|Unsupported globals: ([\w.]+)")
+FORBIDDEN_GLOBAL = re.compile(r"GLOBAL ([\w.]*\w)|Unsupported globals: ([\w.]*\w)")  # torch's wordings, then timm's
+UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error:\s*(.+)")  # what weights_only found, not torch's advice
+FIRST_SENTENCE = re.compile(r"^\s*([^\n]*?)(?:\. |\.?$)", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -48,22 +50,23 @@ def loading(option: str, path: Path) -> Iterator[None]:
 
 
 def unreadable(option: str, path: Path, error: BaseException) -> ValueError:
-    """A pickle that `weights_only` refused, an empty file, or one cut short or of another format."""
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, pickle.UnpicklingError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        found = FORBIDDEN_GLOBAL.search(str(cause)) or FORBIDDEN_GLOBAL.search(str(error))
-        calls = f" (it calls {found[1] or found[2]})" if found else ""
+    """A pickle that `weights_only` refused for the code it would call, an empty file, or one cut short or of another
+    format (a pickle it cannot parse may hide code too: it is not loaded either way)."""
+    chain = [error]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    found = next((match for cause in reversed(chain) if (match := FORBIDDEN_GLOBAL.search(str(cause)))), None)
+    if found:  # torch's own error, innermost, names the global as the pickle does
         return ValueError(
-            f"{option} {path} holds pickled objects other than tensors and plain data{calls}, which could run code "
-            "when loaded, so it was not loaded. Use a checkpoint written by `classifier fit`, or weights saved as "
-            ".safetensors or as a state dict of tensors"
+            f"{option} {path} holds pickled objects other than tensors and plain data (it calls "
+            f"{found[1] or found[2]}), which could run code when loaded, so it was not loaded. Use a checkpoint "
+            "written by `classifier fit`, or weights saved as .safetensors or as a state dict of tensors"
         )
     if path.stat().st_size == 0:
         return ValueError(f"{option} {path} is empty (0 bytes): a save or copy that never wrote? Use another file")
-    detail = ANSI.sub("", str(error)).strip().split(". ")[0].splitlines()
+    cause = next((cause for cause in chain if isinstance(cause, pickle.UnpicklingError)), error)
+    detail = UNPICKLER_ERROR.search(str(cause)) or FIRST_SENTENCE.search(ANSI.sub("", str(cause)))
     return ValueError(
-        f"{option} {path} is not a readable checkpoint ({path.stat().st_size} bytes): cut short by an unfinished "
-        f"save or copy, or not written by torch.save ({type(error).__name__}: {detail[0] if detail else 'no detail'})"
+        f"{option} {path} is not a readable checkpoint ({path.stat().st_size} bytes): cut short by an unfinished save "
+        f"or copy, or not written by torch.save ({type(cause).__name__}: {detail[1] if detail else 'no detail'})"
     )

@@ -97,14 +97,19 @@ def test_pickles_that_would_run_code_are_refused_by_every_command(
     config = tiny_config(tmp_path, trained.parents[4] / "data", trainer={"max_epochs": 1})
     images = str(trained.parents[4] / "data" / "a")
 
-    def refusal(option: str, path: Path, calls: str = " (it calls exec)") -> str:
+    def refusal(option: str, path: Path) -> str:
+        if path == plain:  # torch.load finds no torch.save header and stops at the first opcode it does not take
+            return (
+                f"error: {option} {path} is not a readable checkpoint ({path.stat().st_size} bytes): cut short by an "
+                "unfinished save or copy, or not written by torch.save (UnpicklingError: Unsupported operand 149)"
+            )
         return (
-            f"error: {option} {path} holds pickled objects other than tensors and plain data{calls}, which could run "
-            "code when loaded, so it was not loaded. Use a checkpoint written by `classifier fit`, or weights saved as "
-            ".safetensors or as a state dict of tensors"
+            f"error: {option} {path} holds pickled objects other than tensors and plain data (it calls exec), which "
+            "could run code when loaded, so it was not loaded. Use a checkpoint written by `classifier fit`, or "
+            "weights saved as .safetensors or as a state dict of tensors"
         )
 
-    for path, calls in ((zipped, " (it calls exec)"), (legacy, " (it calls exec)"), (plain, "")):
+    for path in (zipped, legacy, plain):
         for args in (
             ["fit", "--config", str(config), "--ckpt_path", str(path)],
             ["test", "--ckpt_path", str(path)],
@@ -112,16 +117,16 @@ def test_pickles_that_would_run_code_are_refused_by_every_command(
             ["calibrate", "--ckpt_path", str(path)],
             ["export", "--ckpt_path", str(path), "--output", str(tmp_path / "export")],
         ):
-            assert run_main(main, args, capsys) == (2, [refusal("--ckpt_path", path, calls), DEBUG_HINT]), args
+            assert run_main(main, args, capsys) == (2, [refusal("--ckpt_path", path), DEBUG_HINT]), args
         assert run_main(entry_main, ["serve", "--model", str(path)], capsys) == (
             2,
-            [refusal("checkpoint", path, calls), DEBUG_HINT],
+            [refusal("checkpoint", path), DEBUG_HINT],
         )
         with pytest.raises(ValueError) as error:
             Predictor.from_checkpoint(path)
-        assert f"error: {error.value}" == refusal("checkpoint", path, calls)
+        assert f"error: {error.value}" == refusal("checkpoint", path)
         status, lines = run_main(main, ["fit", "--config", str(config), "--model.pretrained", str(path)], capsys)
-        assert (status, lines[-2:]) == (2, [refusal("--model.pretrained", path, calls), DEBUG_HINT])
+        assert (status, lines[-2:]) == (2, [refusal("--model.pretrained", path), DEBUG_HINT])
     assert not marker.exists()
     assert sorted(path.name for path in tmp_path.rglob("*.ckpt")) == ["hostile.ckpt", "legacy.ckpt"]  # none written
 

@@ -59,7 +59,7 @@ def test_missing_or_garbage_weights_file_is_named(tmp_path: Path) -> None:
         ClassifierNet("test_resnet", CLASSES).load_pretrained(str(tmp_path / "nope.pth"))
     garbage = tmp_path / "garbage.pth"
     garbage.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=f"--model.pretrained {garbage} is not a readable weights file"):
+    with pytest.raises(ValueError, match=f"--model.pretrained {garbage} is not a readable checkpoint"):
         ClassifierNet("test_resnet", CLASSES).load_pretrained(str(garbage))
 
 
@@ -230,7 +230,7 @@ def hostile_checkpoint(tmp_path: Path) -> Path:
 
 
 def test_a_hostile_pickle_is_refused_as_ckpt_path(hostile_checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=f"--ckpt_path {hostile_checkpoint} holds objects other than tensors"):
+    with pytest.raises(ValueError, match=f"--ckpt_path {hostile_checkpoint} holds pickled objects other than tensors"):
         cli_main(["test", "--ckpt_path", str(hostile_checkpoint)])
     assert not (tmp_path / "marker").exists()
 
@@ -238,7 +238,9 @@ def test_a_hostile_pickle_is_refused_as_ckpt_path(hostile_checkpoint: Path, tmp_
 def test_a_hostile_pickle_is_refused_as_pretrained(hostile_checkpoint: Path, small_digits: Path, tmp_path: Path):
     model = {"pretrained": str(hostile_checkpoint)}
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model=model)
-    with pytest.raises(ValueError, match=f"--model.pretrained {hostile_checkpoint} is not a readable weights file"):
+    with pytest.raises(
+        ValueError, match=f"--model.pretrained {hostile_checkpoint} holds pickled objects other than tensors"
+    ):
         cli_main(["fit", "--config", str(config)])
     assert not (tmp_path / "marker").exists()
 

@@ -168,7 +168,9 @@ def test_predictor_refuses_what_it_cannot_trust(trained: Path, tmp_path: Path) -
 
     hostile = tmp_path / "hostile.ckpt"
     torch.save({"state_dict": Hostile()}, hostile)
-    with pytest.raises(ValueError, match=f"checkpoint {hostile} holds objects other than tensors and plain data"):
+    with pytest.raises(
+        ValueError, match=f"checkpoint {hostile} holds pickled objects other than tensors and plain data"
+    ):
         Predictor.from_checkpoint(hostile)
     assert not marker.exists()
     with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'gone.ckpt'} does not exist"):
