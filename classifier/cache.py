@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from classifier.images import presize
+from classifier.images import presize, unreadable_reason
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fill(
         try:
             return presize(path, size, interpolation, training)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
-            return f"{type(error).__name__}: {error}"
+            return unreadable_reason(path, error)
 
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         loaded = dict(zip(paths, pool.map(load, paths, chunksize=16), strict=True))

@@ -68,14 +68,20 @@ def check_image(path: Path) -> str | None:
         with open_image(path) as image:
             image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, which still reads every byte
             image.load()
-    except FileNotFoundError:
-        target = f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "gone since it was listed"
-        return f"FileNotFoundError: {target}"
     except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
-        if isinstance(error, UnidentifiedImageError) and path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        return f"{type(error).__name__}: {error}"
+        return unreadable_reason(path, error)
     return None
+
+
+def unreadable_reason(path: Path, error: Exception) -> str:
+    """What a user reads about a file that failed to decode: PIL's error, or plainer words where PIL's mislead."""
+    if isinstance(error, FileNotFoundError):
+        return "FileNotFoundError: " + (
+            f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "gone since it was listed"
+        )
+    if isinstance(error, UnidentifiedImageError) and path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return f"{type(error).__name__}: {error}"
 
 
 def find_unreadable(paths: list[Path], num_threads: int = 8) -> dict[Path, str]:

@@ -23,6 +23,7 @@ from PIL import Image
 from classifier import cli
 from classifier.cli import cli_main, main
 from classifier.console import DEBUG_HINT
+from classifier.data import ImageFolderDataModule
 from classifier.entry import main as entry_main
 from classifier.predictor import Predictor
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
@@ -206,6 +207,26 @@ def test_decompression_bombs_are_refused_from_their_header_without_memory(tmp_pa
     assert report["loaded"] == f"9500x9500 = 90250000 pixels, {limit}"
     assert report["decoded_kib"] > 200_000  # the reference decode shows in the peak...
     assert report["refused_kib"] < 20_000  # ...and the two refusals did not
+
+
+@pytest.mark.parametrize("cache", ["none", "ram"])
+def test_the_ram_cache_reports_bad_files_as_the_decode_check_does(tmp_path: Path, cache: str) -> None:
+    data = write_folder(tmp_path / "data", {"a": 4, "b": 4})
+    (data / "a" / "empty.jpg").write_bytes(b"")
+    (data / "b" / "moved.png").symlink_to("../gone.png")
+    bomb_png(data / "b" / "huge.png", 30_000, rows=1)
+    datamodule = ImageFolderDataModule(str(data), backbone="test_resnet", image_size=32, val_fraction=0.0,
+                                       test_fraction=0.0, num_workers=0, cache=cache)  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        datamodule.setup("fit")
+    assert str(error.value).splitlines() == [
+        "3 of 11 images cannot be read:",
+        f"  {data / 'a' / 'empty.jpg'}: empty file (0 bytes)",
+        f"  {data / 'b' / 'huge.png'}: DecompressionBombError: 900000000 pixels, over the limit of 89478485 "
+        "(PIL.Image.MAX_IMAGE_PIXELS): not decoded, as it could be a decompression bomb",
+        f"  {data / 'b' / 'moved.png'}: FileNotFoundError: a broken symbolic link to ../gone.png",
+        "Fix or remove them, or pass --data.skip_bad_images true to leave them out.",
+    ]
 
 
 def without_permission_override() -> list[str]:
