@@ -169,20 +169,20 @@ BOMB_PROBE = """
 import json, resource, sys
 from pathlib import Path
 from PIL import Image
-from classifier.images import check_image
 from classifier.imageio import load_rgb
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 before = peak()
-reasons = [check_image(Path(path)) for path in sys.argv[1:]]
-try:
-    load_rgb(Path(sys.argv[2]))
-    loaded = "decoded"
-except Image.DecompressionBombError as error:
-    loaded = str(error)
+refusals = []
+for path in sys.argv[1:]:
+    try:
+        load_rgb(Path(path))
+        refusals.append("decoded")
+    except Image.DecompressionBombError as error:
+        refusals.append(str(error))
 refused = peak() - before
 Image.MAX_IMAGE_PIXELS = None  # the reference: what decoding the smaller bomb costs without the limit
 load_rgb(Path(sys.argv[2]))
-print(json.dumps({"reasons": reasons, "loaded": loaded, "refused_kib": refused, "decoded_kib": peak() - before}))
+print(json.dumps({"refusals": refusals, "refused_kib": refused, "decoded_kib": peak() - before}))
 """
 
 
@@ -200,11 +200,7 @@ def test_decompression_bombs_are_refused_from_their_header_without_memory(tmp_pa
     assert probe.returncode == 0, probe.stderr[-3000:]
     report = json.loads(probe.stdout)
     limit = "over the limit of 89478485 (PIL.Image.MAX_IMAGE_PIXELS): not decoded, as it could be a decompression bomb"
-    assert report["reasons"] == [
-        f"DecompressionBombError: 900000000 pixels, {limit}",
-        f"DecompressionBombError: 9500x9500 = 90250000 pixels, {limit}",
-    ]
-    assert report["loaded"] == f"9500x9500 = 90250000 pixels, {limit}"
+    assert report["refusals"] == [f"900000000 pixels, {limit}", f"9500x9500 = 90250000 pixels, {limit}"]
     assert report["decoded_kib"] > 200_000  # the reference decode shows in the peak...
     assert report["refused_kib"] < 20_000  # ...and the two refusals did not
 
