@@ -29,10 +29,11 @@ from classifier.console import (
     USAGE_ERROR,
     ExitCodes,
     configure_logging,
-    debug_requested,
+    debugging,
     exit_codes,
     parse_error_line,
     quiet_third_party,
+    without_debug_flags,
 )
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
@@ -71,7 +72,7 @@ class ClassifierArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or debug_mode_active():
             super().error(message, ex)
-        if debug_requested([])[0]:  # the command shows its traceback, and exits with USAGE_ERROR
+        if debugging():  # the command shows its traceback, and exits with USAGE_ERROR
             raise ArgumentError(None, message) from ex
         parser = getattr(ex, "subcommand_parser", None) or self
         options = [option for action in parser._actions for option in action.option_strings]
@@ -369,7 +370,8 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the `classifier` command: third-party noise hidden and a user's error on one line with its exit
     status (`EXIT_CODES`), unless `--debug`/`--verbose` (anywhere on the line) or CLASSIFIER_DEBUG=1 asks for every
     warning and the traceback."""
-    debug, argv = debug_requested(list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    debug, argv = debugging(argv), without_debug_flags(argv)
     if args is None:  # LightningCLI reads sys.argv itself, and warns when given the same arguments
         sys.argv[1:], argv = argv, None
     debug_env = os.environ.get(DEBUG_ENV)

@@ -76,10 +76,13 @@ def quiet_third_party(verbose: bool) -> Iterator[None]:
                 logger.removeFilter(hide)
 
 
-def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """Whether a debug flag or `CLASSIFIER_DEBUG=1` asks for tracebacks, and the arguments without the flags."""
-    debug = any(flag in argv for flag in DEBUG_FLAGS) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    return debug, [arg for arg in argv if arg not in DEBUG_FLAGS]
+def debugging(argv: Sequence[str] = ()) -> bool:
+    """Whether a debug flag in `argv` or `CLASSIFIER_DEBUG=1` asks for tracebacks."""
+    return any(flag in argv for flag in DEBUG_FLAGS) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def without_debug_flags(argv: Sequence[str]) -> list[str]:
+    return [arg for arg in argv if arg not in DEBUG_FLAGS]
 
 
 @contextlib.contextmanager

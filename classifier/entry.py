@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from classifier.console import USAGE_ERROR, configure_logging, debug_requested, exit_codes
+from classifier.console import USAGE_ERROR, configure_logging, debugging, exit_codes, without_debug_flags
 
 # as `classifier.cli.EXIT_CODES`, less Lightning's errors, which serving never raises: a missing extra is the user's
 SERVE_EXIT_CODES = (((OSError, ValueError, ModuleNotFoundError), USAGE_ERROR),)
@@ -18,7 +18,7 @@ def main(args: list[str] | None = None) -> None:
 
         cli_main(args)
         return
-    debug, argv = debug_requested(argv)
+    debug, argv = debugging(argv), without_debug_flags(argv)
     configure_logging()
     with exit_codes(SERVE_EXIT_CODES, debug):
         try:
