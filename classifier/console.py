@@ -15,6 +15,8 @@ NOISY_WARNINGS = (
     r"The dirpath has changed from",  # evaluating a checkpoint: its ModelCheckpoint state names the training run
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small folders; epoch logs stay
     r"The '\w+' does not have many workers",  # a config's num_workers is a choice (0 for the in-memory digits)
+    # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
+    r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 NOISY_LOGS = re.compile(
     r"💡 Tip:"  # advertisements for Lightning's cloud services
