@@ -30,8 +30,7 @@ class DiskFullError(OSError):
         super().__init__(
             errno.ENOSPC,
             f"disk full: writing {path.name} needs {size} in {folder}, which has {human_bytes(free)} free; "
-            f"the files there from before are intact. Free some space (or move the run with "
-            f"--trainer.logger.init_args.save_dir) and resume with --ckpt_path last",
+            "the files there from before are intact. Free some space there and resume with --ckpt_path last",
         )
 
     def __str__(self) -> str:
