@@ -96,3 +96,24 @@ def test_a_mid_epoch_checkpoint_resumes_inside_its_epoch_seeing_each_sample_once
     assert [(e, s) for e, s, _ in before + after] == [(e, s) for e, s, _ in reference[1]]
     assert [rows for *_, rows in before + after] == [rows for *_, rows in reference[1]]  # in the same order
     assert_same_weights(last_of(tmp_path), reference[0])
+
+
+def test_under_ddp_each_rank_resumes_its_own_share_of_the_epoch() -> None:
+    """Lightning's DistributedSamplerWrapper over the training sampler, 2 ranks: resumed after `done` batches on
+    each rank, every rank's remaining batches are those it would have drawn next."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from classifier.samplers import EpochStart, training_sampler
+
+    targets, batch, world, done = [i % 3 for i in range(100)], 8, 2, 4
+
+    def rank_batches(start: EpochStart, rank: int) -> list[list[tuple[int, int]]]:
+        sampler = training_sampler(targets, 3, False, torch.Generator().manual_seed(5), start)
+        keys = list(DistributedSamplerWrapper(sampler, num_replicas=world, rank=rank, shuffle=False))
+        return [keys[i : i + batch] for i in range(0, len(keys) - batch + 1, batch)]  # drop_last
+
+    for rank in range(world):
+        uninterrupted = rank_batches(EpochStart(), rank)
+        resumed = rank_batches(EpochStart(done=done * batch * world), rank)
+        assert len(resumed) == len(uninterrupted)  # the loader's length, which the trainer counts, is unchanged
+        assert resumed[: len(uninterrupted) - done] == uninterrupted[done:]
