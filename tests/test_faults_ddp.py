@@ -66,6 +66,11 @@ def fit_with_faults(tmp_path: Path, data_dir: Path, faults: list[dict], *args: s
     return process.returncode, (tmp_path / "output.txt").read_text(), ended
 
 
+def last_epoch(tmp_path: Path) -> int:
+    """The epoch of the run's last.ckpt, which a fault at step 2 (epoch 1's first) leaves loadable."""
+    return torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["epoch"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["raise", "kill"])
 def test_a_failing_rank_1_ends_every_rank(how: str, small_digits: Path, tmp_path: Path) -> None:
@@ -74,6 +79,7 @@ def test_a_failing_rank_1_ends_every_rank(how: str, small_digits: Path, tmp_path
         tmp_path, small_digits, [fault(1, how, tmp_path)], "--trainer.strategy", "ddp"
     )
     assert returncode != 0 and ended < BOUND_S and not processes_of(tmp_path), output[-3000:]
+    assert last_epoch(tmp_path) == 0
     if how == "raise":
         assert "[rank1]: RuntimeError: injected fault on rank 1 at step 2" in output
     else:  # rank 0 names the cause: its peer is gone
@@ -88,6 +94,7 @@ def test_a_failing_rank_0_ends_a_busy_rank_1(how: str, small_digits: Path, tmp_p
     (tmp_path / "busy").mkdir()
     returncode, output, ended = fit_with_faults(tmp_path, small_digits, faults, "--trainer.strategy", "ddp")
     assert returncode != 0 and ended < BOUND_S and not processes_of(tmp_path), output[-3000:]
+    assert last_epoch(tmp_path) == 0
     if how == "raise":
         assert "RuntimeError: injected fault on rank 0 at step 2" in output
     else:
@@ -99,6 +106,7 @@ def test_a_stuck_rank_ends_at_the_process_group_timeout(small_digits: Path, tmp_
     timeout = ["--trainer.strategy", "DDPStrategy", "--trainer.strategy.timeout", "0:00:15"]  # default: 30 min
     returncode, output, ended = fit_with_faults(tmp_path, small_digits, [fault(1, "hang", tmp_path)], *timeout)
     assert returncode != 0 and 15 <= ended < BOUND_S and not processes_of(tmp_path), output[-3000:]
+    assert last_epoch(tmp_path) == 0
     assert "[rank0]: RuntimeError:" in output and "Timed out waiting 15000ms" in output
 
 
