@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 
 from classifier.console import VERBOSE_FLAG, configure_logging
+from classifier.launched import end_with_launcher
 
 
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] != ["serve"]:
+        end_with_launcher()
         from classifier.cli import main as cli_main
 
         cli_main(args)
