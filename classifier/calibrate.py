@@ -11,7 +11,6 @@ import argparse
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
 
+from classifier.atomic import atomic_path
 from classifier.checkpoints import read_checkpoint
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import print_table
@@ -184,13 +184,8 @@ def scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
 
 def save_atomically(checkpoint: dict[str, Any], output: Path) -> None:
     """torch.save into a temporary file beside `output`, then rename: a crash never leaves half a checkpoint."""
-    with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", delete=False) as file:
-        partial = Path(file.name)
-    try:
+    with atomic_path(output) as partial:
         torch.save(checkpoint, partial)
-        partial.replace(output)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def show(report: dict[str, Any]) -> None:

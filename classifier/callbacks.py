@@ -233,6 +233,8 @@ class EarlyStopping(early_stopping.EarlyStopping):
     def _run_early_stopping_check(self, trainer: Trainer) -> None:
         if self.patience is None:
             return
+        if not any(name.startswith("val/") for name in trainer.callback_metrics):  # e.g. max_steps ended the epoch
+            return  # before its validation: nothing to judge yet (a misspelt monitor still fails after one)
         best, stopping = self.best_score, trainer.should_stop
         super()._run_early_stopping_check(trainer)
         if self.best_score is not best:  # improved, in this epoch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import signal
 import sys
 from argparse import ArgumentError
 from datetime import datetime
@@ -18,9 +19,10 @@ from jsonargparse._common import debug_mode_active
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from classifier.atomic import DiskFullError
 from classifier.calibrate import calibrate
 from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
@@ -38,9 +40,10 @@ from classifier.console import (
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
+from classifier.faults import DivergenceGuard, LastCheckpoint, TrainingDiverged
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
-from classifier.tuning import ClassifierTrainer
+from classifier.trainer import ClassifierTrainer
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +58,19 @@ LINKS = (
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
 EVAL_SETTINGS = frozenset({"model.tta"})
 EVALUATIONS = ("validate", "test", "predict")
+# what a checkpoint's weights were built for: with another value they cannot load, or would mean another model
+NETWORK_SETTINGS = ("model.backbone", "data.image_size", "data.classes", "model.head_hidden_dims")
 # Lightning's names for a checkpoint its own trainer made or finds: none exists in a fresh evaluation process
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
 # what a user can fix: the command prints their message on one line, and the traceback with --debug
 USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
-# the exit status of each kind of error, first match first: the user's mistakes (options, config, input files) 2, as
-# the parser's own errors; any error not listed is a bug and keeps its traceback (Python's status 1)
-EXIT_CODES: ExitCodes = ((USER_ERRORS, USAGE_ERROR),)
+# the exit status of each kind of error, first match first; any error not listed is a bug and keeps its traceback
+# (Python's status 1). An error without a message ends the command silently: SIGTERM's run has said what it saved.
+EXIT_CODES: ExitCodes = (
+    (SIGTERMException, 128 + signal.SIGTERM),  # preempted: last.ckpt saved, `--ckpt_path last` resumes
+    ((DiskFullError, TrainingDiverged), 1),  # faults of the run, not of what the user gave it
+    (USER_ERRORS, USAGE_ERROR),  # a mistake in the options, the config or the input files, as the parser's own
+)
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 
@@ -93,7 +102,7 @@ class ClassifierCLI(LightningCLI):
         super().__init__(
             ImageClassifier,
             ImageFolderDataModule,
-            trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), latest_checkpoint()]},
+            trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), DivergenceGuard(), LastCheckpoint()]},
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             seed_everything_default=0,  # reproducible unless a config says otherwise; evaluation is seeded too
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
@@ -163,9 +172,22 @@ class ClassifierCLI(LightningCLI):
         self.config = parser.parse_args(argv)
         config = self.config[subcommand]
         config.ckpt_path = str(ckpt_path)
+        check_resumable(config, subcommand, Path(ckpt_path))
         if config.weights_only is None:  # Lightning's default would load any pickle, and say so
             config.weights_only = True
         place_logger(config, subcommand, Path(ckpt_path), logger_given)
+
+    def before_instantiate_classes(self) -> None:
+        """`--checkpoint.every_n_train_steps` and `train_time_interval` write `last.ckpt` inside epochs, to resume
+        long epochs from; `best.ckpt` is still chosen at validations, the only time its monitor changes."""
+        config = self.config.get(self.subcommand) or {}
+        best = config.get("checkpoint")
+        if not best or (best.every_n_train_steps is None and best.train_time_interval is None):
+            return
+        intervals = {"every_n_train_steps": best.every_n_train_steps, "train_time_interval": best.train_time_interval}
+        best.every_n_train_steps = best.train_time_interval = None
+        callbacks = self.trainer_defaults["callbacks"]
+        callbacks[:] = [LastCheckpoint(**intervals) if isinstance(c, LastCheckpoint) else c for c in callbacks]
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's trainer, with a progress bar that reads the logged loss back from the device every 10 steps
@@ -203,14 +225,6 @@ class ClassifierCLI(LightningCLI):
                 checkpoint.best_model_path,
                 checkpoint.best_model_path,
             )
-
-
-def latest_checkpoint() -> ModelCheckpoint:
-    """`last.ckpt`, rewritten every epoch, to resume from.
-
-    Lightning 2.6's `save_last=True` rewrites last.ckpt only in epochs that also save a top-k checkpoint.
-    """
-    return ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
@@ -264,6 +278,22 @@ def run_differences(config: Namespace, ckpt_path: Path) -> dict[str, tuple[Any, 
             if _plain(mine) != _plain(theirs):
                 differences[key] = (mine, theirs)
     return differences
+
+
+def check_resumable(config: Namespace, subcommand: str, ckpt_path: Path) -> None:
+    """Refuse, before any training, settings given on top of a checkpoint that its weights cannot take; say which
+    other settings a resumed fit changes."""
+    differences = run_differences(config, ckpt_path)
+    shown = {key: f"{key} {theirs!r} there, {mine!r} here" for key, (mine, theirs) in differences.items()}
+    refused = [shown[key] for key in NETWORK_SETTINGS if key in differences]
+    if refused:
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} was trained with other settings: {'; '.join(refused)}. Its weights fit only "
+            f"its own: drop these options (the checkpoint brings its settings), or train a new run without "
+            "--ckpt_path"
+        )
+    if subcommand == "fit" and differences:
+        log.warning("Resuming %s with changed settings: %s", ckpt_path, "; ".join(shown.values()))
 
 
 def find_last_checkpoint(config: Namespace) -> Path | None:

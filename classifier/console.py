@@ -27,6 +27,8 @@ NOISY_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small folders; epoch logs stay
     r"The '\w+' does not have many workers",  # a config's num_workers is a choice (0 for the in-memory digits)
     r"Image size \(\d+ pixels\) exceeds limit",  # PIL's warning for an image that the decode check refuses
+    # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
+    r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 NOISY_LOGS = re.compile(
     r"💡 Tip:"  # advertisements for Lightning's cloud services
@@ -97,7 +99,7 @@ def exit_codes(table: ExitCodes, debug: bool) -> Iterator[None]:
             raise
         if debug:
             traceback.print_exception(type(error), error, error.__traceback__)
-        else:
+        elif str(error):
             sys.stderr.write(f"error: {error}\n{DEBUG_HINT}\n")
         sys.exit(status)
 

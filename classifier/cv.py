@@ -14,6 +14,7 @@ import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from rich.table import Table
 
+from classifier.atomic import atomic_open
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.evaluation import print_table, write_predictions
 from classifier.module import classification_metrics
@@ -159,7 +160,7 @@ def _read(run: Path) -> list[dict[str, str]]:
 
 
 def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
-    with open(path, "w", newline="") as file:
+    with atomic_open(path, newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

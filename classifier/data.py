@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import TrivialAugmentWide
 
+from classifier.atomic import write_text
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
@@ -27,7 +28,7 @@ from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.imageio import list_images, load_rgb
 from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
-from classifier.samplers import Key, seeded, split_key, training_sampler
+from classifier.samplers import EpochStart, Key, seeded, split_key, training_sampler
 from classifier.splits import Splits, build_splits, read_splits
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class ImageFolderDataModule(LightningDataModule):
         self._checkpoint_split: bytes | None = None  # its compressed split table
         self._checkpoint_preprocessing: dict[str, Any] = {}  # its network's stored preprocessing
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start = EpochStart()  # see state_dict
         self.datasets: dict[str, FileDataset] = {}
         self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
         self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
@@ -470,10 +472,10 @@ class ImageFolderDataModule(LightningDataModule):
         if log_dir is None or not trainer.is_global_zero:
             return
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(log_dir) / "splits.csv").write_text(self.split_csv)
+        write_text(Path(log_dir) / "splits.csv", self.split_csv)
         if self.unlisted:
             listed = Path(log_dir) / "unlisted_images.txt"
-            listed.write_text("".join(f"{path.absolute()}\n" for path in self.unlisted))
+            write_text(listed, "".join(f"{path.absolute()}\n" for path in self.unlisted))
             log.warning(
                 "%d images under %s are in no split: the split recorded in %s does not hold them (added since?). "
                 "They are listed in %s. Classify them with `classifier predict --ckpt_path %s --data.predict_dir "
@@ -495,8 +497,8 @@ class ImageFolderDataModule(LightningDataModule):
         training = name == "train"
         sampler = None
         if training:  # order and augmentation seeds from this module's generator, which checkpoints save
-            balanced = self.hparams.sampler == "balanced"
-            sampler = training_sampler(dataset.targets, len(self.class_names), balanced, self.generator)
+            balanced, classes = self.hparams.sampler == "balanced", len(self.class_names)
+            sampler = training_sampler(dataset.targets, classes, balanced, self.generator, self.epoch_start)
         elif trainer is not None and trainer.world_size > 1:
             # each image evaluated exactly once, so synced metrics equal single-process ones
             sampler = UnrepeatedDistributedSampler(
@@ -559,10 +561,23 @@ class ImageFolderDataModule(LightningDataModule):
         return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator's state, so a resumed run draws the same batches and augmentations; the split table, so
-        that `validate`, `test` and a resumed fit see the images this run was trained on, whatever the folder holds
-        by then."""
-        return {"generator": self.generator.get_state(), "splits": self.split_table}
+        """The generator's state, so a resumed run draws the same batches and augmentations (inside an epoch, its
+        state when the epoch began, with the samples trained on since); the split table, so that `validate`, `test`
+        and a resumed fit see the images this run was trained on, whatever the folder holds by then."""
+        done = self._samples_done()
+        generator = self.epoch_start.state if done else self.generator.get_state()
+        return {"generator": generator, "samples_done": done, "splits": self.split_table}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
+        self.epoch_start.done = state_dict.get("samples_done", 0)
+
+    def _samples_done(self) -> int:
+        """Training samples, over all ranks, of the epoch a checkpoint is saved inside; 0 between epochs."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or self.epoch_start.state is None:
+            return 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < batches < trainer.num_training_batches:
+            return 0
+        return batches * self.hparams.batch_size * trainer.world_size

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from classifier.console import USAGE_ERROR, configure_logging, debugging, exit_codes, without_debug_flags
+from classifier.launched import end_with_launcher
 
 # as `classifier.cli.EXIT_CODES`, less Lightning's errors, which serving never raises: a missing extra is the user's
 SERVE_EXIT_CODES = (((OSError, ValueError, ModuleNotFoundError), USAGE_ERROR),)
@@ -14,6 +15,7 @@ SERVE_EXIT_CODES = (((OSError, ValueError, ModuleNotFoundError), USAGE_ERROR),)
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] != ["serve"]:
+        end_with_launcher()
         from classifier.cli import main as cli_main
 
         cli_main(args)

@@ -14,6 +14,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from torch import Tensor
 
+from classifier.atomic import atomic_open
 from classifier.reports import write_evaluation_report, write_json
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def write_predictions(
     labelled = targets is not None
     status = [] if labelled else ["status"]
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as file:
+    with atomic_open(output, newline="") as file:
         writer = csv.writer(file)
         header = ["path", *(["target"] if labelled else []), "prediction", "confidence", *status]
         writer.writerow(header + [f"top{k + 1}" for k in range(topk)] + [f"prob_{name}" for name in classes])

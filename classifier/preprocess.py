@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from classifier.atomic import write_text
+
 PREPROCESS_FILE = "preprocess.json"
 METADATA_KEY = "classifier.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
@@ -72,7 +74,7 @@ def describe(net_config: dict, checkpoint_sha256: str, test_metrics: dict | None
 def write_preprocess(folder: Path, description: dict) -> Path:
     """`folder/preprocess.json`."""
     path = folder / PREPROCESS_FILE
-    path.write_text(json.dumps(description, indent=2) + "\n")
+    write_text(path, json.dumps(description, indent=2) + "\n")
     return path
 
 

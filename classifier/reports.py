@@ -21,6 +21,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from classifier.atomic import atomic_open, atomic_path, write_text
 from classifier.imageio import load_rgb
 
 ECE_BINS = 15
@@ -70,7 +71,7 @@ def expected_calibration_error(targets: np.ndarray, probs: np.ndarray) -> float:
 
 
 def write_classification_report(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as file:
+    with atomic_open(path, newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["class", "precision", "recall", "f1", "support"])
         writer.writeheader()
         for row in rows:
@@ -79,7 +80,7 @@ def write_classification_report(rows: list[dict], path: Path) -> None:
 
 def write_confusion_matrix_csv(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     """A header of predicted class names, then one row per true class led by its name."""
-    with open(path, "w", newline="") as file:
+    with atomic_open(path, newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["true \\ predicted", *classes])
         for name, row in zip(classes, matrix.tolist(), strict=True):
@@ -173,7 +174,9 @@ def training_curves_figure(history: list[dict[str, float]]) -> Figure:
 
 
 def save_figure(figure: Figure, path: Path) -> None:
-    figure.savefig(path)
+    """`figure` as an image file (its format from the suffix), written atomically."""
+    with atomic_path(path) as partial:
+        figure.savefig(partial, format=path.suffix.lstrip(".") or None)
 
 
 def rounded(value: Any, digits: int = 6) -> Any:
@@ -189,7 +192,7 @@ def rounded(value: Any, digits: int = 6) -> Any:
 
 def write_json(path: Path, data: dict) -> None:
     """A JSON file for people (summary.json, metrics.json, cv_summary.json): indented, floats rounded."""
-    path.write_text(json.dumps(rounded(data), indent=2) + "\n")
+    write_text(path, json.dumps(rounded(data), indent=2) + "\n")
 
 
 def write_evaluation_report(

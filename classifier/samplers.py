@@ -3,6 +3,9 @@
 Loader workers seed their RNGs once, when they start; persistent workers keep that state across epochs, so a
 resumed run would augment differently. Here the main process pairs each index with a seed, and the dataset
 seeds Python's, numpy's and torch's RNGs from it before transforming the sample: where it runs no longer matters.
+
+A checkpoint saved inside an epoch records where that epoch began (`EpochStart`), so that a resumed run draws the
+same epoch again and continues it where the checkpoint was saved.
 """
 
 from __future__ import annotations
@@ -10,32 +13,55 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler, get_worker_info
 
 SEED_BOUND = 2**62
 Key = int | tuple[int, int]  # a row index, or (row index, augmentation seed) from a SeededSampler
 
 
-class SeededSampler(Sampler[tuple[int, int]]):
-    """`sampler`'s indices, each with an augmentation seed, all drawn from `generator` when an epoch starts."""
+@dataclass
+class EpochStart:
+    """The generator's state before the current epoch's draws, and how many of that epoch's samples a run resumed
+    inside it has already trained on."""
 
-    def __init__(self, sampler: Sampler[int], generator: torch.Generator) -> None:
+    state: Tensor | None = None
+    done: int = 0
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """`sampler`'s indices, each with an augmentation seed, all drawn from `generator` when an epoch starts.
+
+    Resumed inside an epoch, the epoch begins where training stopped: the samples trained on before move to the
+    end, past the batches the trainer still counts for this epoch, so that every rank's loader keeps its length
+    and each remaining sample is trained on once. Under DDP the samples done are counted over all ranks, which
+    take every world_size-th sample of this one sequence.
+    """
+
+    def __init__(self, sampler: Sampler[int], generator: torch.Generator, start: EpochStart | None = None) -> None:
         self.sampler = sampler
         self.generator = generator
+        self.start = start or EpochStart()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        self.start.state = self.generator.get_state()
         indices = list(self.sampler)
         seeds = torch.randint(SEED_BOUND, (len(indices),), generator=self.generator).tolist()
-        return iter(zip(indices, seeds, strict=True))
+        keys = list(zip(indices, seeds, strict=True))
+        done, self.start.done = self.start.done, 0
+        return iter(keys[done:] + keys[:done])
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
-def training_sampler(targets: list[int], num_classes: int, balanced: bool, generator: torch.Generator) -> SeededSampler:
+def training_sampler(
+    targets: list[int], num_classes: int, balanced: bool, generator: torch.Generator, start: EpochStart | None = None
+) -> SeededSampler:
     """Shuffled indices, or class-balanced ones (every class equally often, with replacement), with their seeds.
 
     Under DDP, Lightning wraps it in a DistributedSamplerWrapper: every rank draws the same epoch, takes its share.
@@ -46,7 +72,7 @@ def training_sampler(targets: list[int], num_classes: int, balanced: bool, gener
         sampler = WeightedRandomSampler(weights, len(targets), replacement=True, generator=generator)
     else:
         sampler = RandomSampler(range(len(targets)), generator=generator)
-    return SeededSampler(sampler, generator)
+    return SeededSampler(sampler, generator, start)
 
 
 def split_key(key: Key) -> tuple[int, int | None]:

@@ -1,4 +1,4 @@
-"""`classifier lr_find`: Lightning's learning-rate range test, as a CLI subcommand, with the loss curve debiased."""
+"""`classifier lr_find`: Lightning's learning-rate range test, with the loss curve debiased and a plot."""
 
 from __future__ import annotations
 
@@ -92,59 +92,49 @@ def lr_find_figure(lrs: np.ndarray, losses: np.ndarray, suggested: int | None, n
     return figure
 
 
-class ClassifierTrainer(Trainer):
-    """Lightning's Trainer plus `lr_find`, so that LightningCLI can offer it as a subcommand."""
-
-    def lr_find(
-        self,
-        model: ImageClassifier,
-        datamodule: LightningDataModule | None = None,
-        min_lr: float = 1e-6,
-        max_lr: float = 1.0,
-        num_training: int = 100,
-        early_stop_threshold: float | None = 4.0,
-    ) -> float | None:
-        """Find a learning rate: train briefly while raising it exponentially, and suggest where loss falls fastest.
-
-        Args:
-            min_lr: The sweep's first learning rate.
-            max_lr: The sweep's last learning rate.
-            num_training: Training steps in the sweep.
-            early_stop_threshold: Stop once the loss exceeds this multiple of the best loss; None never stops.
-        """
-        model.start_from_pretrained()  # the sweep runs in a callback's on_fit_start, before the model's own
-        max_epochs = self.fit_loop.max_epochs
-        self.fit_loop.max_epochs = max(max_epochs or 0, num_training)  # on small data the sweep outlasts max_epochs
-        try:
-            with mock.patch.object(lr_finder, "_LRCallback", DebiasedLRCallback):
-                finder = Tuner(self).lr_find(
-                    model,
-                    datamodule=datamodule,
-                    min_lr=min_lr,
-                    max_lr=max_lr,
-                    num_training=num_training,
-                    early_stop_threshold=early_stop_threshold,
-                    update_attr=False,
-                )
-        finally:
-            self.fit_loop.max_epochs = max_epochs
-        if finder is None:
-            return None
-        lrs, losses = np.array(finder.results["lr"]), np.array(finder.results["loss"])
-        suggested = steepest_descent(lrs, losses)
-        suggestion = None if suggested is None else float(lrs[suggested])
-        if not self.is_global_zero:
-            return suggestion
-        run_dir = Path(self.log_dir or self.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        plot = run_dir / "lr_find.png"
-        save_figure(lr_find_figure(lrs, losses, suggested, len(model.class_names)), plot)
-        if suggestion is None:
-            log.warning(
-                "No learning rate suggested: the loss never fell over %d steps past the first %d. Plot: %s",
-                len(losses), SKIP_BEGIN, plot,
-            )  # fmt: skip
-        else:
-            log.info("Suggested learning rate: %.3g (plot: %s)\nUse it with: --model.optimizer.lr %.3g",
-                     suggestion, plot, suggestion)  # fmt: skip
+def lr_find(
+    trainer: Trainer,
+    model: ImageClassifier,
+    datamodule: LightningDataModule | None,
+    min_lr: float,
+    max_lr: float,
+    num_training: int,
+    early_stop_threshold: float | None,
+) -> float | None:
+    """Lightning's range test with a debiased loss curve, its plot in the run folder, and the suggested rate."""
+    model.start_from_pretrained()  # the sweep runs in a callback's on_fit_start, before the model's own
+    max_epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = max(max_epochs or 0, num_training)  # on small data the sweep outlasts max_epochs
+    try:
+        with mock.patch.object(lr_finder, "_LRCallback", DebiasedLRCallback):
+            finder = Tuner(trainer).lr_find(
+                model,
+                datamodule=datamodule,
+                min_lr=min_lr,
+                max_lr=max_lr,
+                num_training=num_training,
+                early_stop_threshold=early_stop_threshold,
+                update_attr=False,
+            )
+    finally:
+        trainer.fit_loop.max_epochs = max_epochs
+    if finder is None:
+        return None
+    lrs, losses = np.array(finder.results["lr"]), np.array(finder.results["loss"])
+    suggested = steepest_descent(lrs, losses)
+    suggestion = None if suggested is None else float(lrs[suggested])
+    if not trainer.is_global_zero:
         return suggestion
+    run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plot = run_dir / "lr_find.png"
+    save_figure(lr_find_figure(lrs, losses, suggested, len(model.class_names)), plot)
+    if suggestion is None:
+        log.warning(
+            "No learning rate suggested: the loss never fell over %d steps past the first %d. Plot: %s",
+            len(losses), SKIP_BEGIN, plot,
+        )  # fmt: skip
+    else:
+        log.info("Suggested learning rate: %.3g (plot: %s)\nUse it with: --model.optimizer.lr %.3g",
+                 suggestion, plot, suggestion)  # fmt: skip
+    return suggestion

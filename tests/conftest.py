@@ -20,6 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversu
     torch.set_num_threads(1)
 
 from classifier.digits import write_digits
+from tests.faults import digits_config, last_of, read_sample_log, run
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,13 @@ def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         for image in sorted(class_dir.iterdir())[:20]:
             shutil.copy(image, root / class_dir.name / image.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def reference(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    """An uninterrupted run's last.ckpt, and the rows each of its training batches saw."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    log = folder / "samples.log"
+    code, stderr = run(["fit", "--config", str(digits_config(folder, digits_dir))], log)
+    assert code == 0, stderr
+    return last_of(folder), read_sample_log(log)

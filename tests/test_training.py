@@ -287,3 +287,9 @@ def test_early_stopping_turned_off_trains_every_epoch(small_digits: Path, tmp_pa
         cli_main(["fit", "--config", str(config), "--early_stopping.patience", "null"])
     assert last_checkpoint_of(tmp_path, 0)["epoch"] == 3
     assert "Early stopping" not in caplog.text
+
+
+def test_max_steps_ending_before_the_first_validation_ends_the_run_normally(small_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 3})
+    cli_main(["fit", "--config", str(config), "--trainer.max_steps", "2"])  # 4 steps an epoch: no validation ran
+    assert last_checkpoint_of(tmp_path, 0)["global_step"] == 2
