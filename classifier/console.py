@@ -93,7 +93,7 @@ def exit_codes(table: ExitCodes, debug: bool) -> Iterator[None]:
     its traceback when debugging. An error of no listed class is a bug, and keeps its traceback and Python's 1."""
     try:
         yield
-    except Exception as error:
+    except BaseException as error:  # Lightning's SIGTERMException is a SystemExit
         status = next((code for kinds, code in table if isinstance(error, kinds)), None)
         if status is None:
             raise
