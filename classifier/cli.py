@@ -40,7 +40,7 @@ from classifier.console import (
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
-from classifier.faults import DivergenceGuard, LastCheckpoint, TrainingDiverged
+from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, TrainingDiverged, lost_peer
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
 from classifier.trainer import ClassifierTrainer
@@ -68,7 +68,7 @@ USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
 # (Python's status 1). An error without a message ends the command silently: SIGTERM's run has said what it saved.
 EXIT_CODES: ExitCodes = (
     (SIGTERMException, 128 + signal.SIGTERM),  # preempted: last.ckpt saved, `--ckpt_path last` resumes
-    ((DiskFullError, TrainingDiverged), 1),  # faults of the run, not of what the user gave it
+    ((DiskFullError, TrainingDiverged, PeerRankFailed), 1),  # faults of the run, not of what the user gave it
     (USER_ERRORS, USAGE_ERROR),  # a mistake in the options, the config or the input files, as the parser's own
 )
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -393,7 +393,13 @@ def cli_main(args: ArgsType = None) -> None:
 
         export_command(argv[1:])
     else:
-        ClassifierCLI(args=args)
+        try:
+            ClassifierCLI(args=args)
+        except RuntimeError as error:  # a collective that lost its peer says so in gloo's or NCCL's words
+            peer = lost_peer(error)
+            if peer is None:
+                raise
+            raise peer from error
 
 
 def main(args: list[str] | None = None) -> None:

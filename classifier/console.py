@@ -27,6 +27,7 @@ NOISY_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",  # small folders; epoch logs stay
     r"The '\w+' does not have many workers",  # a config's num_workers is a choice (0 for the in-memory digits)
     r"Image size \(\d+ pixels\) exceeds limit",  # PIL's warning for an image that the decode check refuses
+    r"It is recommended to use `self.log\('val/f1/",  # DDP: the per-class F1 is synced by its metric already
     # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
     r"You're resuming from a checkpoint that ended before the epoch ended",
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,26 @@ LAST = "last"
 
 class TrainingDiverged(ArithmeticError):
     """The loss became NaN or infinite: the run stops with the checkpoints of the last finite weights."""
+
+
+class PeerRankFailed(RuntimeError):
+    """Another DDP rank died or raised, and this one lost it in a collective: the cause is that rank's own error."""
+
+
+# what gloo and NCCL say when a peer's process is gone
+LOST_PEER = re.compile(r"Connection (?:reset|closed) by peer|NCCL communicator was aborted|remote process exited")
+
+
+def lost_peer(error: RuntimeError) -> PeerRankFailed | None:
+    """`error` as a PeerRankFailed, when it is a collective's report that another rank is gone."""
+    found = LOST_PEER.search(str(error))
+    if found is None:
+        return None
+    return PeerRankFailed(
+        f"another DDP rank failed or was killed, so this one stopped ({found[0]}). Its own error, if it printed one, "
+        "is above, each line prefixed [rankN]:; a rank killed without one was often out of memory (see dmesg). "
+        "Once fixed, resume with --ckpt_path last"
+    )
 
 
 class LastCheckpoint(ModelCheckpoint):
