@@ -344,13 +344,17 @@ class ImageFolderDataModule(LightningDataModule):
             self.datasets["predict"] = self._dataset("predict", readable, [-1] * len(readable))
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        checked = {}
         for name in needed:
             self.splits.verify(name, self.split_source or "this run's split")
             paths, targets = self.splits.subset(name)
             if not paths and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
             cached, bad = self._cache(name, paths) or (None, find_unreadable(paths, num_threads=2 * available_cores()))
-            keep = set(self._readable(paths, bad))
+            checked[name] = paths, targets, cached, bad
+        every_path = [path for paths, *_ in checked.values() for path in paths]
+        keep = set(self._readable(every_path, {p: why for *_, bad in checked.values() for p, why in bad.items()}))
+        for name, (paths, targets, cached, _) in checked.items():  # every split's bad files in one error, not two
             kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]
             self.datasets[name] = self._dataset(name, [p for p, _ in kept], [t for _, t in kept], cached)
         self._write_splits_csv()

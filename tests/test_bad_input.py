@@ -289,8 +289,8 @@ def test_odd_files_and_names_in_a_training_folder(tmp_path: Path) -> None:
     stopped = fit()
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     lines = stopped.stderr.splitlines()
-    assert lines[lines.index("error: 7 of 25 images cannot be read:") :] == [
-        "error: 7 of 25 images cannot be read:",
+    assert lines[lines.index("error: 7 of 31 images cannot be read:") :] == [
+        "error: 7 of 31 images cannot be read:",
         *listing,
         "Fix or remove them, or pass --data.skip_bad_images true to leave them out.",
         DEBUG_HINT,
@@ -304,7 +304,7 @@ def test_odd_files_and_names_in_a_training_folder(tmp_path: Path) -> None:
     assert (
         f"{data / 'test'} holds no folder for 1 of the 3 classes (ünï): its scores cannot measure them." in done.stderr
     )
-    assert "\n".join(["Skipping 7 unreadable images of 25:", *listing]) in done.stderr
+    assert "\n".join(["Skipping 7 unreadable images of 31:", *listing]) in done.stderr
     run = run_dir(tmp_path, 1)
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
     assert checkpoint["net"]["class_names"] == checkpoint["datamodule_hyper_parameters"]["classes"] == classes

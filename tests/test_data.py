@@ -198,3 +198,11 @@ def test_copying_a_folder_does_not_change_the_split(tmp_path: Path) -> None:
     second = ImageFolderDataModule(str(tmp_path / "e"), seed=5).splits
     assert [p.name for p in first.paths] == [p.name for p in second.paths]
     assert first.split.tolist() == second.split.tolist()
+
+
+def test_bad_files_of_train_and_val_are_listed_in_one_error(tmp_path: Path) -> None:
+    train, val = broken_files(tmp_path / "d" / "train"), broken_files(tmp_path / "d" / "val")
+    config = tiny_config(tmp_path, tmp_path / "d", data={"test_fraction": 0.0})
+    with pytest.raises(ValueError, match="4 of 44 images cannot be read") as error:
+        cli_main(["fit", "--config", str(config)])
+    assert all(str(path) in str(error.value) for path in train + val)  # fixed in one round, not one split a time
