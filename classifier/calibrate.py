@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
 
-from classifier.atomic import atomic_path
-from classifier.checkpoints import read_checkpoint
+from classifier.checkpoints import read_checkpoint, save_checkpoint
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import print_table
 from classifier.module import classification_metrics
@@ -79,7 +78,7 @@ def calibrate_checkpoint(
     checkpoint["net"] = {**checkpoint["net"], "temperature": temperature}
     checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "temperature": temperature}
     checkpoint["calibration"] = report
-    save_atomically(checkpoint, output)
+    save_checkpoint(checkpoint, output)
     write_json(output.with_suffix(".json"), report)
     show(report)
     if checkpoint["hyper_parameters"].get("tta"):
@@ -180,12 +179,6 @@ def scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
     computed = metrics(probs, targets)
     nll = F.cross_entropy(logits, targets)
     return {"acc": float(computed["acc"]), "ece": float(computed["ece"]), "nll": float(nll)}
-
-
-def save_atomically(checkpoint: dict[str, Any], output: Path) -> None:
-    """torch.save into a temporary file beside `output`, then rename: a crash never leaves half a checkpoint."""
-    with atomic_path(output) as partial:
-        torch.save(checkpoint, partial)
 
 
 def show(report: dict[str, Any]) -> None:

@@ -1,9 +1,11 @@
-"""Reading checkpoints as plain data (one safe loader for the CLI, the datamodule, cv and `Predictor`), and which
-settings they do not carry."""
+"""Reading checkpoints as plain data (one safe loader for the CLI, the datamodule, cv and `Predictor`), writing them
+whole or not at all, and which settings they do not carry."""
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import pickle
 import re
 import warnings
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from classifier.atomic import atomic_path
 
 # settings of the machine, not of the model: a checkpoint never brings them along
 MACHINE_SETTINGS = frozenset(
@@ -70,3 +74,14 @@ def unreadable(option: str, path: Path, error: BaseException) -> ValueError:
         f"{option} {path} is not a readable checkpoint ({path.stat().st_size} bytes): cut short by an unfinished save "
         f"or copy, or not written by torch.save ({type(cause).__name__}: {detail[1] if detail else 'no detail'})"
     )
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    """torch.save beside `path`, then rename: the free space is checked against the checkpoint's size first, and the
+    file is fsynced before the rename, so the old file stays until the new one is complete."""
+    buffer = io.BytesIO()  # its size is what the disk must hold; Lightning's own writer buffers too
+    torch.save(checkpoint, buffer)
+    with atomic_path(path, needed=buffer.tell()) as partial, open(partial, "wb") as file:
+        file.write(buffer.getbuffer())
+        file.flush()
+        os.fsync(file.fileno())

@@ -3,18 +3,15 @@ run's own `last.ckpt`, and `lr_find` as a method, so that LightningCLI offers it
 
 from __future__ import annotations
 
-import io
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from classifier.atomic import atomic_path
+from classifier.checkpoints import save_checkpoint
 from classifier.faults import RunCheckpointConnector
 from classifier.module import ImageClassifier
 from classifier.tuning import lr_find
@@ -31,12 +28,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()  # its size is what the disk must hold; Lightning's own writer buffers too
-        torch.save(checkpoint, buffer)
-        with atomic_path(path, needed=buffer.tell()) as partial, open(partial, "wb") as file:
-            file.write(buffer.getbuffer())
-            file.flush()
-            os.fsync(file.fileno())
+        save_checkpoint(checkpoint, path)
 
 
 class ClassifierTrainer(Trainer):

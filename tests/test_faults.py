@@ -124,7 +124,7 @@ def test_a_checkpoint_write_failing_with_enospc_leaves_the_previous_file(
         def write(self, data: bytes) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("classifier.trainer.open", lambda name, mode, **kw: FullDisk(name, "w"), raising=False)
+    monkeypatch.setattr("classifier.checkpoints.open", lambda name, mode, **kw: FullDisk(name, "w"), raising=False)
     with pytest.raises(DiskFullError) as raised:
         writer.save_checkpoint({"weights": torch.zeros(100_000)}, path)
 
