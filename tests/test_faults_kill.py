@@ -85,10 +85,13 @@ def test_a_mid_epoch_checkpoint_resumes_inside_its_epoch_seeing_each_sample_once
     assert (saved["epoch"], saved["global_step"]) == (1, 50)  # inside epoch 1, which began at step 39
     before = [entry for entry in read_sample_log(log) if entry[1] < 50]  # batches 51's kill undid are done again
     log.unlink()
+    torn = last_of(tmp_path).with_name(f".last.ckpt.0badc0de{PARTIAL_SUFFIX}")  # as a kill mid-write leaves it
+    torn.write_bytes(b"PK\x03\x04 cut short")
 
     code, stderr = run(["fit", "--config", str(config), "--ckpt_path", "last"], log)
 
     assert code == 0, stderr
+    assert not torn.exists()  # removed when the run resumed
     after = read_sample_log(log)
     epoch = [rows for e, _, rows in before + after if e == 1]
     seen = [row for rows in epoch for row in rows]
