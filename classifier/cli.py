@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from classifier.atomic import DiskFullError
 from classifier.calibrate import calibrate
 from classifier.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
+from classifier.check_data import DataCheckFailed, check_data
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.console import (
     DEBUG_ENV,
@@ -68,7 +69,10 @@ USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
 # (Python's status 1). An error without a message ends the command silently: SIGTERM's run has said what it saved.
 EXIT_CODES: ExitCodes = (
     (SIGTERMException, 128 + signal.SIGTERM),  # preempted: last.ckpt saved, `--ckpt_path last` resumes
-    ((DiskFullError, TrainingDiverged, PeerRankFailed), 1),  # faults of the run, not of what the user gave it
+    (
+        (DiskFullError, TrainingDiverged, PeerRankFailed, DataCheckFailed),
+        1,
+    ),  # faults of the run, not of what the user gave it
     (USER_ERRORS, USAGE_ERROR),  # a mistake in the options, the config or the input files, as the parser's own
 )
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -111,7 +115,9 @@ class ClassifierCLI(LightningCLI):
             parser_kwargs={
                 "prog": "classifier",
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
-                "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier runs [DIR]` lists the "
+                "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier check-data --config "
+                "X` audits the data before a run (see `classifier check-data --help`); `classifier runs [DIR]` lists "
+                "the "
                 "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
                 "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
                 "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
@@ -384,6 +390,8 @@ def cli_main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
         cross_validate(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["check-data"]:  # reads the data fit would, trains nothing
+        check_data(argv[1:])
     elif isinstance(argv, list) and argv[:1] == ["runs"]:  # reads run folders, runs no trainer
         list_runs(argv[1:])
     elif isinstance(argv, list) and argv[:1] == ["calibrate"]:  # fits one number on saved logits, no trainer

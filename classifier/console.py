@@ -30,6 +30,7 @@ NOISY_WARNINGS = (
     r"It is recommended to use `self.log\('val/f1/",  # DDP: the per-class F1 is synced by its metric already
     # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
     r"You're resuming from a checkpoint that ended before the epoch ended",
+    r"LightningCLI's args parameter is intended",  # `cv` and `check-data` parse fit's options after their own
 )
 NOISY_LOGS = re.compile(
     r"💡 Tip:"  # advertisements for Lightning's cloud services
@@ -86,6 +87,20 @@ def debugging(argv: Sequence[str] = ()) -> bool:
 
 def without_debug_flags(argv: Sequence[str]) -> list[str]:
     return [arg for arg in argv if arg not in DEBUG_FLAGS]
+
+
+@contextlib.contextmanager
+def lightning_silenced() -> Iterator[None]:
+    """Lightning's INFO lines (seed, accelerators) hidden while a command builds a trainer it does not run."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager

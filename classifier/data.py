@@ -21,15 +21,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier.atomic import write_text
+from classifier.audit import cross_split_copies
 from classifier.cache import fill as fill_cache
 from classifier.cache import fits_in_memory
 from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.device_augment import CropBatch, CropPlanner, collate_crops, cut
 from classifier.imageio import list_images, load_rgb
-from classifier.images import find_unreadable, is_jpeg_name, jpeg_size, presize
+from classifier.images import is_jpeg_name, jpeg_size, presize
 from classifier.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
 from classifier.samplers import EpochStart, Key, seeded, split_key, training_sampler
-from classifier.splits import Splits, build_splits, read_splits
+from classifier.splits import SPLITS, Splits, build_splits, read_splits
+from classifier.verification import FileFacts, verify_files
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +337,8 @@ class ImageFolderDataModule(LightningDataModule):
             paths = predict_paths(Path(self.hparams.predict_dir))
             if not paths:
                 raise ValueError(f"--data.predict_dir {self.hparams.predict_dir} holds no images")
-            self.unreadable = find_unreadable(paths, num_threads=2 * available_cores())
+            checked = verify_files(paths, num_threads=2 * available_cores())
+            self.unreadable = {path: facts.reason for path, facts in checked.items() if facts.reason is not None}
             readable = [path for path in paths if path not in self.unreadable]
             if not readable:  # an unreadable file is one error row; with no readable ones there is nothing to do
                 raise ValueError(
@@ -344,20 +347,40 @@ class ImageFolderDataModule(LightningDataModule):
             self.datasets["predict"] = self._dataset("predict", readable, [-1] * len(readable))
             return
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
-        checked = {}
+        # fit checks the test split too, once into the verification cache: its bad files and copies are found now
+        subsets = {name: self.splits.subset(name) for name in (SPLITS if stage == "fit" else needed)}
+        every_path = [path for paths, _ in subsets.values() for path in paths]
+        checked = verify_files(every_path, Path(self.hparams.data_dir), num_threads=2 * available_cores())
+        hashes = {path: facts.file_hash for path, facts in checked.items()}
         for name in needed:
-            self.splits.verify(name, self.split_source or "this run's split")
-            paths, targets = self.splits.subset(name)
-            if not paths and (stage != "fit" or name == "train"):  # fit may go without val
+            self.splits.verify(name, self.split_source or "this run's split", hashes)
+            if not subsets[name][0] and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
-            cached, bad = self._cache(name, paths) or (None, find_unreadable(paths, num_threads=2 * available_cores()))
-            checked[name] = paths, targets, cached, bad
-        every_path = [path for paths, *_ in checked.values() for path in paths]
-        keep = set(self._readable(every_path, {p: why for *_, bad in checked.values() for p, why in bad.items()}))
-        for name, (paths, targets, cached, _) in checked.items():  # every split's bad files in one error, not two
-            kept = [(p, t) for p, t in zip(paths, targets, strict=True) if p in keep]
-            self.datasets[name] = self._dataset(name, [p for p, _ in kept], [t for _, t in kept], cached)
+        needed_paths = [path for name in needed for path in subsets[name][0]]
+        bad = {path: checked[path].reason for path in needed_paths if checked[path].reason is not None}
+        keep = set(self._readable(needed_paths, bad))  # every split's bad files in one error, not one per split
+        for name in needed:
+            kept = [(path, target) for path, target in zip(*subsets[name], strict=True) if path in keep]
+            paths, targets = [path for path, _ in kept], [target for _, target in kept]
+            self.datasets[name] = self._dataset(name, paths, targets, self._cache(name, paths))
+        if stage == "fit":
+            self._warn_about(checked, set(needed_paths))
         self._write_splits_csv()
+
+    def _warn_about(self, checked: dict[Path, FileFacts], trained: set[Path]) -> None:
+        """One line per kind: exact copies across splits, and the test split's bad files, which `test` stops on."""
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        for match, count in cross_split_copies(self.splits, checked).items():
+            log.warning(
+                "%d images are %s of an image in another split (leakage: scores are inflated). `classifier "
+                "check-data` lists them, and finds near copies too.", count, match
+            )  # fmt: skip
+        bad = {path: facts.reason for path, facts in checked.items() if facts.reason and path not in trained}
+        if bad:
+            log.warning(
+                "%d test images cannot be read; `classifier test` will stop on them:\n%s", len(bad), listing(bad)
+            )
 
     @property
     def gpu_decode(self) -> bool:
@@ -417,9 +440,9 @@ class ImageFolderDataModule(LightningDataModule):
             hp.color_jitter,
         )
 
-    def _cache(self, name: str, paths: list[Path]) -> tuple[dict[Path, Tensor], dict[Path, str]] | None:
-        """The split's images presized in RAM and its unreadable files; None without `--data.cache ram`, for the
-        single-pass test split, and when they would not fit."""
+    def _cache(self, name: str, paths: list[Path]) -> dict[Path, Tensor] | None:
+        """The split's checked images presized in RAM; None without `--data.cache ram`, for the single-pass test
+        split, and when they would not fit."""
         if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
             return None
         copies = self.trainer.num_devices if self.trainer is not None else 1
@@ -428,7 +451,10 @@ class ImageFolderDataModule(LightningDataModule):
         if not fits_in_memory(paths, size, copies, name, enlarge=not training):  # training never enlarges
             return None
         interpolation = self.data_config["interpolation"]
-        return fill_cache(paths, size, interpolation, training, num_threads=2 * available_cores())
+        images, unreadable = fill_cache(paths, size, interpolation, training, num_threads=2 * available_cores())
+        if unreadable:  # checked a moment ago
+            raise ValueError(f"{len(unreadable)} images changed while they were read:\n{listing(unreadable)}")
+        return images
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None

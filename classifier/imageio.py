@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,7 +38,7 @@ def list_images(root: Path) -> list[Path]:
     )
 
 
-def open_image(path: Path) -> Image.Image:
+def open_image(path: Path | BinaryIO) -> Image.Image:
     """PIL's lazy open, refusing before any decode an image whose header claims more than PIL.Image.MAX_IMAGE_PIXELS
     (PIL refuses above twice that, and below only warns and decodes it)."""
     try:

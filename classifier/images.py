@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms
 
-from classifier.imageio import load_rgb, open_image
+from classifier.imageio import load_rgb
 
 EXIF_ORIENTATION = 0x0112
 JPEG_EXTENSIONS = (".jpeg", ".jpg")
@@ -62,17 +61,6 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def check_image(path: Path) -> str | None:
-    """Why `path` cannot be decoded in full, or None when it can (truncation is found, never tolerated)."""
-    try:
-        with open_image(path) as image:
-            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, which still reads every byte
-            image.load()
-    except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
-        return unreadable_reason(path, error)
-    return None
-
-
 def unreadable_reason(path: Path, error: Exception) -> str:
     """What a user reads about a file that failed to decode: PIL's error, or plainer words where PIL's mislead."""
     if isinstance(error, FileNotFoundError):
@@ -82,10 +70,3 @@ def unreadable_reason(path: Path, error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError) and path.stat().st_size == 0:
         return "empty file (0 bytes)"
     return f"{type(error).__name__}: {error}"
-
-
-def find_unreadable(paths: list[Path], num_threads: int = 8) -> dict[Path, str]:
-    """Decode every file once, in parallel (PIL releases the GIL), and map each bad one to its reason."""
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        reasons = pool.map(check_image, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason is not None}

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +14,12 @@ import numpy as np
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from classifier.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
+from classifier.verification import UNREADABLE, verify_files
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more
-UNREADABLE = "unreadable"  # the fingerprint of a file that cannot be opened
-HASH_CHUNK = 1 << 20  # bytes hashed at a time (hashlib.file_digest would need Python 3.11)
 
 
 @dataclass
@@ -35,7 +32,7 @@ class Splits:
     labels: np.ndarray
     split: np.ndarray
     fold: np.ndarray  # -1 outside k-fold and for test rows
-    fingerprints: list[str]  # `fingerprint()` of each file when the split was made; "" until computed
+    fingerprints: list[str]  # each file's hash (`fingerprints()`) when the split was made; "" until computed
 
     def subset(self, name: str) -> tuple[list[Path], list[int]]:
         """Full paths and class indices of one split, in path order."""
@@ -46,8 +43,9 @@ class Splits:
         """Images per class in one split, in class-index order."""
         return np.bincount(self.labels[self.split == name], minlength=len(self.classes)).tolist()
 
-    def verify(self, name: str, source: str) -> None:
-        """Check that the files of split `name` are still those recorded in `source`; record the unrecorded ones."""
+    def verify(self, name: str, source: str, hashes: dict[Path, str]) -> None:
+        """Check that the files of split `name` are still those recorded in `source`, given the file hash of each
+        (`verify_files`); record the unrecorded ones."""
         rows = np.flatnonzero(self.split == name)
         missing = [self.paths[i] for i in rows if not os.path.lexists(self.root / self.paths[i])]
         if missing:
@@ -56,7 +54,7 @@ class Splits:
                 f"{_listing(missing)}\nRestore them, or give the split to evaluate with --data.splits FILE "
                 "(a splits.csv: path,label,split)."
             )
-        now = fingerprints(self.root, [self.paths[i] for i in rows])
+        now = [hashes[self.root / self.paths[i]] for i in rows]
         changed = [  # an unreadable file is the decode check's to report, with its reason
             self.paths[i]
             for i, new in zip(rows, now, strict=True)
@@ -91,27 +89,11 @@ class Splits:
         return text.getvalue()
 
 
-def fingerprint(path: Path) -> str:
-    """`<bytes>-<BLAKE2b-64 of the bytes>`: any edit, re-encode or replacement under the same name changes it.
-
-    A file that cannot be opened (permissions, a broken link), which the decode check reports or skips, gets
-    `UNREADABLE`.
-    """
-    digest = hashlib.blake2b(digest_size=8)
-    try:
-        file = open(path, "rb")
-    except OSError:
-        return UNREADABLE
-    with file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-        return f"{os.fstat(file.fileno()).st_size}-{digest.hexdigest()}"
-
-
-def fingerprints(root: Path, paths: list[Path], num_threads: int = 8) -> list[str]:
-    """`fingerprint` of each `root / path`, hashed in threads (hashlib releases the GIL, so they read in parallel)."""
-    with ThreadPoolExecutor(num_threads) as pool:
-        return list(pool.map(fingerprint, (root / path for path in paths)))
+def fingerprints(root: Path, paths: list[Path]) -> list[str]:
+    """The file hash of each `root / path` (`<bytes>-<BLAKE2b-64>`, or UNREADABLE for a file that cannot be
+    opened): any edit, re-encode or replacement under the same name changes it. From the verification cache."""
+    checked = verify_files([root / path for path in paths], root, num_threads=2 * (os.cpu_count() or 1))
+    return [facts.file_hash for facts in checked.values()]
 
 
 def _listing(paths: list[Path]) -> str:

@@ -20,7 +20,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversu
     torch.set_num_threads(1)
 
 from classifier.digits import write_digits
+from classifier.verification import CACHE_ENV
 from tests.faults import digits_config, last_of, read_sample_log, run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verification_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' own verification cache (and that of the `classifier` processes they start), not the user's."""
+    folder = tmp_path_factory.mktemp("verification-cache")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

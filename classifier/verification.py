@@ -1,0 +1,228 @@
+"""What each image file is, checked once: readable or why not, its size, mode and EXIF rotation, the hashes of its
+bytes and pixels, and its perceptual hash; kept in a cache keyed by path, size and mtime that `fit`, `cv` and
+`check-data` share, so an unchanged folder is never decoded twice."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy.fft import dctn
+
+from classifier.imageio import open_image, to_rgb
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CLASSIFIER_CACHE_DIR"  # where the cache lives, instead of the user's cache folder
+CACHE_FILE = "verification-v1.sqlite"  # the version changes whenever what a row holds does
+BESIDE_DATA = ".classifier-verification.sqlite"  # the fallback, in the data folder (hidden, so never an image)
+UNREADABLE = "unreadable"  # the byte hash of a file that cannot be opened
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+CHECK_SIDE = 64  # JPEGs decode at the smallest DCT scale (1/2 to 1/8) that keeps the shorter side this long
+THUMB_SIDE = 16  # the grey thumbnail near-duplicate candidates are verified on
+HASH_SIDE = 32  # pHash: the DCT of a 32x32 grey image, whose 8x8 lowest frequencies give the 64 bits
+LOCK_TIMEOUT_S = 120.0  # how long a process waits for another one's write to the cache
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """One file as decoding finds it; `reason` is None when it decodes. Sizes are upright (after EXIF rotation)."""
+
+    reason: str | None
+    format: str
+    width: int
+    height: int
+    mode: str
+    orientation: int
+    file_hash: str  # `<bytes>-<BLAKE2b-64 of the bytes>`, or UNREADABLE
+    pixel_hash: str  # `<width>x<height>-<BLAKE2b-64 of the upright RGB pixels as decoded>`; "" when unreadable
+    phash: int  # 64-bit perceptual hash, signed (as SQLite stores integers); 0 when unreadable
+    thumb: bytes  # THUMB_SIDE² grey pixels; b"" when unreadable
+
+
+COLUMNS = [field.name for field in fields(FileFacts)]
+
+
+def file_hash(data: bytes) -> str:
+    """`<bytes>-<BLAKE2b-64>`: any edit, re-encode or replacement under the same name changes it."""
+    return f"{len(data)}-{hashlib.blake2b(data, digest_size=8).hexdigest()}"
+
+
+def perceptual_hash(grey: Image.Image) -> int:
+    """pHash (imagehash's, with an area-averaging resize): the signs, against their median, of the 8x8 lowest DCT
+    frequencies of a 32x32 grey copy. Resizing, recompression and small crops flip few of its bits."""
+    small = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
+    low = dctn(small, type=2, norm="ortho")[:8, :8]
+    bits = np.packbits(low.ravel() > np.median(low))
+    return int.from_bytes(bits.tobytes(), "big", signed=True)
+
+
+def inspect_file(path: Path) -> FileFacts:
+    """Read `path` once: hash its bytes, decode them (truncation is found, never tolerated), and hash the upright RGB
+    pixels the model would see, with the perceptual hash and thumbnail made from them.
+
+    JPEGs decode at the DCT scale that keeps the shorter side at least CHECK_SIDE (every byte is still read), as
+    the decode check always has: the pixel hash is of that decode, the same for the same coded image.
+    """
+    from classifier.images import unreadable_reason  # torchvision, which `classifier.images` imports, is slow
+
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return unreadable(unreadable_reason(path, error), UNREADABLE)
+    try:
+        with open_image(io.BytesIO(data)) as image:
+            kind, mode, (width, height) = image.format or "", image.mode, image.size
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+            image.draft("RGB", (CHECK_SIDE, CHECK_SIDE))
+            image.load()
+            rgb = to_rgb(image)
+    except UnidentifiedImageError:  # PIL's own words, which would name the in-memory copy
+        error = UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+        return unreadable(unreadable_reason(path, error), file_hash(data))
+    except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
+        return unreadable(unreadable_reason(path, error), file_hash(data))
+    if orientation in TURNED:
+        width, height = height, width
+    grey = rgb.convert("L")
+    pixels = f"{rgb.width}x{rgb.height}-{hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest()}"
+    thumb = grey.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
+    return FileFacts(
+        None, kind, width, height, mode, orientation, file_hash(data), pixels, perceptual_hash(grey), thumb
+    )
+
+
+def unreadable(reason: str, hashed: str) -> FileFacts:
+    return FileFacts(reason, "", 0, 0, "", 1, hashed, "", 0, b"")
+
+
+def cache_location(data_dir: Path | None) -> Path | None:
+    """$CLASSIFIER_CACHE_DIR, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache), else beside the data:
+    the first one writable. None when none is (the files are checked every time)."""
+    user = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    chosen = os.environ.get(CACHE_ENV)
+    for folder, name in ((Path(chosen or Path(user) / "classifier"), CACHE_FILE), (data_dir, BESIDE_DATA)):
+        if folder is None:
+            continue
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return Path(folder) / name
+        if chosen:  # a folder asked for is not silently replaced
+            break
+    return None
+
+
+class FactsCache:
+    """The SQLite table of FileFacts by absolute path, size and mtime. SQLite's file locks make it safe for several
+    processes (DDP ranks, parallel jobs) at once; a cache that cannot be used is warned about, never fatal."""
+
+    def __init__(self, location: Path | None) -> None:
+        self.location = location
+        self.connection: sqlite3.Connection | None = None
+        if location is None:
+            return
+        try:
+            self.connection = sqlite3.connect(location, timeout=LOCK_TIMEOUT_S, check_same_thread=False)
+            columns = ", ".join(COLUMNS)
+            with self.connection:
+                self.connection.execute(
+                    "CREATE TABLE IF NOT EXISTS files "
+                    f"(path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, {columns})"
+                )
+        except sqlite3.Error as error:
+            self._give_up(error)
+
+    def _give_up(self, error: sqlite3.Error) -> None:
+        log.warning(
+            "The verification cache %s cannot be used (%s): checking the images without it. Delete the file to "
+            "start a new one, or set %s to another folder.", self.location, error, CACHE_ENV,
+        )  # fmt: skip
+        if self.connection is not None:
+            self.connection.close()
+        self.connection = None
+
+    def load(self, under: str) -> dict[str, tuple[int, int, FileFacts]]:
+        """Every row whose path starts with `under`: path -> (size, mtime_ns, facts)."""
+        if self.connection is None:
+            return {}
+        try:
+            rows = self.connection.execute(
+                f"SELECT path, size, mtime_ns, {', '.join(COLUMNS)} FROM files WHERE path >= ? AND path < ?",
+                (under, under + "\U0010ffff"),
+            ).fetchall()
+        except sqlite3.Error as error:
+            self._give_up(error)
+            return {}
+        return {row[0]: (row[1], row[2], FileFacts(*row[3:])) for row in rows}
+
+    def store(self, rows: Iterable[tuple[str, int, int, FileFacts]]) -> None:
+        if self.connection is None:
+            return
+        marks = ", ".join("?" * (3 + len(COLUMNS)))
+        try:
+            with self.connection:
+                self.connection.executemany(
+                    f"INSERT OR REPLACE INTO files VALUES ({marks})",
+                    [(path, size, mtime, *astuple(facts)) for path, size, mtime, facts in rows],
+                )
+        except sqlite3.Error as error:
+            self._give_up(error)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def file_key(path: Path) -> tuple[str, int, int]:
+    """(absolute path, size, mtime in ns); size -1 for a file that cannot be stat'ed, which is never cached."""
+    absolute = os.path.abspath(path)
+    try:
+        status = os.stat(absolute)
+    except OSError:
+        return absolute, -1, -1
+    return absolute, status.st_size, status.st_mtime_ns
+
+
+def verify_files(
+    paths: list[Path], data_dir: Path | None = None, num_threads: int = 8, cache: Path | None | bool = True
+) -> dict[Path, FileFacts]:
+    """FileFacts of every path, in order: from the cache when its size and mtime are unchanged, else inspected (in
+    threads: decoding and hashing release the GIL) and stored. `cache` False checks without one."""
+    if not paths:
+        return {}
+    keys = [file_key(path) for path in paths]
+    store = FactsCache(cache_location(data_dir) if cache is True else cache or None)
+    try:
+        known = store.load(os.path.commonpath([key[0] for key in keys]))
+        found: dict[int, FileFacts] = {}
+        for i, (absolute, size, mtime) in enumerate(keys):
+            hit = known.get(absolute)
+            if hit is not None and hit[:2] == (size, mtime) and size >= 0:
+                found[i] = hit[2]
+        missing = [i for i in range(len(paths)) if i not in found]
+        if missing:
+            with ThreadPoolExecutor(max(1, num_threads)) as pool:
+                found.update(
+                    zip(missing, pool.map(inspect_file, (paths[i] for i in missing), chunksize=16), strict=True)
+                )
+            store.store([(*keys[i], found[i]) for i in missing if keys[i][1] >= 0])
+            log.info(
+                "Checked %d new or changed images (%d unchanged, from %s)",
+                len(missing), len(paths) - len(missing), store.location or "no cache",
+            )  # fmt: skip
+    finally:
+        store.close()
+    return {path: found[i] for i, path in enumerate(paths)}
