@@ -6,7 +6,7 @@ Pure analysis of the split table and the checked facts of its files; `classifier
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,18 @@ def audit(splits: Splits, facts: list[FileFacts], near_dup_threshold: int, num_f
     result.findings += file_findings(names, facts)
     result.findings += class_findings(splits, num_folds)
     exact = exact_pairs(facts)
-    result.pairs = exact + near_pairs(facts, near_dup_threshold, exact)
+    parts = partitions(splits)
+    result.pairs = [oriented(pair, parts) for pair in exact + near_pairs(facts, near_dup_threshold, exact)]
     result.findings += duplicate_findings(splits, names, result.pairs)
     result.report = statistics(splits, facts)
     return result
+
+
+def oriented(pair: Pair, parts: list[str]) -> Pair:
+    """The copy in train first, then one in val or a fold, then one in test: the second is the one reported, as the
+    copy that leaks into the evaluation."""
+    rank = [0 if parts[i] == "train" else 2 if parts[i] == "test" else 1 for i in (pair.first, pair.second)]
+    return replace(pair, first=pair.second, second=pair.first) if rank[1] < rank[0] else pair
 
 
 def cross_split_copies(splits: Splits, checked: dict[Path, FileFacts]) -> dict[str, int]:

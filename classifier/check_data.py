@@ -18,6 +18,7 @@ from classifier.audit import GATING, Audit, Finding, audit, partitions
 from classifier.audit_figures import class_counts_figure, image_sizes_figure, near_duplicates_figure
 from classifier.console import lightning_silenced
 from classifier.data import available_cores
+from classifier.duplicates import MAX_THRESHOLD
 from classifier.evaluation import print_table
 from classifier.reports import save_figure, write_json
 from classifier.splits import Splits, build_splits
@@ -34,7 +35,7 @@ class DataCheckFailed(RuntimeError):
 
 def check_data(argv: list[str]) -> Path:
     """Audit the data that `fit` would train on with the same options; returns the report folder."""
-    from classifier.cli import ClassifierCLI, _logger_root, new_timestamped_dir  # the CLI imports this module
+    from classifier.cli import ParsedCLI, _logger_root, new_timestamped_dir  # the CLI imports this module
 
     parser = argparse.ArgumentParser(
         prog="classifier check-data",
@@ -48,12 +49,17 @@ def check_data(argv: list[str]) -> Path:
     parser.add_argument("--strict", action="store_true", help="exit 1 on leakage, label conflicts or unreadable files")
     parser.add_argument("--out", type=Path, help="the report folder (default: <logs>/check_data/<time>)")
     options, fit_args = parser.parse_known_args(argv)
+    if not 0 <= options.near_dup_threshold <= MAX_THRESHOLD:
+        raise ValueError(
+            f"--near_dup_threshold {options.near_dup_threshold}: a Hamming distance from 0 to {MAX_THRESHOLD} is "
+            "needed (64-bit hashes; copies measure 0-10)"
+        )
     if options.oof is not None and not options.oof.is_file():
         raise FileNotFoundError(f"--oof {options.oof} does not exist: give a cv folder's oof_predictions.csv")
     if options.splits:
         fit_args += ["--data.splits", options.splits]
     with lightning_silenced():
-        cli = ClassifierCLI(args=fit_args, run=False)  # parse, as fit would; trains nothing
+        cli = ParsedCLI(args=fit_args, run=False)
     data = cli.datamodule.hparams
     try:
         splits, split_error = cli.datamodule.splits, None

@@ -286,6 +286,14 @@ def run_differences(config: Namespace, ckpt_path: Path) -> dict[str, tuple[Any, 
     return differences
 
 
+class ParsedCLI(ClassifierCLI):
+    """fit's options parsed, and only the datamodule built: the data as fit would see it, for `check-data` (the
+    model would need the class list, which a split that cannot be made does not give)."""
+
+    def instantiate_classes(self) -> None:
+        self.datamodule = ImageFolderDataModule(**self.config.data.as_dict())
+
+
 def check_resumable(config: Namespace, subcommand: str, ckpt_path: Path) -> None:
     """Refuse, before any training, settings given on top of a checkpoint that its weights cannot take; say which
     other settings a resumed fit changes."""

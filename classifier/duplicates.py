@@ -54,8 +54,6 @@ def within_distance(codes: np.ndarray, threshold: int) -> np.ndarray:
     agree within threshold // BANDS bits on at least one band, so each band's sorted table is probed with every
     value that close, and only those candidates are compared in full.
     """
-    if not 0 <= threshold <= MAX_THRESHOLD:
-        raise ValueError(f"--near_dup_threshold {threshold}: a Hamming distance from 0 to {MAX_THRESHOLD} is needed")
     codes = codes.view(np.uint64)
     radius = threshold // BANDS
     flips = np.array([sum(1 << bit for bit in bits) for r in range(radius + 1) for bits in combinations(range(16), r)])

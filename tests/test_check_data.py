@@ -1,0 +1,306 @@
+"""`classifier check-data`: every kind of finding planted in a real folder, the strict gate, the read-only promise,
+no false alarms on the distinct bundled digits, and the verification cache that `fit` shares."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classifier.cli import cli_main
+from classifier.data import ImageFolderDataModule
+from classifier.verification import CACHE_ENV, verify_files
+from tests.helpers import REPO, read_csv, tiny_config, write_photos
+from tests.photos import CLASSES
+
+GATING = {"unreadable", "leakage", "label_conflict"}
+
+
+def plant(root: Path) -> dict[tuple[str, str], str]:
+    """train/ and test/ of distinct photo-like images, plus one file per problem; (relative path, kind) -> related."""
+    write_photos(root / "train", per_class=8, sizes=(90, 150))
+    write_photos(root / "test", per_class=3, seed=1, sizes=(90, 150))
+    train, test = root / "train", root / "test"
+    (train / "disc" / "truncated.jpg").write_bytes((train / "disc" / "disc_001.jpg").read_bytes()[:900])
+    (train / "square" / "empty.png").write_bytes(b"")
+    (train / "stripes" / "notes.jpg").write_text("not an image\n")
+    shutil.copy(train / "disc" / "disc_000.png", train / "disc" / "really_png.jpg")  # also a copy of disc_000
+    other = write_photos(root.parent / "other", per_class=1, seed=7) / "disc" / "disc_000.png"  # unlike any other
+    Image.open(other).convert("CMYK").save(train / "square" / "cmyk.jpg", quality=95)
+    deep = (np.arange(100 * 120, dtype=np.uint32).reshape(100, 120) * 5 % 65536).astype(np.uint16)
+    Image.fromarray(deep).save(train / "stripes" / "sixteen.png")
+    Image.new("RGB", (600, 90), (20, 120, 40)).save(train / "stripes" / "banner.png")
+    shutil.copy(train / "disc" / "disc_004.jpg", test / "disc" / "exact_copy.jpg")
+    original = Image.open(train / "square" / "square_004.jpg")
+    smaller = original.resize((round(original.width * 0.8), round(original.height * 0.8)), Image.Resampling.BICUBIC)
+    smaller.save(test / "square" / "resized.jpg", quality=70)
+    shutil.copy(train / "disc" / "disc_005.jpg", train / "stripes" / "mislabelled.jpg")
+    Image.open(train / "square" / "square_003.png").save(test / "square" / "same_pixels.png", compress_level=1)
+    sideways = [f"{split}/{label}/{label}_{i:03d}.{'png' if i % 3 == 0 else 'jpg'}" for label in CLASSES
+                for split, count in (("train", 8), ("test", 3)) for i in range(2, count, 4)]  # fmt: skip
+    return {(path, "exif_rotated"): "" for path in sideways} | {
+        ("train/disc/truncated.jpg", "unreadable"): "",
+        ("train/square/empty.png", "unreadable"): "",
+        ("train/stripes/notes.jpg", "unreadable"): "",
+        ("train/disc/really_png.jpg", "format_mismatch"): "",
+        ("train/disc/really_png.jpg", "duplicate"): "train/disc/disc_000.png",
+        ("train/square/cmyk.jpg", "unusual_mode"): "",
+        ("train/stripes/sixteen.png", "unusual_mode"): "",
+        ("train/stripes/banner.png", "extreme_aspect"): "",
+        ("test/disc/exact_copy.jpg", "leakage"): "train/disc/disc_004.jpg",
+        ("test/square/resized.jpg", "leakage"): "train/square/square_004.jpg",
+        ("train/stripes/mislabelled.jpg", "label_conflict"): "train/disc/disc_005.jpg",
+        ("test/square/same_pixels.png", "leakage"): "train/square/square_003.png",
+    }
+
+
+def relative(path: str, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix() if path else ""
+
+
+def tree_digest(root: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file under `root`: its hash, mode and mtime."""
+    return {
+        path.relative_to(root).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mode,
+            path.stat().st_mtime_ns,
+        )
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def check_data(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "classifier", "check-data", *args], cwd=REPO, capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """The planted folder, what was planted, and the digest of every file before any audit."""
+    root = tmp_path_factory.mktemp("planted") / "photos"
+    expected = plant(root)
+    return root, expected, tree_digest(root)
+
+
+@pytest.fixture(scope="module")
+def audited(planted: tuple[Path, dict, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`classifier check-data --strict` on the planted folder, as a CI job would run it: (report folder, stderr)."""
+    root, _, _ = planted
+    out = tmp_path_factory.mktemp("report") / "audit"
+    done = check_data("--data.data_dir", str(root), "--data.val_fraction", "0", "--strict", "--out", str(out))
+    assert done.returncode == 1, done.stderr[-3000:]
+    return out, done.stdout + done.stderr
+
+
+def test_every_planted_problem_is_found_and_nothing_else(planted, audited) -> None:
+    root, expected, _ = planted
+    out, _ = audited
+    rows = read_csv(out / "issues.csv")
+    found = {(relative(row["path"], root), row["kind"]): relative(row["related"], root) for row in rows}
+    assert found == expected
+
+
+def test_exact_and_near_copies_are_paired_with_how_they_match(planted, audited) -> None:
+    root, _, _ = planted
+    out, _ = audited
+    pairs = {
+        relative(row["path"], root): (relative(row["related"], root), row["match"], row["part"], row["related_part"])
+        for row in read_csv(out / "duplicates.csv")
+    }
+    assert pairs == {
+        "test/disc/exact_copy.jpg": ("train/disc/disc_004.jpg", "bytes", "test", "train"),
+        "test/square/resized.jpg": ("train/square/square_004.jpg", "near", "test", "train"),
+        "train/stripes/mislabelled.jpg": ("train/disc/disc_005.jpg", "bytes", "train", "train"),
+        "test/square/same_pixels.png": ("train/square/square_003.png", "pixels", "test", "train"),
+        "train/disc/really_png.jpg": ("train/disc/disc_000.png", "bytes", "train", "train"),
+    }
+    resized = next(row for row in read_csv(out / "duplicates.csv") if row["path"].endswith("resized.jpg"))
+    assert 0 < int(resized["distance"]) <= 10 and 0 < float(resized["rms"]) <= 8
+
+
+def test_strict_ends_with_one_line_that_counts_what_gates(audited) -> None:
+    out, output = audited
+    (line,) = [line for line in output.splitlines() if line.startswith("error:")]
+    assert line == f"error: check-data --strict: 3 unreadable, 3 leakage, 1 label_conflict; see {out / 'issues.csv'}"
+
+
+def test_the_report_counts_images_classes_modes_and_sizes(planted, audited) -> None:
+    root, _, _ = planted
+    out, _ = audited
+    report = json.loads((out / "data_report.json").read_text())
+    images = sorted(path for path in root.rglob("*") if path.is_file())
+    assert report["images"] == len(images) == 24 + 8 + 9 + 3 and report["readable"] == len(images) - 3
+    assert report["splits"] == {"train": 32, "test": 12}
+    assert report["class_counts"]["stripes"] == {"train": 8 + 4, "test": 3}
+    assert report["modes"]["CMYK"] == 1 and report["modes"]["I;16"] == 1
+    assert report["exif_rotated"] == 3 * 2 + 3 * 1  # write_photos stores i % 4 == 2 sideways
+    assert report["findings"]["leakage"] == 3 and report["duplicate_pairs"] == {"bytes": 3, "pixels": 1, "near": 1}
+    for figure in ("class_counts.png", "image_sizes.png", "near_duplicates.png"):
+        assert Image.open(out / figure).size[0] > 300
+
+
+def test_check_data_changes_no_file(planted, audited) -> None:
+    root, _, before = planted
+    assert tree_digest(root) == before
+
+
+def test_no_false_copies_or_leakage_among_the_distinct_digits(digits_dir: Path, tmp_path: Path) -> None:
+    cli_main(["check-data", "--data.data_dir", str(digits_dir), "--out", str(tmp_path), "--strict"])
+    assert read_csv(tmp_path / "issues.csv") == [] and read_csv(tmp_path / "duplicates.csv") == []
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["images"] == 1797 and report["splits"] == {"train": 1257, "val": 270, "test": 270}
+
+
+def test_frozen_split_and_folds_are_audited_as_fit_sees_them(small_digits: Path, tmp_path: Path) -> None:
+    data = tmp_path / "digits"
+    shutil.copytree(small_digits, data)
+    shutil.copy(data / "3" / sorted(os.listdir(data / "3"))[0], data / "3" / "again.png")
+    cli_main(["check-data", "--data.data_dir", str(data), "--data.num_folds", "4", "--out", str(tmp_path / "folds")])
+    (row,) = read_csv(tmp_path / "folds" / "duplicates.csv")
+    rows = read_csv(tmp_path / "folds" / "issues.csv")
+    # under k-fold a copy in another fold leaks whenever one of the two folds validates
+    assert [r["kind"] for r in rows] == (["leakage"] if row["part"] != row["related_part"] else ["duplicate"])
+    table = tmp_path / "splits.csv"
+    table.write_text("path,label,split\n" + "".join(f"3/{name},3,train\n" for name in os.listdir(data / "3")))
+    cli_main(["check-data", "--data.data_dir", str(data), "--splits", str(table), "--out", str(tmp_path / "frozen")])
+    report = json.loads((tmp_path / "frozen" / "data_report.json").read_text())
+    assert report["images"] == 21 and report["splits"] == {"train": 21}
+
+
+def test_a_class_too_small_for_the_split_is_reported_not_a_crash(small_digits: Path, tmp_path: Path) -> None:
+    data = tmp_path / "digits"
+    shutil.copytree(small_digits, data)
+    for extra in sorted((data / "7").iterdir())[1:]:
+        extra.unlink()
+    cli_main(["check-data", "--data.data_dir", str(data), "--out", str(tmp_path / "out")])
+    kinds = {(row["path"], row["kind"]) for row in read_csv(tmp_path / "out" / "issues.csv")}
+    assert (str(data), "split_error") in kinds and ("7", "small_class") in kinds
+
+
+def test_bad_options_end_with_one_line_naming_them(tmp_path: Path) -> None:
+    missing = check_data("--oof", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2 and error_line(missing) == (
+        f"error: --oof {tmp_path / 'nope.csv'} does not exist: give a cv folder's oof_predictions.csv"
+    )
+    threshold = check_data("--data.data_dir", "data/digits", "--near_dup_threshold", "40", "--out", str(tmp_path))
+    assert threshold.returncode == 2
+    assert error_line(threshold).startswith("error: --near_dup_threshold 40: a Hamming distance from 0 to 16")
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def error_line(done: subprocess.CompletedProcess) -> str:
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return line
+
+
+def opened_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files the verification opens from now on (every decode starts with one)."""
+    import classifier.verification as verification
+
+    opened: list[str] = []
+    original = verification.open_image
+
+    def counting(source, *args):
+        opened.append(source)
+        return original(source, *args)
+
+    monkeypatch.setattr(verification, "open_image", counting)
+    return opened
+
+
+def test_a_second_setup_decodes_nothing_and_a_touched_file_only_it(
+    small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = tmp_path / "digits"
+    shutil.copytree(small_digits, data)
+    opened = opened_files(monkeypatch)
+    ImageFolderDataModule(data_dir=str(data), num_workers=0).setup("fit")
+    assert len(opened) == 200  # fit checks every split, test included
+    opened.clear()
+    ImageFolderDataModule(data_dir=str(data), num_workers=0).setup("fit")
+    assert opened == []
+    touched = data / "4" / sorted(os.listdir(data / "4"))[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    shutil.copy(data / "5" / sorted(os.listdir(data / "5"))[0], data / "5" / "new.png")
+    ImageFolderDataModule(data_dir=str(data), num_workers=0).setup("fit")
+    assert len(opened) == 2
+
+
+def test_two_processes_fill_one_cache_at_once(
+    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both finish, agree, and leave a cache that a third reader takes everything from."""
+    script = (
+        "import sys; from pathlib import Path; from classifier.imageio import list_images; "
+        "from classifier.verification import verify_files; "
+        "facts = verify_files(list_images(Path(sys.argv[1])), num_threads=2); "
+        "print(sum(f.reason is None for f in facts.values()), len({f.file_hash for f in facts.values()}))"
+    )
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
+    both = [
+        subprocess.Popen([sys.executable, "-c", script, str(digits_dir)], env=env, cwd=REPO, stdout=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    assert [process.communicate(timeout=300)[0].split() for process in both] == [[b"1797", b"1797"]] * 2
+    assert [process.returncode for process in both] == [0, 0]
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    opened = opened_files(monkeypatch)
+    assert len(verify_files(sorted(digits_dir.rglob("*.png")))) == 1797 and opened == []
+
+
+def test_an_unusable_cache_is_warned_about_and_never_fatal(
+    small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "verification-v1.sqlite").write_text("not a database")
+    paths = sorted(small_digits.rglob("*.png"))
+    facts = verify_files(paths)
+    assert len(facts) == 200 and all(f.reason is None for f in facts.values())
+    assert "cannot be used" in caplog.text and (tmp_path / "cache" / "verification-v1.sqlite").read_text() == (
+        "not a database"
+    )
+
+
+@pytest.mark.slow
+def test_fit_warns_once_per_kind_about_cross_split_copies_and_rechecks_nothing(
+    small_digits: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "digits"
+    shutil.copytree(small_digits, data / "train")
+    (data / "test" / "0").mkdir(parents=True)
+    for name in sorted(os.listdir(data / "train" / "0"))[:2]:
+        shutil.copy(data / "train" / "0" / name, data / "test" / "0" / name)
+    config = tiny_config(tmp_path, data, trainer={"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1})
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-m", "classifier", "fit", "--config", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-3000:]
+    first, second = (run.stdout + run.stderr for run in runs)
+    warned = [line for line in first.splitlines() if "another split" in line]
+    assert warned == [
+        "2 images are byte-for-byte copies of an image in another split (leakage: scores are inflated). "
+        "`classifier check-data` lists them, and finds near copies too."
+    ]
+    assert "Checked 202 new or changed images (0 unchanged" in first
+    assert "Checked" not in second and [line for line in second.splitlines() if "another split" in line] == warned
