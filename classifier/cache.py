@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from classifier.images import presize, unreadable_reason
+from classifier.imageio import unreadable_reason
+from classifier.images import presize
 
 log = logging.getLogger(__name__)
 

@@ -95,8 +95,9 @@ def write_report(
     names = [str(splits.root / path) for path in splits.paths]
     parts = partitions(splits)
     classes = [splits.classes[label] for label in splits.labels]
-    crossing = sorted(
-        result.pairs, key=lambda p: parts[p.first] == parts[p.second] and classes[p.first] == classes[p.second]
+    crossing = sorted(  # leaks and label conflicts first; near copies before exact ones, the harder to see
+        result.pairs,
+        key=lambda p: (parts[p.first] == parts[p.second] and classes[p.first] == classes[p.second], p.match != "near"),
     )
     with atomic_open(out / "issues.csv", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["path", "kind", "detail", "related"])

@@ -6,12 +6,11 @@ The decoding rules themselves (every mode to upright RGB) live in the torch-free
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
 from torchvision import transforms
@@ -59,14 +58,3 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
             return image.height, image.width
     except Exception:  # noqa: BLE001 - unreadable here means: let the CPU path report it
         return None
-
-
-def unreadable_reason(path: Path, error: Exception) -> str:
-    """What a user reads about a file that failed to decode: PIL's error, or plainer words where PIL's mislead."""
-    if isinstance(error, FileNotFoundError):
-        return "FileNotFoundError: " + (
-            f"a broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "gone since it was listed"
-        )
-    if isinstance(error, UnidentifiedImageError) and path.stat().st_size == 0:
-        return "empty file (0 bytes)"
-    return f"{type(error).__name__}: {error}"

@@ -7,18 +7,19 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import sqlite3
+import sys
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from scipy.fft import dctn
 
-from classifier.imageio import open_image, to_rgb
+from classifier.imageio import open_image, to_rgb, unreadable_reason
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 CHECK_SIDE = 64  # JPEGs decode at the smallest DCT scale (1/2 to 1/8) that keeps the shorter side this long
 THUMB_SIDE = 16  # the grey thumbnail near-duplicate candidates are verified on
 HASH_SIDE = 32  # pHash: the DCT of a 32x32 grey image, whose 8x8 lowest frequencies give the 64 bits
+PROCESSES_FROM = 2000  # files to check from which starting worker processes (about 0.3 s) pays
 LOCK_TIMEOUT_S = 120.0  # how long a process waits for another one's write to the cache
 
 
@@ -58,13 +60,28 @@ def file_hash(data: bytes) -> str:
     return f"{len(data)}-{hashlib.blake2b(data, digest_size=8).hexdigest()}"
 
 
-def perceptual_hash(grey: Image.Image) -> int:
-    """pHash (imagehash's, with an area-averaging resize): the signs, against their median, of the 8x8 lowest DCT
-    frequencies of a 32x32 grey copy. Resizing, recompression and small crops flip few of its bits."""
+def dct_rows(side: int, kept: int) -> np.ndarray:
+    """The first `kept` rows of the orthonormal DCT-II matrix of size `side` (scipy's `dct(norm="ortho")`)."""
+    k, n = np.arange(kept)[:, None], np.arange(side)[None, :]
+    rows = np.sqrt(2 / side) * np.cos(np.pi * (2 * n + 1) * k / (2 * side))
+    rows[0] /= np.sqrt(2)
+    return rows
+
+
+LOW_DCT = dct_rows(HASH_SIDE, 8)
+
+
+def hashes_of(grey: Image.Image) -> tuple[int, bytes]:
+    """pHash (imagehash's, with an area-averaging resize: the signs, against their median, of the 8x8 lowest DCT
+    frequencies of a 32x32 grey copy; resizing, recompression and small crops flip few of its bits) and the
+    THUMB_SIDE² thumbnail, both from one resize."""
     small = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
-    low = dctn(small, type=2, norm="ortho")[:8, :8]
-    bits = np.packbits(low.ravel() > np.median(low))
-    return int.from_bytes(bits.tobytes(), "big", signed=True)
+    low = (LOW_DCT @ small @ LOW_DCT.T).ravel()
+    middle = np.sort(low)[31:33].mean()  # np.median's, for 64 values, without its overhead
+    phash = int.from_bytes(np.packbits(low > middle).tobytes(), "big", signed=True)
+    step = HASH_SIDE // THUMB_SIDE
+    thumb = small.reshape(THUMB_SIDE, step, THUMB_SIDE, step).mean(axis=(1, 3))
+    return phash, np.rint(thumb).astype(np.uint8).tobytes()
 
 
 def inspect_file(path: Path) -> FileFacts:
@@ -74,8 +91,6 @@ def inspect_file(path: Path) -> FileFacts:
     JPEGs decode at the DCT scale that keeps the shorter side at least CHECK_SIDE (every byte is still read), as
     the decode check always has: the pixel hash is of that decode, the same for the same coded image.
     """
-    from classifier.images import unreadable_reason  # torchvision, which `classifier.images` imports, is slow
-
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -94,12 +109,9 @@ def inspect_file(path: Path) -> FileFacts:
         return unreadable(unreadable_reason(path, error), file_hash(data))
     if orientation in TURNED:
         width, height = height, width
-    grey = rgb.convert("L")
     pixels = f"{rgb.width}x{rgb.height}-{hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest()}"
-    thumb = grey.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX).tobytes()
-    return FileFacts(
-        None, kind, width, height, mode, orientation, file_hash(data), pixels, perceptual_hash(grey), thumb
-    )
+    phash, thumb = hashes_of(rgb.convert("L"))
+    return FileFacts(None, kind, width, height, mode, orientation, file_hash(data), pixels, phash, thumb)
 
 
 def unreadable(reason: str, hashed: str) -> FileFacts:
@@ -196,6 +208,18 @@ def file_key(path: Path) -> tuple[str, int, int]:
     return absolute, status.st_size, status.st_mtime_ns
 
 
+def inspect_all(paths: list[Path], num_threads: int) -> list[FileFacts]:
+    """`inspect_file` of each path: in threads for a few files; for many, on Linux, in processes forked as
+    PyTorch's loader workers are (PIL's Python code and the hashing hold the GIL, so threads run at one core's
+    speed; spawned processes would re-import the user's script)."""
+    processes = min(os.cpu_count() or 1, num_threads)
+    if len(paths) < PROCESSES_FROM or processes < 2 or not sys.platform.startswith("linux"):
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            return list(pool.map(inspect_file, paths, chunksize=16))
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(inspect_file, paths, chunksize=64))
+
+
 def verify_files(
     paths: list[Path], data_dir: Path | None = None, num_threads: int = 8, cache: Path | None | bool = True
 ) -> dict[Path, FileFacts]:
@@ -214,10 +238,7 @@ def verify_files(
                 found[i] = hit[2]
         missing = [i for i in range(len(paths)) if i not in found]
         if missing:
-            with ThreadPoolExecutor(max(1, num_threads)) as pool:
-                found.update(
-                    zip(missing, pool.map(inspect_file, (paths[i] for i in missing), chunksize=16), strict=True)
-                )
+            found.update(zip(missing, inspect_all([paths[i] for i in missing], num_threads), strict=True))
             store.store([(*keys[i], found[i]) for i in missing if keys[i][1] >= 0])
             log.info(
                 "Checked %d new or changed images (%d unchanged, from %s)",
