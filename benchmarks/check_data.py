@@ -112,7 +112,8 @@ def fit(root: Path, work: Path, times: Path) -> dict[str, float]:
     cli_main(["fit", "--data.data_dir", str(root), "--model.backbone", "test_resnet", "--data.image_size", "32",
               "--data.num_workers", "0", "--data.batch_size", "32", "--trainer.max_steps", "1",
               "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(work / "logs"),
+              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir", str(work / "logs"),
               "--trainer.enable_progress_bar", "false",
               "--trainer.callbacks+=benchmarks.check_data.FitTimes"])  # fmt: skip
     return json.loads(times.read_text())
