@@ -84,3 +84,23 @@ def test_inference_benchmark_times_every_runtime_against_eager(tmp_path: Path) -
     assert summary["int8_img_s_vs_fp32"] == pytest.approx(runtimes["ort_int8"]["img_s"] / runtimes["ort_fp32"]["img_s"])
     assert 0 < summary["e2e_share_outside_model"] < 1
     assert "torch_free_e2e" in result.stdout and "/eager" in result.stdout
+
+
+@pytest.mark.slow
+def test_check_data_benchmark_finds_the_planted_copies_and_times_both_runs(tmp_path: Path) -> None:
+    out = tmp_path / "check_data.json"
+    command = [sys.executable, "-m", "benchmarks.check_data", "--quick", "--out", str(out)]  # as the README
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    f = json.loads(out.read_text())
+    assert f["images"] == 600 + 4 * 6  # 1% of the originals planted per kind
+    for kind in ("exact", "recompressed", "resized"):
+        assert f[f"recall_{kind}"] == 1.0, kind
+    assert f["precision"] == 1.0 and f["reported_pairs"] >= 18
+    assert f["first_audit_vs_plain"] == pytest.approx(f["first_audit_s"] / f["plain_decode_s"])
+    assert f["second_audit_vs_first"] == pytest.approx(f["second_audit_s"] / f["first_audit_s"])
+    assert f["second_fit_data_setup_vs_first"] == pytest.approx(
+        f["second_fit_data_setup_s"] / f["first_fit_data_setup_s"]
+    )
+    assert 0 < f["second_fit_data_setup_s"] < f["first_fit_data_setup_s"] < f["first_fit_first_step_s"]
+    assert "second_audit_vs_first" in result.stdout
