@@ -127,8 +127,7 @@ def gallery_figure(issues: list[LabelIssue]) -> Figure:
             axes.text(3.5, 3.5, f"cannot read\n{issue.path.name}\n{type(error).__name__}", ha="center", va="center",
                       fontsize=8, wrap=True)  # fmt: skip
         axes.set_title(
-            f"#{issue.rank} given {issue.given} / predicted {issue.predicted}\n"
-            f"(conf {issue.predicted_confidence:.2f})",
+            f"#{issue.rank} given {issue.given} / predicted {issue.predicted}\n(conf {issue.predicted_confidence:.2f})",
             fontsize=9,
         )
     figure.suptitle("likely label errors (lowest confidence in the given label first)")
