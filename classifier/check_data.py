@@ -20,6 +20,7 @@ from classifier.console import lightning_silenced
 from classifier.data import available_cores
 from classifier.duplicates import MAX_THRESHOLD
 from classifier.evaluation import print_table
+from classifier.label_issues import LabelIssue, find_label_issues, write_label_issues
 from classifier.reports import save_figure, write_json
 from classifier.splits import Splits, build_splits
 from classifier.verification import FileFacts, cache_location, verify_files
@@ -74,13 +75,10 @@ def check_data(argv: list[str]) -> Path:
         (_logger_root(cli.config.trainer) or Path("lightning_logs")) / "check_data"
     )
     out.mkdir(parents=True, exist_ok=True)
-    labels = None
-    if options.oof:
-        from classifier.label_issues import find_label_issues
-
-        labels = find_label_issues(options.oof)
+    labels = find_label_issues(options.oof) if options.oof else None
+    result.findings += [label_finding(issue) for issue in labels or []]
     write_report(out, splits, facts, result, options, labels)
-    show(result, out, labels)
+    show(result, out)
     failed = {kind: result.count(kind) for kind in GATING if result.count(kind)}
     if options.strict and failed:
         counts = ", ".join(f"{n} {kind}" for kind, n in failed.items())
@@ -88,8 +86,19 @@ def check_data(argv: list[str]) -> Path:
     return out
 
 
+def label_finding(issue: LabelIssue) -> Finding:
+    confidences = f"p(given) {issue.self_confidence:.3f}, p({issue.predicted}) {issue.predicted_confidence:.3f}"
+    detail = f"given {issue.given}, predicted {issue.predicted} ({confidences}), rank {issue.rank}"
+    return Finding(str(issue.path), "label_issue", detail)
+
+
 def write_report(
-    out: Path, splits: Splits, facts: list[FileFacts], result: Audit, options: argparse.Namespace, labels: list | None
+    out: Path,
+    splits: Splits,
+    facts: list[FileFacts],
+    result: Audit,
+    options: argparse.Namespace,
+    labels: list[LabelIssue] | None,
 ) -> None:
     """data_report.json, issues.csv, duplicates.csv and the figures; label_issues.csv and .png given --oof."""
     names = [str(splits.root / path) for path in splits.paths]
@@ -125,8 +134,6 @@ def write_report(
         },
     }
     if labels is not None:
-        from classifier.label_issues import write_label_issues
-
         report["label_issues"] = len(labels)
         write_label_issues(labels, out)
     write_json(out / "data_report.json", report)
@@ -136,7 +143,7 @@ def write_report(
     save_figure(near_duplicates_figure(crossing, names, captions), out / "near_duplicates.png")
 
 
-def show(result: Audit, out: Path, labels: list | None) -> None:
+def show(result: Audit, out: Path) -> None:
     """The data in one line; one table row per kind of finding, the gating kinds first, with a few examples."""
     report = result.report
     splits = ", ".join(
@@ -156,9 +163,6 @@ def show(result: Audit, out: Path, labels: list | None) -> None:
             f"{f.path}: {f.detail}" + (f" ({f.related})" if f.related else "") for f in rows[:SHOWN_PER_KIND]
         )
         table.add_row(kind, str(len(rows)), examples, style="bold red" if kind in GATING else None)
-    if labels:
-        top = "\n".join(f"{i.path}: given {i.given}, predicted {i.predicted}" for i in labels[:SHOWN_PER_KIND])
-        table.add_row("label_issue", str(len(labels)), top)
     if table.rows:
         print_table(table)
     else:
