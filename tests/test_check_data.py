@@ -18,6 +18,7 @@ from PIL import Image
 from classifier.cli import cli_main
 from classifier.data import ImageFolderDataModule
 from classifier.verification import CACHE_ENV, verify_files
+from examples.planted_digits import plant as plant_digits
 from tests.helpers import REPO, read_csv, tiny_config, write_photos
 from tests.photos import CLASSES
 
@@ -304,3 +305,13 @@ def test_fit_warns_once_per_kind_about_cross_split_copies_and_rechecks_nothing(
     ]
     assert "Checked 202 new or changed images (0 unchanged" in first
     assert "Checked" not in second and [line for line in second.splitlines() if "another split" in line] == warned
+
+
+def test_the_readme_example_finds_every_planted_copy_and_conflict(tmp_path: Path) -> None:
+    planted = [row for row in plant_digits(tmp_path / "my_digits") if row["kind"] != "flipped"]
+    cli_main(["check-data", "--config", str(REPO / "configs/resnet18.yaml"), "--data.data_dir",
+              str(tmp_path / "my_digits"), "--out", str(tmp_path / "audit")])  # fmt: skip
+    pairs = {frozenset((row["path"], row["related"])) for row in read_csv(tmp_path / "audit" / "duplicates.csv")}
+    assert pairs == {frozenset((row["path"], row["original"])) for row in planted}
+    conflicts = {row["path"] for row in read_csv(tmp_path / "audit" / "issues.csv") if row["kind"] == "label_conflict"}
+    assert len(conflicts) == sum(row["kind"] == "conflict" for row in planted) == 3
