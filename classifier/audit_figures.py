@@ -28,7 +28,7 @@ def class_counts_figure(counts: dict[str, dict[str, int]]) -> Figure:
         left += values
     axes.invert_yaxis()
     axes.set(xlabel="images", title="images per class and split")
-    axes.legend()
+    figure.legend(loc="outside right upper")
     return figure
 
 
@@ -39,8 +39,10 @@ def image_sizes_figure(facts: list[FileFacts]) -> Figure:
     heights = np.array([item.height for item in readable])
     figure = Figure(figsize=(15, 4.2), dpi=100, layout="constrained")
     sizes, aspects, modes = figure.subplots(1, 3)
-    sizes.scatter(widths, heights, s=6, alpha=0.4)
-    sizes.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)", title="image sizes (upright)")
+    (width, height), count = np.unique(np.stack([widths, heights]), axis=1, return_counts=True)
+    sizes.scatter(width, height, s=8 + 400 * np.sqrt(count / max(1, count.max())), alpha=0.5)
+    sizes.set(xscale="log", yscale="log", xlabel="width (px)", ylabel="height (px)")
+    sizes.set_title("image sizes (upright; area: how many)")
     aspects.hist(widths / np.maximum(heights, 1), bins=40)
     aspects.set(xscale="log", xlabel="width / height", ylabel="images", title="aspect ratios")
     modes.bar(*zip(*sorted(Counter(item.mode for item in readable).items()), strict=True))
