@@ -172,23 +172,31 @@ FLIPPED = 5
 DIGITS = ["0", "1", "2", "3", "4"]
 
 
+def most_typical(folder: Path) -> Path:
+    """The image nearest its folder's mean image: a mislabelled clear scan, not an ambiguous one."""
+    files = sorted(folder.iterdir())
+    pixels = np.stack([np.asarray(Image.open(file), dtype=np.float64).ravel() for file in files])
+    return files[int(np.argmin(((pixels - pixels.mean(axis=0)) ** 2).sum(axis=1)))]
+
+
 @pytest.mark.slow
 def test_flipped_digits_rank_first_after_a_real_cv(digits_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "digits"
     for digit in DIGITS:
         shutil.copytree(digits_dir / digit, data / digit, ignore=lambda folder, names: sorted(names)[60:])
     flipped = {}  # new path: (given, true) label
-    firsts = [sorted((data / digit).iterdir())[0] for digit in DIGITS]  # one scan of each digit, filed as the next
-    for image, wrong in zip(firsts, DIGITS[1:] + DIGITS[:1], strict=True):
+    typical = [most_typical(data / digit) for digit in DIGITS]  # a clear scan of each digit, filed as the next
+    for image, wrong in zip(typical, DIGITS[1:] + DIGITS[:1], strict=True):
         flipped[image.rename(data / wrong / image.name)] = (wrong, image.parent.name)
     # every image out of fold; a learning rate and augmentation under which the tiny model's probabilities are
     # near calibrated (ECE ~0.05; at AdamW's default 1e-3 it is ~0.2, and an under-confident flipped image can sit
-    # below its true class's threshold, counted for no class)
+    # below its true class's threshold, counted for no class). Even so, over other seeds and thread counts one flipped
+    # scan in ~1 run of 5 sat 0.002-0.05 under its true class's threshold and went unlisted: confident learning's recall
     config = tiny_config(
         tmp_path, data, trainer={"max_epochs": 8}, data={"test_fraction": 0.0, "color_jitter": None,
         "crop_scale": [0.8, 1.0]}, model={"optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-3}}}
     )  # fmt: skip
-    cli_main(["cv", "--config", str(config), "--data.num_folds", "3"])
+    cli_main(["cv", "--config", str(config), "--data.num_folds", "3", "--data.seed", "7"])  # folds seeded as training
     issues = find_label_issues(tmp_path / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
     assert {issue.path: (issue.given, issue.predicted) for issue in issues[:FLIPPED]} == flipped
     write_label_issues(issues, tmp_path / "audit")
