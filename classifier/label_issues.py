@@ -2,11 +2,13 @@
 
 Torch-free (numpy, csv, Pillow, matplotlib), so `check-data` can rank a cv run's images without loading a model.
 Each image labelled i is assigned to the class j the model is confident of: the most probable class among those whose
-probability reaches the class's threshold, the mean probability of that class over the images labelled with it. The
-images assigned to a class other than their label, the off-diagonal of the confident joint, are the suspects, unless
-the model's own prediction is their label. They rank by self-confidence, the probability of the given label, lowest
-first. This is cleanlab's `filter_by="confident_learning"`; its default, pruning by noise rate, takes as many images
-per cell but picks them by margin after rescaling the joint to the class sizes, which a ranked list does not need.
+probability reaches the class's threshold, the mean probability of that class over the images labelled with it; an
+image confident of no class goes to the model's prediction. The images assigned to a class other than their label
+(the off-diagonal of the confident joint) are the suspects, unless the model's own prediction is their label. They
+rank by self-confidence, the probability of the given label, lowest first. This is cleanlab's
+`filter_by="confident_learning"` joined with its `predicted_neq_given` for the rows confident of no class; its
+default, pruning by noise rate, takes as many images per cell but picks them by margin after rescaling the joint to
+the class sizes, which a ranked list does not need.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def find_label_issues(oof_csv: Path) -> list[LabelIssue]:
     counts = labelled.sum(axis=0)
     thresholds = np.divide((probs * labelled).sum(axis=0), counts, out=np.full(len(classes), np.inf), where=counts > 0)
     confident = probs >= thresholds - THRESHOLD_SLACK
-    assigned = np.where(confident, probs, -1.0).argmax(axis=1)
+    predicted = probs.argmax(axis=1)
+    # a row confident of no class goes to the model's prediction: left out, a flipped image whose true class falls
+    # just under its threshold would never be listed (cleanlab's `predicted_neq_given` for those rows)
+    assigned = np.where(confident.any(axis=1), np.where(confident, probs, -1.0).argmax(axis=1), predicted)
     rows = np.arange(len(given))
     self_confidence = probs[rows, given]
-    suspect = confident.any(axis=1) & (assigned != given) & (probs.argmax(axis=1) != given)
+    suspect = (assigned != given) & (predicted != given)
     order = [i for i in np.argsort(self_confidence, kind="stable") if suspect[i]]
     return [
         LabelIssue(paths[i], classes[given[i]], classes[assigned[i]], float(self_confidence[i]),
