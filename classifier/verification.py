@@ -34,6 +34,7 @@ THUMB_SIDE = 16  # the grey thumbnail near-duplicate candidates are verified on
 HASH_SIDE = 32  # pHash: the DCT of a 32x32 grey image, whose 8x8 lowest frequencies give the 64 bits
 PROCESSES_FROM = 2000  # files to check from which starting worker processes (about 0.3 s) pays
 LOCK_TIMEOUT_S = 120.0  # how long a process waits for another one's write to the cache
+QUERIED_PATHS = 500  # paths per SELECT (SQLite allows 999 parameters in older builds)
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,12 @@ def cache_location(data_dir: Path | None) -> Path | None:
             continue
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return Path(folder) / name
         except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return Path(folder) / name
-        if chosen:  # a folder asked for is not silently replaced
+            pass
+        if chosen:  # a folder asked for is not silently replaced by the data's
+            log.warning("%s %s is not a writable folder: the images are checked without a cache", CACHE_ENV, chosen)
             break
     return None
 
@@ -166,19 +168,24 @@ class FactsCache:
             self.connection.close()
         self.connection = None
 
-    def load(self, under: str) -> dict[str, tuple[int, int, FileFacts]]:
-        """Every row whose path starts with `under`: path -> (size, mtime_ns, facts)."""
+    def load(self, paths: list[str]) -> dict[str, tuple[int, int, FileFacts]]:
+        """The rows of `paths` that the cache holds: path -> (size, mtime_ns, facts)."""
         if self.connection is None:
             return {}
+        found = {}
         try:
-            rows = self.connection.execute(
-                f"SELECT path, size, mtime_ns, {', '.join(COLUMNS)} FROM files WHERE path >= ? AND path < ?",
-                (under, under + "\U0010ffff"),
-            ).fetchall()
+            for start in range(0, len(paths), QUERIED_PATHS):
+                chunk = paths[start : start + QUERIED_PATHS]
+                rows = self.connection.execute(
+                    f"SELECT path, size, mtime_ns, {', '.join(COLUMNS)} FROM files "
+                    f"WHERE path IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                found.update((row[0], (row[1], row[2], FileFacts(*row[3:]))) for row in rows)
         except sqlite3.Error as error:
             self._give_up(error)
             return {}
-        return {row[0]: (row[1], row[2], FileFacts(*row[3:])) for row in rows}
+        return found
 
     def store(self, rows: Iterable[tuple[str, int, int, FileFacts]]) -> None:
         if self.connection is None:
@@ -220,17 +227,15 @@ def inspect_all(paths: list[Path], num_threads: int) -> list[FileFacts]:
         return list(pool.map(inspect_file, paths, chunksize=64))
 
 
-def verify_files(
-    paths: list[Path], data_dir: Path | None = None, num_threads: int = 8, cache: Path | None | bool = True
-) -> dict[Path, FileFacts]:
-    """FileFacts of every path, in order: from the cache when its size and mtime are unchanged, else inspected (in
-    threads: decoding and hashing release the GIL) and stored. `cache` False checks without one."""
+def verify_files(paths: list[Path], data_dir: Path | None = None, num_threads: int = 8) -> dict[Path, FileFacts]:
+    """FileFacts of every path, in order: from the cache when its size and mtime are unchanged, else inspected
+    (`inspect_all`) and stored. `data_dir` is where the cache may go when no user cache folder is writable."""
     if not paths:
         return {}
     keys = [file_key(path) for path in paths]
-    store = FactsCache(cache_location(data_dir) if cache is True else cache or None)
+    store = FactsCache(cache_location(data_dir))
     try:
-        known = store.load(os.path.commonpath([key[0] for key in keys]))
+        known = store.load([key[0] for key in keys])
         found: dict[int, FileFacts] = {}
         for i, (absolute, size, mtime) in enumerate(keys):
             hit = known.get(absolute)
