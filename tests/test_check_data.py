@@ -273,6 +273,10 @@ def test_an_unusable_cache_is_warned_about_and_never_fatal(
     assert "cannot be used" in caplog.text and (tmp_path / "cache" / "verification-v1.sqlite").read_text() == (
         "not a database"
     )
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache" / "verification-v1.sqlite"))  # a file, not a folder
+    assert len(verify_files(paths, small_digits)) == 200
+    assert "is not a writable folder: the images are checked without a cache" in caplog.text
+    assert not (small_digits / ".classifier-verification.sqlite").exists()  # not beside the data instead
 
 
 @pytest.mark.slow
