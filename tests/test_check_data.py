@@ -39,6 +39,11 @@ def plant(root: Path) -> dict[tuple[str, str], str]:
     deep = (np.arange(100 * 120, dtype=np.uint32).reshape(100, 120) * 5 % 65536).astype(np.uint16)
     Image.fromarray(deep).save(train / "stripes" / "sixteen.png")
     Image.new("RGB", (600, 90), (20, 120, 40)).save(train / "stripes" / "banner.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(
+        train / "disc" / "speck.png"
+    )
+    ramp = np.broadcast_to(np.linspace(0, 255, 2100, dtype=np.uint8), (2000, 2100))
+    Image.fromarray(np.ascontiguousarray(ramp)).save(train / "square" / "poster.png")
     shutil.copy(train / "disc" / "disc_004.jpg", test / "disc" / "exact_copy.jpg")
     original = Image.open(train / "square" / "square_004.jpg")
     smaller = original.resize((round(original.width * 0.8), round(original.height * 0.8)), Image.Resampling.BICUBIC)
@@ -56,6 +61,8 @@ def plant(root: Path) -> dict[tuple[str, str], str]:
         ("train/square/cmyk.jpg", "unusual_mode"): "",
         ("train/stripes/sixteen.png", "unusual_mode"): "",
         ("train/stripes/banner.png", "extreme_aspect"): "",
+        ("train/disc/speck.png", "tiny_image"): "",
+        ("train/square/poster.png", "huge_image"): "",
         ("test/disc/exact_copy.jpg", "leakage"): "train/disc/disc_004.jpg",
         ("test/square/resized.jpg", "leakage"): "train/square/square_004.jpg",
         ("train/stripes/mislabelled.jpg", "label_conflict"): "train/disc/disc_005.jpg",
@@ -141,8 +148,8 @@ def test_the_report_counts_images_classes_modes_and_sizes(planted, audited) -> N
     out, _ = audited
     report = json.loads((out / "data_report.json").read_text())
     images = sorted(path for path in root.rglob("*") if path.is_file())
-    assert report["images"] == len(images) == 24 + 8 + 9 + 3 and report["readable"] == len(images) - 3
-    assert report["splits"] == {"train": 32, "test": 12}
+    assert report["images"] == len(images) == 24 + 10 + 9 + 3 and report["readable"] == len(images) - 3
+    assert report["splits"] == {"train": 34, "test": 12}
     assert report["class_counts"]["stripes"] == {"train": 8 + 4, "test": 3}
     assert report["modes"]["CMYK"] == 1 and report["modes"]["I;16"] == 1
     assert report["exif_rotated"] == 3 * 2 + 3 * 1  # write_photos stores i % 4 == 2 sideways
