@@ -57,6 +57,7 @@ def check_data(argv: list[str]) -> Path:
         )
     if options.oof is not None and not options.oof.is_file():
         raise FileNotFoundError(f"--oof {options.oof} does not exist: give a cv folder's oof_predictions.csv")
+    labels = find_label_issues(options.oof) if options.oof else None  # a bad file stops before the long part
     if options.splits:
         fit_args += ["--data.splits", options.splits]
     with lightning_silenced():
@@ -75,7 +76,6 @@ def check_data(argv: list[str]) -> Path:
         (_logger_root(cli.config.trainer) or Path("lightning_logs")) / "check_data"
     )
     out.mkdir(parents=True, exist_ok=True)
-    labels = find_label_issues(options.oof) if options.oof else None
     result.findings += [label_finding(issue) for issue in labels or []]
     write_report(out, splits, facts, result, options, labels)
     show(result, out)
