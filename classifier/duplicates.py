@@ -31,20 +31,20 @@ class Pair:
 def exact_pairs(facts: list[FileFacts]) -> list[Pair]:
     """Each readable image paired with the first of its group of equal bytes, else of equal pixels: n - 1 pairs per
     group of n, not n² / 2."""
-    pairs = []
-    for key, match in (("file_hash", "bytes"), ("pixel_hash", "pixels")):
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, item in enumerate(facts):
-            if item.reason is None:
-                groups[getattr(item, key)].append(i)
-        for members in groups.values():
-            if match == "pixels":  # copies of the same bytes are already paired: one member per file content
-                firsts: dict[str, int] = {}
-                for i in members:
-                    firsts.setdefault(facts[i].file_hash, i)
-                members = list(firsts.values())
-            pairs += [Pair(members[0], other, match, 0, 0.0) for other in members[1:]]
-    return pairs
+    readable = [i for i, item in enumerate(facts) if item.reason is None]
+    by_bytes: dict[str, list[int]] = defaultdict(list)
+    for i in readable:
+        by_bytes[facts[i].file_hash].append(i)
+    by_pixels: dict[str, list[int]] = defaultdict(list)
+    for members in by_bytes.values():  # one file per content: copies of the same bytes are paired already
+        by_pixels[facts[members[0]].pixel_hash].append(members[0])
+    return [
+        Pair(members[0], other, match, 0, 0.0)
+        for groups, match in ((by_bytes, "bytes"), (by_pixels, "pixels"))
+        for members in groups.values()
+        if len(members) > 1
+        for other in members[1:]
+    ]
 
 
 def within_distance(codes: np.ndarray, threshold: int) -> np.ndarray:
@@ -85,9 +85,10 @@ def near_pairs(facts: list[FileFacts], threshold: int, exact: list[Pair]) -> lis
     thumbs = np.frombuffer(b"".join(facts[i].thumb for i in kept), np.uint8).reshape(len(kept), THUMB_SIDE**2)
     difference = thumbs[candidates[:, 0]].astype(np.float32) - thumbs[candidates[:, 1]]
     rms = np.sqrt((difference**2).mean(axis=1))
+    verified = rms <= THUMB_RMS
+    candidates, rms = candidates[verified], rms[verified]
     distances = np.bitwise_count(codes.view(np.uint64)[candidates[:, 0]] ^ codes.view(np.uint64)[candidates[:, 1]])
     return [
         Pair(int(kept[a]), int(kept[b]), "near", int(d), round(float(r), 2))
-        for (a, b), d, r in zip(candidates, distances, rms, strict=True)
-        if r <= THUMB_RMS
+        for (a, b), d, r in zip(candidates.tolist(), distances.tolist(), rms.tolist(), strict=True)
     ]

@@ -29,16 +29,18 @@ def list_images(root: Path) -> list[Path]:
     """Every image below `root`, sorted, skipping hidden folders such as `.ipynb_checkpoints`.
 
     A broken symbolic link or a link loop named like an image is listed, so that the decode check reports it;
-    links to folders are not followed. `os.walk`, not `Path.rglob`: ten times faster on large folders.
+    links to folders are not followed. `os.scandir`, not `Path.rglob`: several times faster on large folders.
     """
-    found = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        for name in names:
-            path = os.path.join(folder, name)
-            if is_image_file(name) and (os.path.isfile(path) or not os.path.exists(path)):
-                found.append(Path(path))
-    return sorted(found)
+    found, folders = [], [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:  # the entry's file type comes with it: no stat per file
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith("."):
+                        folders.append(entry.path)
+                elif is_image_file(entry.name) and (entry.is_file() or not os.path.exists(entry.path)):
+                    found.append(entry.path)
+    return [Path(path) for path in sorted(found, key=lambda path: path.split(os.sep))]  # Path's order, by parts
 
 
 def open_image(path: Path | BinaryIO) -> Image.Image:

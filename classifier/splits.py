@@ -47,7 +47,8 @@ class Splits:
         """Check that the files of split `name` are still those recorded in `source`, given the file hash of each
         (`verify_files`); record the unrecorded ones."""
         rows = np.flatnonzero(self.split == name)
-        missing = [self.paths[i] for i in rows if not os.path.lexists(self.root / self.paths[i])]
+        root = str(self.root)
+        missing = [self.paths[i] for i in rows if not os.path.lexists(os.path.join(root, self.paths[i]))]
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} images of the {name} split recorded in {source} are missing from {self.root}:\n"
@@ -230,7 +231,9 @@ def build_splits(
                     f"classes ({', '.join(classes)}): add {layout['train'] / class_name}/ with training images, or "
                     "remove or rename the folder"
                 )
-            paths += [image.relative_to(data_dir) for image in images]
+            folder = layout[split_name] / class_name  # list_images's paths begin with it: cut, not relative_to
+            under, start = folder.relative_to(data_dir).as_posix(), len(str(folder))
+            paths += [Path(under + str(image)[start:]) for image in images]
             labels += [class_to_idx[class_name]] * len(images)
             origin += [split_name] * len(images)
         absent = [name for name in classes if name not in by_class]
