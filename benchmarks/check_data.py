@@ -3,6 +3,7 @@ planted copies.
 
     python -m benchmarks.check_data --out check_data.json     # 20,000 originals + planted copies, a few minutes
     python -m benchmarks.check_data --quick                   # 600 originals: a smoke run, seconds
+    python -m benchmarks.check_data --images 2000 --sizes 300 500   # photo-sized: the fixed costs' share
 
 Reported, each against a reference measured in the same run:
 - the first `classifier check-data` (empty cache) in seconds and img/s, over a plain loop that decodes every file
@@ -57,14 +58,16 @@ class FitTimes(Callback):
         Path(os.environ[TIMES_FILE]).write_text(json.dumps(self.times))
 
 
-def write_folder(root: Path, count: int, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
-    """`count` distinct small JPEGs (64-112 px) in three class folders, and copies of some of them planted beside
-    (a share of each kind); the planted (copy, original) pairs by kind, as paths relative to `root`."""
+def write_folder(
+    root: Path, count: int, sizes: tuple[int, int] = (64, 112), seed: int = 0
+) -> dict[str, list[tuple[str, str]]]:
+    """`count` distinct JPEGs (sides drawn from `sizes`) in three class folders, and copies of some of them planted
+    beside (a share of each kind); the planted (copy, original) pairs by kind, as paths relative to `root`."""
     rng = np.random.default_rng(seed)
     originals = []
     for i in range(count):
         label = CLASSES[i % len(CLASSES)]
-        width, height = (int(side) for side in rng.integers(64, 113, size=2))
+        width, height = (int(side) for side in rng.integers(sizes[0], sizes[1] + 1, size=2))
         path = Path(label) / f"{label}_{i:05d}.jpg"
         (root / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(render(label, width, height, rng)).save(root / path, quality=int(rng.integers(75, 96)))
@@ -138,6 +141,7 @@ def scores(report: Path, planted: dict[str, list[tuple[str, str]]], root: Path) 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000, help="distinct originals (copies are added)")
+    parser.add_argument("--sizes", type=int, nargs=2, default=(64, 112), help="smallest and largest side, px")
     parser.add_argument("--quick", action="store_true", help="600 originals: a smoke run")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         root = work / "photos"
         start = time.perf_counter()
-        planted = write_folder(root, args.images)
+        planted = write_folder(root, args.images, tuple(args.sizes))
         paths = sorted(root.rglob("*.jpg"))
         print(f"{len(paths)} JPEGs written in {time.perf_counter() - start:.0f} s")
         os.environ[CACHE_ENV] = str(work / "cache")
