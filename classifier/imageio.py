@@ -38,9 +38,16 @@ def list_images(root: Path) -> list[Path]:
                 if entry.is_dir(follow_symlinks=False):
                     if not entry.name.startswith("."):
                         folders.append(entry.path)
-                elif is_image_file(entry.name) and (entry.is_file() or not os.path.exists(entry.path)):
+                elif is_image_file(entry.name) and listed(entry):
                     found.append(entry.path)
     return [Path(path) for path in sorted(found, key=lambda path: path.split(os.sep))]  # Path's order, by parts
+
+
+def listed(entry: os.DirEntry) -> bool:
+    """A file, a link to one, or a link to nothing (a broken link or a loop, for the decode check to report)."""
+    if not entry.is_symlink():
+        return entry.is_file(follow_symlinks=False)
+    return os.path.isfile(entry.path) or not os.path.exists(entry.path)  # these two say False on a loop, not raise
 
 
 def open_image(path: Path | BinaryIO) -> Image.Image:

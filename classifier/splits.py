@@ -43,9 +43,9 @@ class Splits:
         """Images per class in one split, in class-index order."""
         return np.bincount(self.labels[self.split == name], minlength=len(self.classes)).tolist()
 
-    def verify(self, name: str, source: str, hashes: dict[Path, str]) -> None:
+    def verify(self, name: str, source: str, hashes: dict[Path, str] | None = None) -> None:
         """Check that the files of split `name` are still those recorded in `source`, given the file hash of each
-        (`verify_files`); record the unrecorded ones."""
+        (`verify_files`; looked up when not given); record the unrecorded ones."""
         rows = np.flatnonzero(self.split == name)
         root = str(self.root)
         missing = [self.paths[i] for i in rows if not os.path.lexists(os.path.join(root, self.paths[i]))]
@@ -55,7 +55,11 @@ class Splits:
                 f"{_listing(missing)}\nRestore them, or give the split to evaluate with --data.splits FILE "
                 "(a splits.csv: path,label,split)."
             )
-        now = [hashes[self.root / self.paths[i]] for i in rows]
+        now = (
+            fingerprints(self.root, [self.paths[i] for i in rows])
+            if hashes is None
+            else [hashes[self.root / self.paths[i]] for i in rows]
+        )
         changed = [  # an unreadable file is the decode check's to report, with its reason
             self.paths[i]
             for i, new in zip(rows, now, strict=True)
