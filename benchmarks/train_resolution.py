@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def write_photo(path: Path, width: int, height: int, seed: int) -> None:
 def crop_boxes(count: int, scale: tuple[float, float], ratio: tuple[float, float], seed: int) -> list[tuple]:
     """Random-resized-crop boxes as fractions (top, left, height, width) of the image, drawn with timm's sampler."""
     torch.manual_seed(seed)
+    random.seed(seed)  # timm draws the boxes with Python's random
     side = 10_000  # a square canvas fine enough that the fractions carry timm's distribution
     boxes = []
     for _ in range(count):

@@ -12,8 +12,6 @@ import pytest
 
 from tests.helpers import REPO
 
-PHOTOS_CPU_TEST_ACC = 0.9  # the issue's target; measured 1.0, 1.0 and 0.97 for generator seeds 0, 1, 2
-
 NOISE = re.compile(r"warn|deprecat|tip:|no seed found|weights_only|finding best initial lr", re.IGNORECASE)
 
 
@@ -41,18 +39,3 @@ def test_lr_finds_rate_trains_the_bundled_config_and_no_command_prints_a_warning
     # (benchmarks/bundled_digits.py); Lightning's suggestion, 0.000145, got 4 wrong at ECE 0.21
     assert metrics["test/acc"] >= 267 / 270 and metrics["test/ece"] < 0.15
     assert [line for line in lr_find + fit + test if NOISE.search(line)] == []
-
-
-@pytest.mark.slow
-def test_photos_cpu_config_learns_generated_photos_from_scratch(tmp_path: Path) -> None:
-    """The README's first suggestion for your own images, on the generated photo set, as the README runs it."""
-    photos = tmp_path / "my_photos"
-    subprocess.run([sys.executable, "-m", "tests.photos", str(photos)], cwd=REPO, check=True)
-    assert sum(1 for _ in photos.rglob("*.*")) == 240
-    logs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "lightning_logs")]
-    fit = classifier("fit", "--config", "configs/photos_cpu.yaml", "--data.data_dir", str(photos), *logs)
-    assert [line for line in fit if NOISE.search(line)] == []
-    (best,) = (tmp_path / "lightning_logs").glob("photos_cpu/version_0/checkpoints/best.ckpt")
-    classifier("test", "--ckpt_path", str(best))
-    metrics = json.loads((best.parents[1] / "test" / "metrics.json").read_text())
-    assert metrics["test/acc"] >= PHOTOS_CPU_TEST_ACC
