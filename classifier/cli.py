@@ -69,10 +69,8 @@ USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
 # (Python's status 1). An error without a message ends the command silently: SIGTERM's run has said what it saved.
 EXIT_CODES: ExitCodes = (
     (SIGTERMException, 128 + signal.SIGTERM),  # preempted: last.ckpt saved, `--ckpt_path last` resumes
-    (
-        (DiskFullError, TrainingDiverged, PeerRankFailed, DataCheckFailed),
-        1,
-    ),  # faults of the run, not of what the user gave it
+    # faults of the run or of the data (check-data --strict), not mistakes in what the user gave the command
+    ((DiskFullError, TrainingDiverged, PeerRankFailed, DataCheckFailed), 1),
     (USER_ERRORS, USAGE_ERROR),  # a mistake in the options, the config or the input files, as the parser's own
 )
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -117,8 +115,7 @@ class ClassifierCLI(LightningCLI):
                 "description": "Train, evaluate and use image classifiers. Also: `classifier cv --config X "
                 "--data.num_folds K` cross-validates (see `classifier cv --help`); `classifier check-data --config "
                 "X` audits the data before a run (see `classifier check-data --help`); `classifier runs [DIR]` lists "
-                "the "
-                "training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
+                "the training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
                 "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
                 "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
                 "ONNX file over HTTP (see `classifier serve --help`). Add --debug anywhere for every warning and the "

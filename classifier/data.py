@@ -356,6 +356,7 @@ class ImageFolderDataModule(LightningDataModule):
             self.splits.verify(name, self.split_source or "this run's split", hashes)
             if not subsets[name][0] and (stage != "fit" or name == "train"):  # fit may go without val
                 raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
+        self.splits.record(hashes)  # fit's test split too: splits.csv needs every file's hash
         needed_paths = [path for name in needed for path in subsets[name][0]]
         bad = {path: checked[path].reason for path in needed_paths if checked[path].reason is not None}
         keep = set(self._readable(needed_paths, bad))  # every split's bad files in one error, not one per split

@@ -74,6 +74,13 @@ class Splits:
         for i, new in zip(rows, now, strict=True):
             self.fingerprints[i] = new
 
+    def record(self, hashes: dict[Path, str]) -> None:
+        """Take the file hash of every row not yet recorded from `hashes` (`verify_files`), so that `to_csv` need not
+        look them up again."""
+        for i, value in enumerate(self.fingerprints):
+            if not value and (found := hashes.get(self.root / self.paths[i])):
+                self.fingerprints[i] = found
+
     def unlisted(self) -> list[Path]:
         """Images under `root` that this split does not hold, such as files added since it was made."""
         listed = set(self.paths)
