@@ -128,8 +128,11 @@ class FitReport(Callback):
         self._f1 = ClasswiseWrapper(f1, labels=list(classes), prefix="val/f1/").to(pl_module.device)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record(trainer, trainer.current_epoch - 1)  # epoch-level metrics are final only now
         self._epoch_started, self._epoch_images = time.perf_counter(), 0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The epoch's training and validation metrics are final here, before last.ckpt saves this history."""
+        self._record(trainer, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._session_images += len(batch[1])
@@ -166,7 +169,6 @@ class FitReport(Callback):
             self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._record(trainer, trainer.current_epoch - 1)  # training has moved past its last epoch
         elapsed = time.perf_counter() - self._started
         training_seconds = elapsed - self._validation_seconds
         self.seconds += elapsed

@@ -64,6 +64,17 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(
     assert torch.load(run_dir(tmp_path / "b", 0) / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=name)
+    # the report knows every epoch, the one last.ckpt was saved at included
+    histories = [fit_history(run_dir(tmp_path / run, 0)) for run in ("a", "b")]
+    assert [row["epoch"] for row in histories[1]] == [0, 1, 2, 3]
+    assert [row["val/loss"] for row in histories[1]] == pytest.approx([row["val/loss"] for row in histories[0]])
+    assert json.loads((run_dir(tmp_path / "b", 0) / "summary.json").read_text())["epochs"] == 4
+
+
+def fit_history(run: Path) -> list[dict[str, float]]:
+    """FitReport's per-epoch rows, as last.ckpt holds them."""
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint["callbacks"]["FitReport"]["history"]
 
 
 def epoch_contents(loader: DataLoader) -> list[torch.Tensor]:

@@ -1,0 +1,182 @@
+"""The shipped recipes (configs/recipes/), each run as shipped on a small folder of its layout: only the data folder,
+the epochs and the image size are overridden. Pretrained weights come from a Hugging Face cache the test fills, read
+offline, as a machine that downloaded them once would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from classifier import cli_main
+from classifier.checkpoints import read_checkpoint
+from tests.helpers import REPO, read_csv
+
+RECIPES = REPO / "configs" / "recipes"
+OVERRIDES = ["--trainer.max_epochs", "1", "--data.image_size", "32"]
+
+
+def plant_hub_weights(hf_home: Path, backbone: str) -> dict[str, torch.Tensor]:
+    """Put a `backbone` state dict where timm's `pretrained=True` finds it in the Hugging Face cache; returns it."""
+    repo_id = timm.models.get_pretrained_cfg(backbone).hf_hub_id
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    state = {key: value.contiguous() for key, value in timm.create_model(backbone).state_dict().items()}
+    save_file(state, str(snapshot / "model.safetensors"))
+    return state
+
+
+def copy_digits(digits_dir: Path, dest: Path, counts: dict[str, int], offset: int = 0) -> Path:
+    """`counts[digit]` scans of each digit (from the `offset`-th on) under dest/<digit>/."""
+    for digit, count in counts.items():
+        (dest / digit).mkdir(parents=True)
+        for path in sorted((digits_dir / digit).glob("*.png"))[offset : offset + count]:
+            shutil.copy(path, dest / digit / path.name)
+    return dest
+
+
+def classifier(cwd: Path, *args: str, backbone: str | None = None) -> subprocess.CompletedProcess:
+    """The `classifier` command in `cwd` (the recipes log under ./lightning_logs), offline, with `backbone`'s hub
+    weights planted in a cache of its own."""
+    env = {**os.environ, "HF_HOME": str(cwd / "hf"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "classifier", *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_recipe_parses_with_its_settings(recipe: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shipped = yaml.safe_load(recipe.read_text())
+    for group in ("model", "data"):
+        for key, value in shipped[group].items():
+            if not isinstance(value, dict):
+                assert printed[group][key] == (list(value) if isinstance(value, tuple) else value), (group, key)
+    loggers = printed["trainer"]["logger"]
+    first = loggers[0] if isinstance(loggers, list) else loggers
+    assert first["class_path"].endswith("TensorBoardLogger")  # its folder is the run folder
+
+
+def test_the_recipes_are_the_ones_the_readme_documents() -> None:
+    readme = (REPO / "README.md").read_text()
+    for recipe in RECIPES.glob("*.yaml"):
+        assert f"configs/recipes/{recipe.name}" in readme
+
+
+@pytest.mark.slow
+def test_binary_small_trains_the_head_on_a_frozen_pretrained_backbone_then_thaws_it(
+    tmp_path: Path, digits_dir: Path
+) -> None:
+    """Five frozen epochs leave every backbone tensor as the hub gave it (BatchNorm statistics too); the sixth,
+    resumed, trains it."""
+    planted = plant_hub_weights(tmp_path / "hf", "resnet50")
+    data = copy_digits(digits_dir, tmp_path / "binary_small", {"1": 180, "3": 180})
+    recipe = str(RECIPES / "binary_small.yaml")
+    args = ["fit", "--config", recipe, "--data.data_dir", str(data), "--data.image_size", "32"]
+    classifier(tmp_path, *args, "--trainer.max_epochs", "5")
+    run = tmp_path / "lightning_logs" / "binary_small" / "version_0"
+    splits = Counter(row["split"] for row in read_csv(run / "splits.csv"))
+    assert splits == {"train": 252, "val": 54, "test": 54}  # 15% of 180 is 27 per class
+
+    def backbone(checkpoint: Path) -> dict[str, torch.Tensor]:
+        state = read_checkpoint(checkpoint)["state_dict"]
+        return {key.removeprefix("net.backbone."): value for key, value in state.items() if ".backbone." in key}
+
+    frozen = backbone(run / "checkpoints" / "last.ckpt")
+    assert set(frozen) == {key for key in planted if not key.startswith("fc.")}
+    assert all(torch.equal(frozen[key], planted[key]) for key in frozen)
+    head = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert [tuple(head[f"net.head.{i}.weight"].shape) for i in (0, 1, 4)] == [(256, 2048), (256,), (2, 256)]
+
+    classifier(tmp_path, *args, "--trainer.max_epochs", "6", "--ckpt_path", "last")
+    thawed = backbone(run / "checkpoints" / "last.ckpt")
+    assert not torch.equal(thawed["conv1.weight"], planted["conv1.weight"])
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 6
+
+
+@pytest.mark.slow
+def test_train_val_test_folders_resumes_logs_confusion_matrices_and_scores_every_test_image(
+    tmp_path: Path, digits_dir: Path
+) -> None:
+    data = tmp_path / "split"
+    for split, (offset, count) in {"train": (0, 30), "val": (30, 10), "test": (40, 10)}.items():
+        copy_digits(digits_dir, data / split, dict.fromkeys(("3", "5", "8"), count), offset)
+    plant_hub_weights(tmp_path / "hf", "resnet18")
+    args = ["fit", "--config", str(RECIPES / "train_val_test_folders.yaml"), "--data.data_dir", str(data)]
+    classifier(tmp_path, *args, *OVERRIDES)
+    classifier(tmp_path, *args, "--data.image_size", "32", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    run = tmp_path / "lightning_logs" / "train_val_test_folders" / "version_0"
+    assert not run.with_name("version_1").exists()  # resumed in place
+    assert Counter(row["split"] for row in read_csv(run / "splits.csv")) == {"train": 90, "val": 30, "test": 30}
+    images = []
+    for events in run.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
+        if "val/confusion_matrix" in accumulator.Tags()["images"]:
+            images += [event.step for event in accumulator.Images("val/confusion_matrix")]
+    assert sorted(images) == [0, 1]
+
+    classifier(tmp_path, "test", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    rows = read_csv(run / "test" / "predictions.csv")
+    expected = sorted(str(path.resolve()) for path in (data / "test").rglob("*.png"))
+    assert sorted(str(Path(row["path"]).resolve()) for row in rows) == expected
+    assert {row["target"] for row in rows} == {"3", "5", "8"}
+
+
+@pytest.mark.slow
+def test_cifar_vit_trains_with_its_regularisers_and_reports_calibration(tmp_path: Path, digits_dir: Path) -> None:
+    data = tmp_path / "cifar"
+    copy_digits(digits_dir, data / "train", dict.fromkeys("0123456789", 12))
+    copy_digits(digits_dir, data / "test", dict.fromkeys("0123456789", 4), offset=12)
+    plant_hub_weights(tmp_path / "hf", "vit_small_patch16_224")
+    args = ["--config", str(RECIPES / "cifar_vit.yaml"), "--data.data_dir", str(data), *OVERRIDES]
+    classifier(tmp_path, "fit", *args)
+    run = tmp_path / "lightning_logs" / "cifar_vit" / "version_0"
+    hparams = read_checkpoint(run / "checkpoints" / "best.ckpt")["hyper_parameters"]
+    assert (hparams["ema_decay"], hparams["layer_decay"], hparams["mixup_alpha"]) == (0.9998, 0.75, 0.8)
+    classifier(tmp_path, "test", "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    assert 0 <= metrics["test/ece"] <= 1
+    assert (run / "test" / "reliability_diagram.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights(
+    tmp_path: Path, digits_dir: Path
+) -> None:
+    counts = {"0": 40, "1": 30, "2": 20, "3": 12, "4": 10, "5": 8}
+    data = copy_digits(digits_dir, tmp_path / "cats", counts)
+    plant_hub_weights(tmp_path / "hf", "efficientnet_b0")
+    recipe = str(RECIPES / "cat_breeds_focal_kfold.yaml")
+    classifier(tmp_path, "cv", "--config", recipe, "--data.data_dir", str(data), *OVERRIDES)
+    root = tmp_path / "lightning_logs" / "cat_breeds"
+    summary = json.loads((root / "cv_0" / "cv_summary.json").read_text())
+    assert len(summary["folds"]) == 5
+    oof = read_csv(root / "cv_0" / "oof_predictions.csv")
+    run = root / "version_0"
+    splits = read_csv(run / "splits.csv")
+    assert len(oof) == sum(row["split"] != "test" for row in splits)
+    assert {row["fold"] for row in oof} == {"0", "1", "2", "3", "4"}
+    checkpoint = read_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert (checkpoint["hyper_parameters"]["loss"], checkpoint["hyper_parameters"]["class_weights"]) == ("focal", "auto")
+    train = Counter(row["label"] for row in splits if row["split"] == "train")
+    expected = [sum(train.values()) / (len(train) * train[name]) for name in sorted(counts)]  # n / (k * n_c)
+    weights = checkpoint["state_dict"]["criterion.weight"]
+    assert torch.allclose(weights, torch.tensor(expected), rtol=1e-5), (weights, expected)
