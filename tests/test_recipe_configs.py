@@ -175,7 +175,8 @@ def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights
     assert len(oof) == sum(row["split"] != "test" for row in splits)
     assert {row["fold"] for row in oof} == {"0", "1", "2", "3", "4"}
     checkpoint = read_checkpoint(run / "checkpoints" / "best.ckpt")
-    assert (checkpoint["hyper_parameters"]["loss"], checkpoint["hyper_parameters"]["class_weights"]) == ("focal", "auto")
+    hparams = checkpoint["hyper_parameters"]
+    assert (hparams["loss"], hparams["class_weights"]) == ("focal", "auto")
     train = Counter(row["label"] for row in splits if row["split"] == "train")
     expected = [sum(train.values()) / (len(train) * train[name]) for name in sorted(counts)]  # n / (k * n_c)
     weights = checkpoint["state_dict"]["criterion.weight"]
