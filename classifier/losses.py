@@ -14,8 +14,9 @@ from torch import Tensor, nn
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al., 2017): down-weights easy examples.
 
-    With label smoothing every class's term counts with its smoothed target; with gamma=0 the loss equals
-    `nn.CrossEntropyLoss(weight, label_smoothing=...)`, class weights included.
+    Targets are class indices, or class probabilities (mixup, cutmix) as `nn.CrossEntropyLoss` takes them. With
+    label smoothing every class's term counts with its smoothed target; with gamma=0 the loss equals
+    `nn.CrossEntropyLoss(weight, label_smoothing=...)` for either kind of target, class weights included.
     """
 
     def __init__(self, gamma: float = 2.0, weight: Tensor | None = None, label_smoothing: float = 0.0) -> None:
@@ -27,10 +28,13 @@ class FocalLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         log_p = F.log_softmax(logits.float(), dim=-1)
         classes = log_p.shape[-1]
-        smoothed = F.one_hot(target, classes) * (1 - self.label_smoothing) + self.label_smoothing / classes
+        soft = target.is_floating_point()
+        probs = target.float() if soft else F.one_hot(target, classes).float()
+        smoothed = probs * (1 - self.label_smoothing) + self.label_smoothing / classes
         weight = self.weight if self.weight is not None else torch.ones(classes, device=log_p.device)
         loss = -(weight * smoothed * (1 - log_p.exp()).pow(self.gamma) * log_p).sum()
-        return loss / weight[target].sum()  # normalised as weighted cross-entropy is
+        # normalised as cross-entropy is: by the targets' total weight for indices, by the batch for probabilities
+        return loss / (len(target) if soft else weight[target].sum())
 
 
 def build_loss(

@@ -122,9 +122,7 @@ class ImageClassifier(LightningModule):
         if isinstance(class_weights, list):
             self.criterion.weight.copy_(torch.tensor(class_weights))
         self.mixup = None
-        if mixup_alpha or cutmix_alpha:
-            if loss != "ce":
-                raise ValueError("--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce (soft targets)")
+        if mixup_alpha or cutmix_alpha:  # both losses take the soft targets it makes
             # label smoothing stays the criterion's job, so it applies the same with and without mixing
             self.mixup = Mixup(mixup_alpha, cutmix_alpha, label_smoothing=0.0, num_classes=num_classes)
         self.optimizer = optimizer

@@ -140,6 +140,21 @@ def test_focal_loss_with_gamma_zero_and_label_smoothing_is_smoothed_cross_entrop
     torch.testing.assert_close(FocalLoss(0.0, weight, label_smoothing=0.1)(logits, target), reference)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_focal_loss_takes_the_soft_targets_of_mixup(weighted: bool) -> None:
+    """gamma=0 is cross-entropy on class probabilities; gamma=2 equals a per-sample loop of the formula."""
+    generator = torch.Generator().manual_seed(0)
+    logits, soft = torch.randn(8, 4, generator=generator), torch.rand(8, 4, generator=generator).softmax(-1)
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0]) if weighted else None
+    reference = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)(logits, soft)
+    torch.testing.assert_close(FocalLoss(0.0, weight, label_smoothing=0.1)(logits, soft), reference)
+    p = logits.double().softmax(-1).numpy()
+    w = np.ones(4) if weight is None else weight.double().numpy()
+    q = soft.double().numpy() * 0.9 + 0.1 / 4
+    looped = sum(-(w[c] * q[i, c] * (1 - p[i, c]) ** 2 * np.log(p[i, c])) for i in range(8) for c in range(4)) / 8
+    assert FocalLoss(2.0, weight, label_smoothing=0.1)(logits, soft).item() == pytest.approx(looped, rel=1e-5)
+
+
 def test_focal_loss_recipe_runs_on_the_shipped_config(small_digits: Path, tmp_path: Path) -> None:
     """The README's imbalance recipe, `--model.loss focal` on configs/resnet18.yaml (label smoothing 0.1)."""
     tiny = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "callbacks": []}, model={"pretrained": False})

@@ -119,11 +119,6 @@ def test_mixup_mixes_odd_batches_but_their_last_image(size: int) -> None:
     assert size == 1 or 0 < lam < 1
 
 
-def test_mixup_needs_cross_entropy() -> None:
-    with pytest.raises(ValueError, match="--model.mixup_alpha/--model.cutmix_alpha need --model.loss ce"):
-        ImageClassifier(["a", "b"], backbone="test_resnet", loss="focal", mixup_alpha=0.2)
-
-
 def test_mixup_and_cutmix_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1},
                          model={"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1})  # fmt: skip
