@@ -187,14 +187,17 @@ def test_explain_maps_the_test_split_worst_mistakes_first(checkpoint: Path, thre
 
 @pytest.mark.slow  # the module's 1-epoch fit
 def test_explain_on_a_folder_labels_by_subfolder_keeps_colliding_names_apart_and_limits(
-    checkpoint: Path, three_digits: Path, tmp_path: Path
+    checkpoint: Path, three_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "images"
     for name in CLASSES:  # the same file name in every class folder
         save_image(folder / name / "scan.png", Image.open(sorted((three_digits / name).iterdir())[-1]))
+    (folder / "0" / "broken.png").write_bytes(b"not a png")  # skipped, with a warning
     out = tmp_path / "out"
     cli_main(["explain", "--ckpt_path", str(checkpoint), "--data.predict_dir", str(folder), "--target", "true",
               "--method", "gradcam++", "--out", str(out)])  # fmt: skip
+    broken = folder / "0" / "broken.png"
+    assert f"Skipping 1 unreadable images of --data.predict_dir {folder}:\n  {broken}: " in caplog.text
     rows = read_csv(out / "cams.csv")
     assert sorted(row["overlay"] for row in rows) == ["cams/scan-2.png", "cams/scan-3.png", "cams/scan.png"]
     assert sorted(row["label"] for row in rows) == CLASSES and all(row["target"] == row["label"] for row in rows)
