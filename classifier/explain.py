@@ -178,6 +178,10 @@ def split_images(ckpt_path: Path, checkpoint: dict, split: str, data_dir: str | 
             f"--ckpt_path {ckpt_path} records no frozen split (it predates split tables): explain images with "
             "--data.predict_dir DIR"
         )
+    root = Path(data_dir or checkpoint["datamodule_hyper_parameters"]["data_dir"])
+    if not root.is_dir():
+        said = f"--data.data_dir {root}" if data_dir else f"the run's data_dir {root}"
+        raise FileNotFoundError(f"{said} does not exist: pass --data.data_dir where the run's images are now")
     datamodule = ImageFolderDataModule.from_checkpoint(ckpt_path, data_dir, num_workers=0)
     datamodule.splits.verify(split, datamodule.split_source)
     paths, labels = datamodule.splits.subset(split)

@@ -281,9 +281,11 @@ def test_bad_input_is_one_clear_error_before_any_work(
         (["--layer", "layer9"], "--layer layer9 is not a module of test_resnet. Did you mean backbone.layer4 or "
          "backbone.layer3 or backbone.layer2? Names are those of `net.named_modules()`"),
         (["--limit", "0"], "--limit 0: give a positive number"),
+        (["--data.data_dir", str(tmp_path / "moved")], f"--data.data_dir {tmp_path / 'moved'} does not exist: pass "
+         "--data.data_dir where the run's images are now"),
     ]  # fmt: skip
     for args, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message)):
             cli_main(["explain", "--ckpt_path", ckpt, "--out", str(out), *args])
         assert not out.exists()  # nothing written
     missing = tmp_path / "missing.ckpt"
