@@ -228,6 +228,7 @@ def batches(predictor: Predictor, paths: list[Path], size: int) -> Iterator[tupl
 
 
 def normalised(predictor: Predictor, pixels: Tensor) -> Tensor:
+    """uint8 pixels as the network takes them: on its device, normalised as it was trained."""
     return (pixels.to(predictor.device).float() - predictor.mean) / predictor.std
 
 
