@@ -101,12 +101,18 @@ def token_reshape(num_prefix_tokens: int, grid: tuple[int, int]) -> Reshape:
     return reshape
 
 
+def channels_first(maps: Tensor) -> Tensor:
+    """(B, H, W, C) maps -> (B, C, H, W); other outputs pass unchanged."""
+    return maps.permute(0, 3, 1, 2) if maps.ndim == 4 else maps
+
+
 def reshape_for(net: ClassifierNet, height: int, width: int) -> Reshape | None:
-    """The reshape a ViT's tokens need for a height x width input; None for a CNN."""
+    """The reshape a ViT's tokens need for a height x width input; for a backbone whose stages output channels
+    last (timm's Swin, MambaOut...: `output_fmt` NHWC), channels first; None for other CNNs."""
     backbone = net.backbone
-    if not is_vit(backbone):
-        return None
-    return token_reshape(backbone.num_prefix_tokens, patch_grid(backbone, height, width))
+    if is_vit(backbone):
+        return token_reshape(backbone.num_prefix_tokens, patch_grid(backbone, height, width))
+    return channels_first if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else None
 
 
 def class_activation_maps(

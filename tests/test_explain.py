@@ -67,7 +67,9 @@ def plain_pixels(paths: list[Path]) -> torch.Tensor:
     return (images - 0.5) / 0.5  # test_resnet's mean and std
 
 
-def reference_gradcam(model: torch.nn.Module, images: torch.Tensor, layer: str, targets: list[int]) -> torch.Tensor:
+def reference_gradcam(
+    model: torch.nn.Module, images: torch.Tensor, layer: str, targets: list[int], channels_last: bool = False
+) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., 2017) in plain PyTorch: the layer's maps weighted by their mean gradient for the
     target logit, ReLU, scaled to [0, 1], upsampled bilinearly to the input."""
     captured = {}
@@ -76,6 +78,8 @@ def reference_gradcam(model: torch.nn.Module, images: torch.Tensor, layer: str, 
     hook.remove()
     activations = captured["a"]
     (gradients,) = torch.autograd.grad(logits[range(len(targets)), targets].sum(), activations)
+    if channels_last:
+        activations, gradients = activations.permute(0, 3, 1, 2), gradients.permute(0, 3, 1, 2)
     cam = (gradients.mean(dim=(2, 3), keepdim=True) * activations).sum(dim=1).relu().detach()
     cam = cam - cam.amin(dim=(1, 2), keepdim=True)
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-7)
@@ -155,6 +159,22 @@ def test_a_vits_maps_follow_its_patch_grid_at_a_non_224_input(name: str, kwargs:
     assert reshape_for(net, 48, 64)(captured["tokens"]).shape == (4, net.backbone.embed_dim, 3, 4)
     for method in ("gradcam", "gradcam++", "eigencam"):
         assert_maps(class_activation_maps(net, images, [0, 1, 2, 0], method), (4, 48, 64))
+
+
+def test_a_channels_last_backbones_stages_are_read_channels_first() -> None:
+    torch.manual_seed(0)
+    net = ClassifierNet("test_mambaout", CLASSES, image_size=64).eval()  # stages output (B, H, W, C)
+    layer = target_layer(net)
+    captured = {}
+    dict(net.named_modules())[layer].register_forward_hook(lambda m, i, output: captured.update(maps=output))
+    images = torch.randn(3, 3, 64, 64)
+    net(images)
+    channels = net.backbone.feature_info[-1]["num_chs"]
+    assert captured["maps"].shape == (3, 2, 2, channels)
+    maps = class_activation_maps(net, images, [0, 1, 2], "gradcam")
+    assert_maps(maps, (3, 64, 64))
+    expected = reference_gradcam(net, images, layer, [0, 1, 2], channels_last=True).numpy()
+    np.testing.assert_allclose(maps, expected, atol=1e-4)
 
 
 @pytest.mark.slow  # the module's 1-epoch fit
