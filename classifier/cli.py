@@ -118,8 +118,9 @@ class ClassifierCLI(LightningCLI):
                 "the training runs under DIR (default lightning_logs); `classifier calibrate --ckpt_path X` fits a "
                 "temperature that calibrates X's probabilities; `classifier export --ckpt_path X` exports a "
                 "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
-                "ONNX file over HTTP (see `classifier serve --help`). Add --debug anywhere for every warning and the "
-                "traceback of an error.",
+                "ONNX file over HTTP (see `classifier serve --help`); `classifier explain --ckpt_path X` draws where X "
+                "looks (class activation maps), or with --embeddings maps its penultimate features (see `classifier "
+                "explain --help`). Add --debug anywhere for every warning and the traceback of an error.",
             },
             args=args,
             run=run,
@@ -405,6 +406,10 @@ def cli_main(args: ArgsType = None) -> None:
         from classifier.export import export_command  # onnx and onnxruntime: the [export] extra
 
         export_command(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["explain"]:  # a checkpoint's maps and features, runs no trainer
+        from classifier.explain import explain  # grad-cam: the [explain] extra
+
+        explain(argv[1:])
     else:
         try:
             ClassifierCLI(args=args)
