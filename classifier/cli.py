@@ -41,7 +41,7 @@ from classifier.console import (
 from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
-from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, TrainingDiverged, lost_peer
+from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, TrainingDiverged, TrialsFailed, lost_peer
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
 from classifier.trainer import ClassifierTrainer
@@ -70,7 +70,7 @@ USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
 EXIT_CODES: ExitCodes = (
     (SIGTERMException, 128 + signal.SIGTERM),  # preempted: last.ckpt saved, `--ckpt_path last` resumes
     # faults of the run or of the data (check-data --strict), not mistakes in what the user gave the command
-    ((DiskFullError, TrainingDiverged, PeerRankFailed, DataCheckFailed), 1),
+    ((DiskFullError, TrainingDiverged, PeerRankFailed, DataCheckFailed, TrialsFailed), 1),
     (USER_ERRORS, USAGE_ERROR),  # a mistake in the options, the config or the input files, as the parser's own
 )
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -120,7 +120,9 @@ class ClassifierCLI(LightningCLI):
                 "checkpoint (see `classifier export --help`); `classifier serve --model X` serves a checkpoint or an "
                 "ONNX file over HTTP (see `classifier serve --help`); `classifier explain --ckpt_path X` draws where X "
                 "looks (class activation maps), or with --embeddings maps its penultimate features (see `classifier "
-                "explain --help`). Add --debug anywhere for every warning and the traceback of an error.",
+                "explain --help`); `classifier tune --config X --search S --trials N` searches fit's options with "
+                "Optuna (see `classifier tune --help`). Add --debug anywhere for every warning and the traceback of an "
+                "error.",
             },
             args=args,
             run=run,
@@ -410,6 +412,10 @@ def cli_main(args: ArgsType = None) -> None:
         from classifier.explain import explain  # grad-cam: the [explain] extra
 
         explain(argv[1:])
+    elif isinstance(argv, list) and argv[:1] == ["tune"]:  # a loop over fit, so not a LightningCLI subcommand
+        from classifier.tune import tune  # optuna: the [tune] extra
+
+        tune(argv[1:])
     else:
         try:
             ClassifierCLI(args=args)

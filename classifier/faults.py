@@ -26,6 +26,10 @@ class TrainingDiverged(ArithmeticError):
     """The loss became NaN or infinite: the run stops with the checkpoints of the last finite weights."""
 
 
+class TrialsFailed(RuntimeError):
+    """Every trial a `classifier tune` session started failed: the cause is the first one's error."""
+
+
 class PeerRankFailed(RuntimeError):
     """Another DDP rank died or raised, and this one lost it in a collective: the cause is that rank's own error."""
 

@@ -1,0 +1,392 @@
+"""`classifier tune`: an Optuna study over fit's options. Each trial is a real `fit` in its own run folder, pruned on
+its validation metric; the same command resumes the study.
+
+Trials run one after another in this process, through the same ClassifierCLI as `classifier fit` (and as `cv`'s
+folds): the pruning callback holds the live Optuna trial, and no trial pays for importing torch again. A trial that
+raises is recorded as failed and the study goes on; one that a kill, Ctrl-C or SIGTERM ends is marked failed and
+its parameters run again, now or at the next session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, LightningModule, Trainer
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from classifier.cli import FILE_LOGGERS, TENSORBOARD, ClassifierCLI, ParsedCLI, _plain
+from classifier.console import debugging, lightning_silenced
+from classifier.faults import TrialsFailed
+from classifier.module import classification_metrics
+from classifier.search_space import check_search_space, load_search_space, override_args
+from classifier.tune_report import FINISHED, show_summary, shown, write_outputs
+
+log = logging.getLogger(__name__)
+
+PRUNERS = ("median", "hyperband", "none")
+GIVE_UP_AFTER = 3  # failed trials, with none finished, before a session concludes that every trial fails
+
+
+class TrialPruning(Callback):
+    """Reports the metric to the Optuna trial after each validation (the sanity check aside) and, when the study's
+    pruner says so, stops the fit; the study then records the trial as pruned.
+
+    At `on_validation_end`, after every `on_validation_epoch_end`: FitReport logs `val/f1/<class>` in its own, and
+    Lightning's ModelCheckpoint and EarlyStopping read the epoch's metrics here too. Steps count validations, which
+    are epochs unless --trainer.val_check_interval validates more often.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.values: list[float] = []
+        self.pruned = False
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        if self.metric not in trainer.callback_metrics:
+            logged = sorted(name for name in trainer.callback_metrics if name.startswith("val/"))
+            raise ValueError(f"--metric {self.metric} was not logged; this run logs {', '.join(logged)}")
+        self.values.append(float(trainer.callback_metrics[self.metric]))
+        self.trial.report(self.values[-1], step=len(self.values) - 1)
+        if self.trial.should_prune():
+            self.pruned = trainer.should_stop = True
+            log.info("Trial %d pruned after validation %d", self.trial.number, len(self.values) - 1)
+
+
+class TrialCLI(ClassifierCLI):
+    """`classifier fit`, with the trial's pruning callback."""
+
+    def __init__(self, args: list[str], pruning: TrialPruning) -> None:
+        self.pruning = pruning
+        super().__init__(args=args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        kwargs["callbacks"] = [*kwargs.get("callbacks", configured), self.pruning]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        """fit's closing lines name the trial's checkpoint; the study logs the trial's value instead."""
+
+
+@dataclass
+class Session:
+    """What every trial of one `classifier tune` run shares, and the trials it runs."""
+
+    study: optuna.Study
+    space: dict[str, BaseDistribution]
+    fit_args: list[str]  # the user's, for every trial
+    fit: ParsedCLI  # those options parsed: its parser checks and dumps configs
+    folder: Path
+    metric: str
+
+    def run(self, trials: int, timeout: float | None) -> None:
+        """Trials until the study holds `trials` finished ones, `timeout` seconds pass, or every trial of this
+        session fails; the outputs rewritten after each."""
+        started, failed, finished = time.monotonic(), [], 0
+        done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
+        log.info("Study %s (%s): %d of %d trials finished", self.study.study_name, self.folder, done, trials)
+        while len(self.study.get_trials(deepcopy=False, states=FINISHED)) < trials:
+            if timeout is not None and time.monotonic() - started >= timeout:
+                log.info("--timeout %gs reached: no new trial; the same command resumes the study", timeout)
+                return
+            trial = self.run_trial(self.study.ask(self.space))
+            self.write_outputs()
+            if trial.state != TrialState.FAIL:
+                finished += 1
+                continue
+            failed.append(trial)
+            if not finished and len(failed) >= GIVE_UP_AFTER:
+                first = failed[0]
+                raise TrialsFailed(
+                    f"the {len(failed)} trials of this session all failed, so the study stops. The first, trial "
+                    f"{first.number} ({describe(first.params)}): {first.user_attrs['error']}. Every trial is in "
+                    f"{self.folder / 'trials.csv'}; once fixed, the same command resumes the study"
+                )
+
+    def run_trial(self, trial: optuna.Trial) -> FrozenTrial:
+        """One `fit` with the trial's parameters, in `<study folder>/trials/trial_<number>`; returns the trial as
+        recorded."""
+        run = self.folder / "trials" / f"trial_{trial.number}"
+        trial.set_user_attr("run", str(run))
+        log.info("Trial %d: %s", trial.number, describe(trial.params))
+        pruning = TrialPruning(trial, self.metric)
+        trainer = trial_trainer(self.fit.config.trainer, run)
+        cli = None
+        try:
+            cli = TrialCLI(["fit", *self.fit_args, *override_args(trial.params), "--config", trainer], pruning)
+            value = trial_value(cli.trainer, pruning, self.metric, self.study.direction)
+        except Exception as error:
+            trial.set_user_attr("error", f"{type(error).__name__}: {' '.join(str(error).split())}")
+            log.warning("Trial %d failed: %s", trial.number, trial.user_attrs["error"], exc_info=debugging())
+            return self.study.tell(trial, state=TrialState.FAIL)
+        except BaseException as error:  # Ctrl-C, SIGTERM: the trial runs again at the next session
+            interrupted(self.study, self.study.trials[trial.number], f"{type(error).__name__} stopped it")
+            raise
+        finally:
+            del cli  # the trial's model, data and trainer, before the next trial builds its own
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if pruning.pruned:
+            return self.study.tell(trial, state=TrialState.PRUNED)
+        log.info("Trial %d: %s = %.4f", trial.number, self.metric, value)
+        return self.study.tell(trial, value)
+
+    def best_config(self) -> str | None:
+        """fit's config with the best trial's parameters, dumped as LightningCLI dumps a run's config.yaml, with the
+        user's logger (not the trial's); None before any trial completes."""
+        if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            return None
+        parser = self.fit.parser
+        return parser.dump(parser.parse_args([*self.fit_args, *override_args(self.study.best_params)]), skip_none=False)
+
+    def write_outputs(self) -> None:
+        write_outputs(self.study, self.folder, self.metric, self.best_config())
+
+
+def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Path:
+    """Run or resume the study `argv` describes until it holds `--trials` finished trials (complete or pruned);
+    returns its folder. From Python, `pruner` replaces --pruner's."""
+    parser = argparse.ArgumentParser(
+        prog="classifier tune",
+        description="Search fit's options with Optuna. Each trial is a fit in <study folder>/trials/trial_N, given "
+        "every option not listed here (--config, --data.data_dir, --trainer.max_epochs...) and its parameters. The "
+        "same command resumes the study.",
+        exit_on_error=False,
+        allow_abbrev=False,  # fit's options pass through whole
+    )
+    parser.add_argument("--search", type=Path, help="YAML: fit options (dotted keys) and their distributions")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials (complete or pruned) the study holds")
+    parser.add_argument("--timeout", type=float, help="seconds after which this session starts no new trial")
+    parser.add_argument("--metric", help="a val/ metric fit logs (default: --checkpoint.monitor)")
+    parser.add_argument("--direction", choices=("maximize", "minimize"), help="default: --checkpoint.mode's")
+    parser.add_argument("--pruner", choices=PRUNERS, default="median", help="stops trials that fall behind")
+    parser.add_argument("--study_name", help="default: the logger's name; the study folder is <save_dir>/<name>/tune")
+    parser.add_argument("--storage", help="an Optuna storage URL (default: sqlite:///<study folder>/tune.db)")
+    options, fit_args = parser.parse_known_args(argv)
+    if options.search is None:
+        raise ValueError("classifier tune needs --search FILE, the fit options to search (see configs/search/)")
+    if options.trials < 1:
+        raise ValueError(f"--trials {options.trials}: 1 or more finished trials are needed")
+    with lightning_silenced():
+        fit = ParsedCLI(args=fit_args, run=False)
+    metric = options.metric or fit.config.checkpoint.monitor
+    check_metric(metric, fit.datamodule.class_names)
+    direction = objective_direction(fit.config.checkpoint, metric, options.direction)
+    space = load_search_space(options.search)
+    for config in [fit.config, *check_search_space(space, fit.parser, fit_args, options.search)]:
+        check_one_process(config.trainer)
+    save_dir, logger_name = logger_place(fit.config.trainer)
+    study_name = options.study_name or logger_name
+    folder = Path(save_dir) / study_name / "tune"
+    folder.mkdir(parents=True, exist_ok=True)
+    with one_session(folder):
+        study = optuna.create_study(
+            storage=options.storage or f"sqlite:///{folder / 'tune.db'}",
+            study_name=study_name,
+            direction=direction,
+            load_if_exists=True,
+            pruner=pruner or make_pruner(options.pruner, fit.config.trainer.max_epochs),
+        )
+        seed = fit.config.seed_everything
+        # seeded past the trials so far: a resumed session must not draw the first session's parameters again
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) if type(seed) is int else None)
+        check_resumed(study, metric, settings(fit), yaml.safe_load(options.search.read_text()))
+        retry_interrupted(study)
+        session = Session(study, space, fit_args, fit, folder, metric)
+        session.run(options.trials, options.timeout)
+        session.write_outputs()
+    show_summary(study, metric)
+    if (folder / "best.yaml").is_file():
+        log.info(
+            "Best: trial %d, %s = %.4f. Its config: %s\nTrain with it: classifier fit --config %s",
+            study.best_trial.number, metric, study.best_value, folder / "best.yaml", folder / "best.yaml",
+        )  # fmt: skip
+    return folder
+
+
+def objective_direction(checkpoint: Namespace, metric: str, direction: str | None) -> str:
+    """--direction, by default the checkpoint's mode when it monitors the metric, with which it must then agree."""
+    mode = "maximize" if checkpoint.mode == "max" else "minimize"
+    if metric == checkpoint.monitor and direction not in (None, mode):
+        raise ValueError(
+            f"--direction {direction}: --checkpoint.mode {checkpoint.mode} keeps the checkpoint of the opposite "
+            f"{metric}; give the two the same sense"
+        )
+    if direction is None and metric != checkpoint.monitor:
+        raise ValueError(f"--metric {metric} needs --direction maximize or minimize (the checkpoint's is not it)")
+    return direction or mode
+
+
+def check_metric(metric: str, classes: list[str]) -> None:
+    """The metric must be one fit logs at validation: the module's, its loss, or FitReport's per-class F1."""
+    module = classification_metrics(len(classes), prefix="val/").keys()
+    logged = ["val/loss", *module, *(f"val/f1/{name}" for name in classes)]
+    if metric not in logged:
+        raise ValueError(f"--metric {metric} is not a metric fit logs at validation; it logs {', '.join(logged)}")
+
+
+def check_one_process(trainer: Namespace) -> None:
+    """Trials run in this process, one after another: a trainer on several devices would start processes that each
+    run the whole study again."""
+    devices, launched = trainer.devices, int(os.environ.get("WORLD_SIZE", "1"))
+    if isinstance(devices, (list, tuple)) or "," in str(devices):  # device indices: [0] or "0,"
+        one = len(devices if isinstance(devices, (list, tuple)) else str(devices).strip(",").split(",")) == 1
+    else:  # a count
+        one = devices in (1, "1", "auto")
+    if launched > 1 or trainer.num_nodes != 1 or not one:
+        raise ValueError(
+            f"classifier tune trains each trial in this one process (a DDP trial would run the study in every rank): "
+            f"--trainer.devices {devices} --trainer.num_nodes {trainer.num_nodes}{' under a launcher' * (launched > 1)}"
+            " need --trainer.devices 1 (auto takes one); best.yaml keeps yours for the final fit"
+        )
+
+
+def logger_place(trainer: Namespace) -> tuple[str, str]:
+    """(save_dir, name) of the config's first TensorBoard or CSV logger; Lightning's default logger's otherwise."""
+    for logger in _loggers(trainer.logger):
+        if logger["class_path"].endswith(FILE_LOGGERS):
+            args = logger.get("init_args") or {}
+            return str(args.get("save_dir") or "."), args.get("name") or "lightning_logs"
+    return trainer.default_root_dir or ".", "lightning_logs"
+
+
+def _loggers(logger: Any) -> list[dict[str, Any]]:
+    """The config's loggers as plain dicts: none for `true`, `false` or null."""
+    if not isinstance(logger, (Namespace, list, tuple)):
+        return []
+    return [_plain(item) for item in (logger if isinstance(logger, (list, tuple)) else [logger])]
+
+
+def trial_trainer(trainer: Namespace, run: Path) -> str:
+    """A --config (YAML) that puts the trial's run folder at `run`: the config's first TensorBoard or CSV logger
+    goes there, the others (such as MLflow's) stay; without one, a TensorBoard logger. `--trainer.devices auto`
+    takes one device."""
+    place = {"save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name}
+    loggers = _loggers(trainer.logger)
+    files = [logger for logger in loggers if logger["class_path"].endswith(FILE_LOGGERS)]
+    if files:
+        files[0].setdefault("init_args", {}).update(place)
+    else:
+        loggers.insert(0, {"class_path": TENSORBOARD, "init_args": place})
+    settings = {"logger": loggers[0] if len(loggers) == 1 else loggers}
+    if trainer.devices == "auto":
+        settings["devices"] = 1
+    return yaml.safe_dump({"trainer": settings})
+
+
+def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
+    """Optuna's median or Hyperband pruner with its defaults (Hyperband's budget: max_epochs validations), or none."""
+    if name == "median":
+        return optuna.pruners.MedianPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(max_resource=max_epochs if max_epochs and max_epochs > 0 else "auto")
+    return optuna.pruners.NopPruner()
+
+
+@contextlib.contextmanager
+def one_session(folder: Path) -> Iterator[None]:
+    """One `classifier tune` at a time per study folder: a second would take the first's running trials for
+    killed ones. The lock goes with its process, however it ends."""
+    if sys.platform == "win32":  # no fcntl
+        yield
+        return
+    import fcntl
+
+    with open(folder / "tune.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another classifier tune is running the study in {folder}: let it finish, or give this one "
+                "another --study_name"
+            ) from None
+        yield
+
+
+def settings(fit: ParsedCLI) -> dict[str, Any]:
+    """fit's config as the trials get it, but for the logger, which the study places itself."""
+    config = yaml.safe_load(fit.parser.dump(fit.config, skip_none=False))
+    config["trainer"].pop("logger", None)
+    return config
+
+
+def check_resumed(study: optuna.Study, metric: str, config: dict[str, Any], search: Any) -> None:
+    """Record what a new study runs; refuse to resume one on another metric, and say what else changed."""
+    recorded = study.user_attrs
+    if not recorded:
+        for key, value in {"metric": metric, "config": config, "search": search}.items():
+            study.set_user_attr(key, value)
+        return
+    if recorded["metric"] != metric:
+        raise ValueError(
+            f"--metric {metric}: study {study.study_name} scores its trials by {recorded['metric']}, which this one "
+            "cannot be compared with; pass that --metric, or start another study (--study_name)"
+        )
+    changed = [
+        f"{key} {theirs!r} there, {mine!r} here"
+        for key, (theirs, mine) in _differences(_flat(recorded["config"]), _flat(config)).items()
+    ]
+    if recorded["search"] != search:
+        changed.append("the search space")
+    if changed:
+        log.warning("Resuming study %s, whose trials ran with other settings: %s", study.study_name, "; ".join(changed))
+
+
+def _flat(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    return {key: value for name, item in config.items() for key, value in _flat(item, f"{prefix}{name}.").items()}
+
+
+def _differences(theirs: dict[str, Any], mine: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    keys = sorted(theirs.keys() | mine.keys())
+    return {key: (theirs.get(key), mine.get(key)) for key in keys if theirs.get(key) != mine.get(key)}
+
+
+def retry_interrupted(study: optuna.Study) -> None:
+    """Trials left running by a session that was killed: marked failed, and their parameters run again."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        interrupted(study, trial, "its session ended while it ran")
+
+
+def interrupted(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Record an interrupted trial as failed, and queue its parameters as a new trial."""
+    optuna.Trial(study, trial._trial_id).set_user_attr("error", f"interrupted: {reason}")
+    study.tell(trial.number, state=TrialState.FAIL)
+    if trial.params:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    log.warning("Trial %d was interrupted (%s): marked failed, its parameters queued again", trial.number, reason)
+
+
+def trial_value(trainer: Trainer, pruning: TrialPruning, metric: str, direction: optuna.study.StudyDirection) -> float:
+    """The trial's score: its best checkpoint's when the checkpoint monitors the metric, else the best reported."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.monitor == metric and checkpoint.best_model_score is not None:
+        return float(checkpoint.best_model_score)
+    if not pruning.values:
+        raise ValueError(f"the trial never validated, so it has no {metric} (--trainer.limit_val_batches?)")
+    return (max if direction == optuna.study.StudyDirection.MAXIMIZE else min)(pruning.values)
+
+
+def describe(params: dict[str, Any]) -> str:
+    """`lr=0.001, batch_size=32`, for log lines."""
+    return ", ".join(f"{key}={shown(value)}" for key, value in params.items())
