@@ -77,6 +77,11 @@ class TrialCLI(ClassifierCLI):
         self.pruning = pruning
         super().__init__(args=args)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit's parser alone: building the other four costs each trial seconds."""
+        return {"fit": ClassifierCLI.subcommands()["fit"]}
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         kwargs["callbacks"] = [*kwargs.get("callbacks", configured), self.pruning]
@@ -99,10 +104,11 @@ class Session:
 
     def run(self, trials: int, timeout: float | None) -> None:
         """Trials until the study holds `trials` finished ones, `timeout` seconds pass, or every trial of this
-        session fails; the outputs rewritten after each."""
+        session fails; the outputs rewritten after each (and at once, for a session that runs none)."""
         started, failed, finished = time.monotonic(), [], 0
         done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
         log.info("Study %s (%s): %d of %d trials finished", self.study.study_name, self.folder, done, trials)
+        self.write_outputs()
         while len(self.study.get_trials(deepcopy=False, states=FINISHED)) < trials:
             if timeout is not None and time.monotonic() - started >= timeout:
                 log.info("--timeout %gs reached: no new trial; the same command resumes the study", timeout)
@@ -150,13 +156,18 @@ class Session:
         log.info("Trial %d: %s = %.4f", trial.number, self.metric, value)
         return self.study.tell(trial, value)
 
+    best: tuple[int, str] | None = None  # (trial number, its config), dumped once per best trial
+
     def best_config(self) -> str | None:
         """fit's config with the best trial's parameters, dumped as LightningCLI dumps a run's config.yaml, with the
         user's logger (not the trial's); None before any trial completes."""
         if not self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             return None
-        parser = self.fit.parser
-        return parser.dump(parser.parse_args([*self.fit_args, *override_args(self.study.best_params)]), skip_none=False)
+        best = self.study.best_trial
+        if self.best is None or self.best[0] != best.number:
+            config = self.fit.parser.parse_args([*self.fit_args, *override_args(best.params)])
+            self.best = best.number, self.fit.parser.dump(config, skip_none=False)
+        return self.best[1]
 
     def write_outputs(self) -> None:
         write_outputs(self.study, self.folder, self.metric, self.best_config())
@@ -211,9 +222,7 @@ def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Pa
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) if type(seed) is int else None)
         check_resumed(study, metric, settings(fit), yaml.safe_load(options.search.read_text()))
         retry_interrupted(study)
-        session = Session(study, space, fit_args, fit, folder, metric)
-        session.run(options.trials, options.timeout)
-        session.write_outputs()
+        Session(study, space, fit_args, fit, folder, metric).run(options.trials, options.timeout)
     show_summary(study, metric)
     if (folder / "best.yaml").is_file():
         log.info(
