@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import gc
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,70 +24,21 @@ import optuna
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch import Callback, LightningModule, Trainer
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from classifier.cli import FILE_LOGGERS, TENSORBOARD, ClassifierCLI, ParsedCLI, _plain
+from classifier.cli import ParsedCLI
 from classifier.console import debugging, lightning_silenced
 from classifier.faults import TrialsFailed
 from classifier.module import classification_metrics
 from classifier.search_space import check_search_space, load_search_space, override_args
 from classifier.tune_report import FINISHED, show_summary, shown, write_outputs
+from classifier.tune_trial import TrialCLI, TrialPruning, check_one_process, logger_place, trial_trainer, trial_value
 
 log = logging.getLogger(__name__)
 
 PRUNERS = ("median", "hyperband", "none")
 GIVE_UP_AFTER = 3  # failed trials, with none finished, before a session concludes that every trial fails
-
-
-class TrialPruning(Callback):
-    """Reports the metric to the Optuna trial after each validation (the sanity check aside) and, when the study's
-    pruner says so, stops the fit; the study then records the trial as pruned.
-
-    At `on_validation_end`, after every `on_validation_epoch_end`: FitReport logs `val/f1/<class>` in its own, and
-    Lightning's ModelCheckpoint and EarlyStopping read the epoch's metrics here too. Steps count validations, which
-    are epochs unless --trainer.val_check_interval validates more often.
-    """
-
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial = trial
-        self.metric = metric
-        self.values: list[float] = []
-        self.pruned = False
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        if self.metric not in trainer.callback_metrics:
-            logged = sorted(name for name in trainer.callback_metrics if name.startswith("val/"))
-            raise ValueError(f"--metric {self.metric} was not logged; this run logs {', '.join(logged)}")
-        self.values.append(float(trainer.callback_metrics[self.metric]))
-        self.trial.report(self.values[-1], step=len(self.values) - 1)
-        if self.trial.should_prune():
-            self.pruned = trainer.should_stop = True
-            log.info("Trial %d pruned after validation %d", self.trial.number, len(self.values) - 1)
-
-
-class TrialCLI(ClassifierCLI):
-    """`classifier fit`, with the trial's pruning callback."""
-
-    def __init__(self, args: list[str], pruning: TrialPruning) -> None:
-        self.pruning = pruning
-        super().__init__(args=args)
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """fit's parser alone: building the other four costs each trial seconds."""
-        return {"fit": ClassifierCLI.subcommands()["fit"]}
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        kwargs["callbacks"] = [*kwargs.get("callbacks", configured), self.pruning]
-        return super().instantiate_trainer(**kwargs)
-
-    def after_fit(self) -> None:
-        """fit's closing lines name the trial's checkpoint; the study logs the trial's value instead."""
 
 
 @dataclass
@@ -101,6 +51,7 @@ class Session:
     fit: ParsedCLI  # those options parsed: its parser checks and dumps configs
     folder: Path
     metric: str
+    best: tuple[int, str] | None = None  # (trial number, its config), dumped once per best trial
 
     def run(self, trials: int, timeout: float | None) -> None:
         """Trials until the study holds `trials` finished ones, `timeout` seconds pass, or every trial of this
@@ -144,7 +95,9 @@ class Session:
             log.warning("Trial %d failed: %s", trial.number, trial.user_attrs["error"], exc_info=debugging())
             return self.study.tell(trial, state=TrialState.FAIL)
         except BaseException as error:  # Ctrl-C, SIGTERM: the trial runs again at the next session
-            interrupted(self.study, self.study.trials[trial.number], f"{type(error).__name__} stopped it")
+            interrupted(
+                self.study, self.study.trials[trial.number], f"the session was stopped ({type(error).__name__})"
+            )
             raise
         finally:
             del cli  # the trial's model, data and trainer, before the next trial builds its own
@@ -155,8 +108,6 @@ class Session:
             return self.study.tell(trial, state=TrialState.PRUNED)
         log.info("Trial %d: %s = %.4f", trial.number, self.metric, value)
         return self.study.tell(trial, value)
-
-    best: tuple[int, str] | None = None  # (trial number, its config), dumped once per best trial
 
     def best_config(self) -> str | None:
         """fit's config with the best trial's parameters, dumped as LightningCLI dumps a run's config.yaml, with the
@@ -215,12 +166,12 @@ def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Pa
             study_name=study_name,
             direction=direction,
             load_if_exists=True,
-            pruner=pruner or make_pruner(options.pruner, fit.config.trainer.max_epochs),
+            pruner=pruner or make_pruner(options.pruner),
         )
         seed = fit.config.seed_everything
         # seeded past the trials so far: a resumed session must not draw the first session's parameters again
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials) if type(seed) is int else None)
-        check_resumed(study, metric, settings(fit), yaml.safe_load(options.search.read_text()))
+        check_resumed(study, metric, direction, settings(fit), yaml.safe_load(options.search.read_text()))
         retry_interrupted(study)
         Session(study, space, fit_args, fit, folder, metric).run(options.trials, options.timeout)
     show_summary(study, metric)
@@ -241,7 +192,10 @@ def objective_direction(checkpoint: Namespace, metric: str, direction: str | Non
             f"{metric}; give the two the same sense"
         )
     if direction is None and metric != checkpoint.monitor:
-        raise ValueError(f"--metric {metric} needs --direction maximize or minimize (the checkpoint's is not it)")
+        raise ValueError(
+            f"--metric {metric} needs --direction maximize or minimize (--checkpoint.mode gives it only for the "
+            f"checkpoint's monitor, {checkpoint.monitor})"
+        )
     return direction or mode
 
 
@@ -253,62 +207,10 @@ def check_metric(metric: str, classes: list[str]) -> None:
         raise ValueError(f"--metric {metric} is not a metric fit logs at validation; it logs {', '.join(logged)}")
 
 
-def check_one_process(trainer: Namespace) -> None:
-    """Trials run in this process, one after another: a trainer on several devices would start processes that each
-    run the whole study again."""
-    devices, launched = trainer.devices, int(os.environ.get("WORLD_SIZE", "1"))
-    if isinstance(devices, (list, tuple)) or "," in str(devices):  # device indices: [0] or "0,"
-        one = len(devices if isinstance(devices, (list, tuple)) else str(devices).strip(",").split(",")) == 1
-    else:  # a count
-        one = devices in (1, "1", "auto")
-    if launched > 1 or trainer.num_nodes != 1 or not one:
-        raise ValueError(
-            f"classifier tune trains each trial in this one process (a DDP trial would run the study in every rank): "
-            f"--trainer.devices {devices} --trainer.num_nodes {trainer.num_nodes}{' under a launcher' * (launched > 1)}"
-            " need --trainer.devices 1 (auto takes one); best.yaml keeps yours for the final fit"
-        )
-
-
-def logger_place(trainer: Namespace) -> tuple[str, str]:
-    """(save_dir, name) of the config's first TensorBoard or CSV logger; Lightning's default logger's otherwise."""
-    for logger in _loggers(trainer.logger):
-        if logger["class_path"].endswith(FILE_LOGGERS):
-            args = logger.get("init_args") or {}
-            return str(args.get("save_dir") or "."), args.get("name") or "lightning_logs"
-    return trainer.default_root_dir or ".", "lightning_logs"
-
-
-def _loggers(logger: Any) -> list[dict[str, Any]]:
-    """The config's loggers as plain dicts: none for `true`, `false` or null."""
-    if not isinstance(logger, (Namespace, list, tuple)):
-        return []
-    return [_plain(item) for item in (logger if isinstance(logger, (list, tuple)) else [logger])]
-
-
-def trial_trainer(trainer: Namespace, run: Path) -> str:
-    """A --config (YAML) that puts the trial's run folder at `run`: the config's first TensorBoard or CSV logger
-    goes there, the others (such as MLflow's) stay; without one, a TensorBoard logger. `--trainer.devices auto`
-    takes one device."""
-    place = {"save_dir": str(run.parent.parent), "name": run.parent.name, "version": run.name}
-    loggers = _loggers(trainer.logger)
-    files = [logger for logger in loggers if logger["class_path"].endswith(FILE_LOGGERS)]
-    if files:
-        files[0].setdefault("init_args", {}).update(place)
-    else:
-        loggers.insert(0, {"class_path": TENSORBOARD, "init_args": place})
-    settings = {"logger": loggers[0] if len(loggers) == 1 else loggers}
-    if trainer.devices == "auto":
-        settings["devices"] = 1
-    return yaml.safe_dump({"trainer": settings})
-
-
-def make_pruner(name: str, max_epochs: int | None) -> optuna.pruners.BasePruner:
-    """Optuna's median or Hyperband pruner with its defaults (Hyperband's budget: max_epochs validations), or none."""
-    if name == "median":
-        return optuna.pruners.MedianPruner()
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(max_resource=max_epochs if max_epochs and max_epochs > 0 else "auto")
-    return optuna.pruners.NopPruner()
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """Optuna's median or Hyperband pruner, with Optuna's defaults, or none."""
+    pruners = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner}
+    return pruners.get(name, optuna.pruners.NopPruner)()
 
 
 @contextlib.contextmanager
@@ -338,18 +240,23 @@ def settings(fit: ParsedCLI) -> dict[str, Any]:
     return config
 
 
-def check_resumed(study: optuna.Study, metric: str, config: dict[str, Any], search: Any) -> None:
+def check_resumed(study: optuna.Study, metric: str, direction: str, config: dict[str, Any], search: Any) -> None:
     """Record what a new study runs; refuse to resume one on another metric, and say what else changed."""
     recorded = study.user_attrs
-    if not recorded:
-        for key, value in {"metric": metric, "config": config, "search": search}.items():
-            study.set_user_attr(key, value)
-        return
-    if recorded["metric"] != metric:
+    if recorded and recorded["metric"] != metric:
         raise ValueError(
             f"--metric {metric}: study {study.study_name} scores its trials by {recorded['metric']}, which this one "
             "cannot be compared with; pass that --metric, or start another study (--study_name)"
         )
+    if study.direction.name.lower() != direction:
+        raise ValueError(
+            f"--direction {direction}: study {study.study_name} is a {study.direction.name.lower()} study; pass that "
+            "--direction, or start another study (--study_name)"
+        )
+    if not recorded:
+        for key, value in {"metric": metric, "config": config, "search": search}.items():
+            study.set_user_attr(key, value)
+        return
     changed = [
         f"{key} {theirs!r} there, {mine!r} here"
         for key, (theirs, mine) in _differences(_flat(recorded["config"]), _flat(config)).items()
@@ -384,16 +291,6 @@ def interrupted(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     if trial.params:
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
     log.warning("Trial %d was interrupted (%s): marked failed, its parameters queued again", trial.number, reason)
-
-
-def trial_value(trainer: Trainer, pruning: TrialPruning, metric: str, direction: optuna.study.StudyDirection) -> float:
-    """The trial's score: its best checkpoint's when the checkpoint monitors the metric, else the best reported."""
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and checkpoint.monitor == metric and checkpoint.best_model_score is not None:
-        return float(checkpoint.best_model_score)
-    if not pruning.values:
-        raise ValueError(f"the trial never validated, so it has no {metric} (--trainer.limit_val_batches?)")
-    return (max if direction == optuna.study.StudyDirection.MAXIMIZE else min)(pruning.values)
 
 
 def describe(params: dict[str, Any]) -> str:

@@ -3,8 +3,10 @@ killed trials, best.yaml that fits as is, and bad input stopped before any train
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +18,7 @@ from optuna.pruners import BasePruner
 from PIL import Image
 
 from classifier.cli import cli_main, main
-from classifier.tune import tune
+from classifier.tune import TrialPruning, tune
 from tests.helpers import REPO, read_csv, tiny_config
 
 SEARCH = """\
@@ -163,6 +165,45 @@ def test_a_failing_trial_is_recorded_and_a_killed_one_runs_again(digits3: Path, 
     assert rows[1]["error"] == "RuntimeError: label_smoothing must be between 0.0 and 1.0. Got: 1.5"
     assert (rows[2]["model.label_smoothing"], rows[2]["retry_of"]) == ("0.05", "0")  # the killed trial, again
     assert config_value(Path(rows[2]["run"]), "model.label_smoothing") == 0.05
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_by_ctrl_c_runs_again_at_the_next_session(
+    digits3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, search_file, folder = setup_study(
+        tmp_path, digits3, "model.label_smoothing: {type: float, low: 0, high: 0.2}\n"
+    )
+    args = ["tune", "--config", str(config), "--search", str(search_file), "--trials", "1"]
+
+    def ctrl_c(*_) -> None:
+        raise KeyboardInterrupt
+
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C once it has stopped a run for one
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):  # Lightning's answer to Ctrl-C
+        patch.setattr(TrialPruning, "on_validation_end", ctrl_c)
+        cli_main(args)
+    signal.signal(signal.SIGINT, handler)
+    cli_main(args)
+    rows = read_csv(folder / "trials.csv")
+    assert [(row["number"], row["state"], row["retry_of"]) for row in rows] == [
+        ("0", "FAIL", ""),
+        ("1", "COMPLETE", "0"),
+    ]
+    assert rows[0]["error"] == "interrupted: the session was stopped (SystemExit)"
+    assert rows[1]["model.label_smoothing"] == rows[0]["model.label_smoothing"]
+
+
+def test_a_second_session_of_a_running_study_is_refused(digits3: Path, tmp_path: Path, capsys) -> None:
+    config, search_file, folder = setup_study(tmp_path, digits3, SEARCH)
+    folder.mkdir(parents=True)
+    with open(folder / "tune.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running session holds it
+        with pytest.raises(SystemExit) as exit_info:
+            main(["tune", "--config", str(config), "--search", str(search_file)])
+    assert exit_info.value.code == 2
+    assert f"another classifier tune is running the study in {folder}" in capsys.readouterr().err
+    assert sorted(path.name for path in folder.iterdir()) == ["tune.lock"]  # no study, no trial
 
 
 @pytest.mark.slow
