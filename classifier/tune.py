@@ -135,13 +135,16 @@ def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Pa
         exit_on_error=False,
         allow_abbrev=False,  # fit's options pass through whole
     )
-    parser.add_argument("--search", type=Path, help="YAML: fit options (dotted keys) and their distributions")
-    parser.add_argument("--trials", type=int, default=20, help="finished trials (complete or pruned) the study holds")
-    parser.add_argument("--timeout", type=float, help="seconds after which this session starts no new trial")
-    parser.add_argument("--metric", help="a val/ metric fit logs (default: --checkpoint.monitor)")
+    parser.add_argument("--search", type=Path, metavar="FILE", help="YAML: fit options (dotted) and distributions")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials (complete or pruned) the study is to "
+                        "hold; a resumed study runs the missing ones (default 20)")  # fmt: skip
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
+    parser.add_argument("--metric", help="the val/ metric to optimize (default: --checkpoint.monitor's)")
     parser.add_argument("--direction", choices=("maximize", "minimize"), help="default: --checkpoint.mode's")
-    parser.add_argument("--pruner", choices=PRUNERS, default="median", help="stops trials that fall behind")
-    parser.add_argument("--study_name", help="default: the logger's name; the study folder is <save_dir>/<name>/tune")
+    parser.add_argument("--pruner", choices=PRUNERS, default="median", help="Optuna's, with its defaults: median "
+                        "stops a trial whose value is worse than the median of earlier ones at the same epoch, "
+                        "from the 6th trial on (default median)")  # fmt: skip
+    parser.add_argument("--study_name", help="default: the logger's name; the study's folder is <save_dir>/<name>/tune")
     parser.add_argument("--storage", help="an Optuna storage URL (default: sqlite:///<study folder>/tune.db)")
     options, fit_args = parser.parse_known_args(argv)
     if options.search is None:

@@ -95,7 +95,8 @@ def history_figure(trials: list[FrozenTrial], metric: str, direction: str) -> Fi
     if pruned:
         axes.plot(*zip(*pruned, strict=True), "x", color="tab:gray", label="pruned (last reported value)")
     failed = sum(trial.state == TrialState.FAIL for trial in trials)
-    axes.set(xlabel="trial", ylabel=metric, title=f"{metric} per trial ({direction}; {failed} failed, not shown)")
+    title = f"{metric} per trial ({direction}{f'; {failed} failed, not shown' if failed else ''})"
+    axes.set(xlabel="trial", ylabel=metric, title=title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if complete or pruned:
@@ -103,13 +104,14 @@ def history_figure(trials: list[FrozenTrial], metric: str, direction: str) -> Fi
     return figure
 
 
-def importance_figure(shares: dict[str, float], metric: str) -> Figure:
+def importance_figure(shares: dict[str, float], metric: str, trials: int) -> Figure:
     """One bar per parameter, the most important on top."""
     figure = Figure(figsize=(8, 1.5 + 0.45 * len(shares)), dpi=100, layout="constrained")
     axes = figure.subplots()
     names = list(shares)[::-1]
     axes.barh(names, [shares[name] for name in names], color="tab:blue")
-    axes.set(xlabel=f"share of the variance of {metric} (fANOVA)", xlim=(0, 1), title="parameter importance")
+    axes.set(xlabel=f"share of the variance of {metric} (fANOVA)", xlim=(0, 1))
+    axes.set_title(f"parameter importance ({trials} complete trials)")
     return figure
 
 
@@ -126,7 +128,8 @@ def write_outputs(study: optuna.Study, folder: Path, metric: str, best_config: s
     write_json(folder / "importance.json", shares)
     save_figure(history_figure(trials, metric, direction), folder / "history.png")
     if shares["importance"]:
-        save_figure(importance_figure(shares["importance"], metric), folder / "importance.png")
+        figure = importance_figure(shares["importance"], metric, shares["complete_trials"])
+        save_figure(figure, folder / "importance.png")
 
 
 def show_summary(study: optuna.Study, metric: str) -> None:
@@ -141,15 +144,16 @@ def show_summary(study: optuna.Study, metric: str) -> None:
     summary = ", ".join(f"{count} {state.name.lower()}" for state, count in counts.items() if count)
     table = Table(title=f"Study {study.study_name}: {len(trials)} trials ({summary}); best {metric} first")
     params = param_names(finished)
-    for column in ("trial", "state", metric, *params, "minutes"):
+    for column in ("trial", "state", metric, *params, "time"):
         table.add_column(column, justify="left" if column in ("state", *params) else "right")
     for trial in finished[:SHOWN_TRIALS]:
-        minutes = f"{trial.duration.total_seconds() / 60:.1f}" if trial.duration is not None else ""
+        seconds = trial.duration.total_seconds() if trial.duration is not None else None
+        time = "" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
         table.add_row(
             str(trial.number),
             trial.state.name.lower(),
             f"{trial.value:.4f}",
             *(shown(trial.params[name]) if name in trial.params else "" for name in params),
-            minutes,
+            time,
         )
     print_table(table)
