@@ -25,7 +25,10 @@ def load_search_space(path: Path) -> dict[str, BaseDistribution]:
     choices: [32, 64]}`."""
     if not path.is_file():
         raise FileNotFoundError(f"--search {path} does not exist")
-    entries = yaml.safe_load(path.read_text())
+    try:
+        entries = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"--search {path} is not YAML: {' '.join(str(error).split())}") from None
     if not isinstance(entries, dict) or not entries:
         raise ValueError(f"--search {path}: expected fit options, each with a distribution, such as {EXAMPLE}")
     return {str(key): _distribution(f"--search {path}: {key}", spec) for key, spec in entries.items()}
