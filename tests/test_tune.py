@@ -260,11 +260,16 @@ def test_a_study_refuses_another_metric_and_keeps_its_files(
     assert {name: (study.folder / name).read_bytes() for name in files} == files
 
 
-def test_the_shipped_search_space_fits_the_shipped_config(digits3: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "logger_name"), [("configs/resnet18.yaml", "resnet18"), ("configs/recipes/cifar_vit.yaml", "cifar_vit")]
+)
+def test_each_shipped_search_space_fits_its_config(
+    config: str, logger_name: str, digits3: Path, tmp_path: Path
+) -> None:
     logs = tmp_path / "logs"
-    cli_main(["tune", "--config", str(REPO / "configs" / "resnet18.yaml"), "--search",
-              str(REPO / "configs" / "search" / "resnet18.yaml"), "--data.data_dir", str(digits3),
+    search = REPO / "configs" / "search" / f"{logger_name}.yaml"
+    cli_main(["tune", "--config", str(REPO / config), "--search", str(search), "--data.data_dir", str(digits3),
               "--trainer.logger.init_args.save_dir", str(logs), "--timeout", "0"])  # fmt: skip
-    folder = logs / "resnet18" / "tune"  # <save_dir>/<logger name>/tune
+    folder = logs / logger_name / "tune"  # <save_dir>/<logger name>/tune
     assert (folder / "tune.db").is_file() and read_csv(folder / "trials.csv") == []
     assert not (folder / "trials").exists()  # --timeout 0: no trial started
