@@ -53,11 +53,6 @@ class TrialCLI(ClassifierCLI):
         self.pruning = pruning
         super().__init__(args=args)
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        """fit's parser alone: building the other four costs each trial seconds."""
-        return {"fit": ClassifierCLI.subcommands()["fit"]}
-
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         kwargs["callbacks"] = [*kwargs.get("callbacks", configured), self.pruning]
