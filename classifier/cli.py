@@ -9,6 +9,8 @@ import os
 import signal
 import sys
 from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -64,7 +66,20 @@ NETWORK_SETTINGS = ("model.backbone", "data.image_size", "data.classes", "model.
 # Lightning's names for a checkpoint its own trainer made or finds: none exists in a fresh evaluation process
 LIGHTNING_CHECKPOINT_NAMES = ("best", "last", "hpc", "registry")
 # what a user can fix: the command prints their message on one line, and the traceback with --debug
-USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError)
+# the modules of each optional extra: a command that misses one says which extra to install
+EXTRAS = {
+    "export": ("onnx", "onnxruntime", "onnxscript"),
+    "explain": ("pytorch_grad_cam",),
+    "tune": ("optuna",),
+    "mlflow": ("mlflow",),
+}
+
+
+class MissingExtra(ModuleNotFoundError):
+    """An optional dependency is not installed."""
+
+
+USER_ERRORS = (OSError, ValueError, MisconfigurationException, ArgumentError, MissingExtra)
 # the exit status of each kind of error, first match first; any error not listed is a bug and keeps its traceback
 # (Python's status 1). An error without a message ends the command silently: SIGTERM's run has said what it saved.
 EXIT_CODES: ExitCodes = (
@@ -398,9 +413,28 @@ def new_timestamped_dir(parent: Path) -> Path:
     raise FileExistsError(f"{parent}: 999 runs started in the second {stamp}")
 
 
+@contextmanager
+def naming_extras() -> Iterator[None]:
+    """A module of an extra that is not installed ends the command with the install line, not a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        root = (error.name or "").partition(".")[0]
+        extra = next((extra for extra, modules in EXTRAS.items() if root in modules), None)
+        if extra is None:
+            raise
+        raise MissingExtra(f"{root} is not installed: pip install 'classifier[{extra}]'", name=error.name) from error
+
+
 def cli_main(args: ArgsType = None) -> None:
     """The `classifier` command's work; `args` lets tests drive it without a subprocess. Errors propagate."""
     configure_logging()
+    with naming_extras():
+        run_command(args)
+
+
+def run_command(args: ArgsType) -> None:
+    """The subcommand `args` (or the command line) names."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["cv"]:  # a loop over fit, so not a LightningCLI subcommand
         cross_validate(argv[1:])

@@ -448,3 +448,19 @@ def test_the_real_command_exits_2_without_a_traceback_unless_asked(trained: Path
     debugged = classifier("fit", "--config", config, "--data.data_dir", str(missing), CLASSIFIER_DEBUG="1")
     assert debugged.returncode == 2 and "Traceback (most recent call last):" in debugged.stderr
     assert debugged.stderr.splitlines()[-1].startswith(f"FileNotFoundError: --data.data_dir {missing} does not")
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "extra"),
+    [("tune", "optuna", "tune"), ("export", "onnxruntime", "export"), ("explain", "pytorch_grad_cam", "explain")],
+)
+def test_a_command_whose_extra_is_not_installed_names_the_extra(
+    command: str, missing: str, extra: str, trained: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it raises ModuleNotFoundError
+    for name in [name for name in sys.modules if name.startswith("classifier.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported again, without it
+    args = ["--search", str(REPO / "configs" / "search" / "resnet18.yaml")] if command == "tune" else []
+    code, lines = run_main(main, [command, "--ckpt_path", str(trained), *args], capsys)
+    assert code == 2
+    assert lines[0] == f"error: {missing} is not installed: pip install 'classifier[{extra}]'"
