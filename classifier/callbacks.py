@@ -181,7 +181,7 @@ class FitReport(Callback):
         save_figure(training_curves_figure(self.history), run_dir / "training_curves.png")
         checkpoint = trainer.checkpoint_callback
         summary = {
-            "best_epoch": self._best_epoch(checkpoint),
+            "best_epoch": self.best_epoch(checkpoint),
             "monitor": checkpoint.monitor if checkpoint else None,
             "best_value": float(checkpoint.best_model_score)
             if checkpoint and checkpoint.best_model_score is not None
@@ -208,7 +208,8 @@ class FitReport(Callback):
         if row:
             self.history.append({"epoch": epoch, **row})
 
-    def _best_epoch(self, checkpoint: ModelCheckpoint | None) -> int | None:
+    def best_epoch(self, checkpoint: ModelCheckpoint | None) -> int | None:
+        """The epoch of the checkpoint's best monitored value, from the recorded history; None before any."""
         scored = [row for row in self.history if checkpoint and checkpoint.monitor in row]
         if not scored:
             return None

@@ -44,8 +44,10 @@ from classifier.cv import cross_validate
 from classifier.data import ImageFolderDataModule
 from classifier.evaluation import PredictionWriter
 from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, TrainingDiverged, TrialsFailed, lost_peer
+from classifier.hparams import ConfigLogger
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
+from classifier.tracking import MLFlowLogger, continue_recorded_run, run_folder_logger_first
 from classifier.trainer import ClassifierTrainer
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ class ClassifierCLI(LightningCLI):
             ImageClassifier,
             ImageFolderDataModule,
             trainer_defaults={"callbacks": [RNGStateCheckpoint(), FitReport(), DivergenceGuard(), LastCheckpoint()]},
+            save_config_callback=ConfigLogger,  # config.yaml, and the config as the loggers' hyperparameters
             save_config_kwargs={"overwrite": True},  # a resumed run writes into its old folder
             seed_everything_default=0,  # reproducible unless a config says otherwise; evaluation is seeded too
             auto_configure_optimizers=False,  # the model takes OptimizerCallable/LRSchedulerCallable itself
@@ -176,6 +179,8 @@ class ClassifierCLI(LightningCLI):
         """Parse; then, given a checkpoint, parse again on top of its model and data settings."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        trainer = (self.config[subcommand] if subcommand else self.config).trainer
+        trainer.logger = run_folder_logger_first(trainer.get("logger"), trainer.get("default_root_dir"))
         if subcommand is None or isinstance(args, (dict, Namespace)):
             return
         config = self.config[subcommand]
@@ -198,6 +203,7 @@ class ClassifierCLI(LightningCLI):
         argv[at:at] = [f"--{key}={yaml.safe_dump(value)}" for key, value in checkpoint_settings(ckpt_path).items()]
         self.config = parser.parse_args(argv)
         config = self.config[subcommand]
+        config.trainer.logger = run_folder_logger_first(config.trainer.get("logger"), config.trainer.default_root_dir)
         config.ckpt_path = str(ckpt_path)
         check_resumable(config, subcommand, Path(ckpt_path))
         if config.weights_only is None:  # Lightning's default would load any pickle, and say so
@@ -223,7 +229,11 @@ class ClassifierCLI(LightningCLI):
         callbacks = list(kwargs.get("callbacks", config.get("callbacks") or []))
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers[1:]:
+            if isinstance(logger, MLFlowLogger):  # named after the first logger's run folder; its store checked now
+                logger.follow(trainer)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Done in `parse_arguments`, for the datamodule too and below command-line flags."""
@@ -271,13 +281,18 @@ def checkpoint_settings(ckpt_path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def _logger_root(trainer: Namespace) -> Path | None:
-    """The folder holding the logger's version_N run folders."""
-    logger = trainer.get("logger")
+    """The folder holding the logger's version_N run folders (of the first logger, in a list)."""
+    logger = _run_folder_logger(trainer.get("logger"))
     if logger in (None, True):
         return Path(trainer.get("default_root_dir") or ".") / "lightning_logs"
     if isinstance(logger, Namespace) and "save_dir" in logger.get("init_args", {}):
         return Path(logger.init_args.save_dir) / (logger.init_args.get("name") or "")
     return None
+
+
+def _run_folder_logger(logger: Any) -> Any:
+    """The logger whose folder is the run folder: the first of a list (False for an empty one)."""
+    return (logger[0] if logger else False) if isinstance(logger, list) else logger
 
 
 def _plain(value: Any) -> Any:
@@ -366,23 +381,30 @@ def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, log
     evaluate, and lr_find under `lr_find/`, so that every `version_N` is a training run.
 
     A logger named on the command line (`--trainer.logger...`) wins; so does one that is not TensorBoard's or CSV's.
+    MLflow loggers after it continue the MLflow run of the checkpoint's run folder (`tracking.RUN_FILE`); an
+    evaluation of a run that has none, and lr_find, log to none.
     """
     run = ckpt_path.resolve().parent.parent if ckpt_path and ckpt_path.resolve().parent.name == "checkpoints" else None
+    loggers = config.trainer.get("logger")
     if subcommand == "fit":
         if run is None:
             return
-        logger = config.trainer.get("logger")
+        logger = _run_folder_logger(loggers)
         if logger in (None, True):
             logger = config.trainer.logger = Namespace(class_path=TENSORBOARD, init_args=Namespace())
             logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
         root = _logger_root(config.trainer)
         if root is not None and root.resolve() == run.parent:
             logger.init_args.version = run.name
+            if isinstance(loggers, list):
+                config.trainer.logger = continue_recorded_run(loggers, run, new_runs=True)
         return
-    logger = config.trainer.get("logger")
+    logger = _run_folder_logger(loggers)
     ours = logger in (None, True) or (isinstance(logger, Namespace) and logger.class_path.endswith(FILE_LOGGERS))
     if logger_given or not ours:
         return
+    if isinstance(loggers, list):
+        config.trainer.logger = continue_recorded_run(loggers, None if subcommand == "lr_find" else run, new_runs=False)
     root = _logger_root(config.trainer)
     if subcommand == "lr_find":
         folder = new_timestamped_dir(root / "lr_find")

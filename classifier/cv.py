@@ -19,6 +19,7 @@ from classifier.checkpoints import MACHINE_SETTINGS, read_checkpoint
 from classifier.evaluation import print_table, write_predictions
 from classifier.module import classification_metrics
 from classifier.reports import write_evaluation_report, write_json
+from classifier.tracking import log_cross_validation
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def aggregate(runs: list[Path], options: list[str]) -> Path:
     write_json(cv_dir / "cv_summary.json", summary)
     _write_rows(cv_dir / "oof_predictions.csv", oof_rows)
     ensemble = _ensemble(test_probs, cv_dir / "ensemble") if test_probs else {}
+    log_cross_validation(runs, cv_dir, summary, ensemble)  # when the folds ran with MLflow
     _show(summary, ensemble)
     log.info("Cross-validation of %d folds: %s", len(runs), cv_dir)
     return cv_dir
