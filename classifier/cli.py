@@ -47,7 +47,7 @@ from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, T
 from classifier.hparams import ConfigLogger
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
-from classifier.tracking import MLFlowLogger, continue_recorded_run, run_folder_logger_first
+from classifier.tracking import MLFlowLogger, evaluation_trackers, run_folder_logger_first
 from classifier.trainer import ClassifierTrainer
 
 log = logging.getLogger(__name__)
@@ -147,8 +147,8 @@ class ClassifierCLI(LightningCLI):
                 "ONNX file over HTTP (see `classifier serve --help`); `classifier explain --ckpt_path X` draws where X "
                 "looks (class activation maps), or with --embeddings maps its penultimate features (see `classifier "
                 "explain --help`); `classifier tune --config X --search S --trials N` searches fit's options with "
-                "Optuna (see `classifier tune --help`). Add --debug anywhere for every warning and the traceback of an "
-                "error.",
+                "Optuna (see `classifier tune --help`). A second `--config configs/loggers/mlflow.yaml` also tracks a "
+                "run in MLflow. Add --debug anywhere for every warning and the traceback of an error.",
             },
             args=args,
             run=run,
@@ -230,7 +230,7 @@ class ClassifierCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs["callbacks"] = [*callbacks, RichProgressBar(refresh_rate=10)]
         trainer = super().instantiate_trainer(**kwargs)
-        for logger in trainer.loggers[1:]:
+        for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):  # named after the first logger's run folder; its store checked now
                 logger.follow(trainer)
         return trainer
@@ -381,8 +381,8 @@ def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, log
     evaluate, and lr_find under `lr_find/`, so that every `version_N` is a training run.
 
     A logger named on the command line (`--trainer.logger...`) wins; so does one that is not TensorBoard's or CSV's.
-    MLflow loggers after it continue the MLflow run of the checkpoint's run folder (`tracking.RUN_FILE`); an
-    evaluation of a run that has none, and lr_find, log to none.
+    A resumed fit continues the MLflow run its folder recorded (`tracking.RUN_FILE`); an evaluation adds to it, and
+    without one, or for lr_find, logs to no MLflow run.
     """
     run = ckpt_path.resolve().parent.parent if ckpt_path and ckpt_path.resolve().parent.name == "checkpoints" else None
     loggers = config.trainer.get("logger")
@@ -395,16 +395,14 @@ def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, log
             logger.init_args.save_dir, logger.init_args.name = str(run.parent.parent), run.parent.name
         root = _logger_root(config.trainer)
         if root is not None and root.resolve() == run.parent:
-            logger.init_args.version = run.name
-            if isinstance(loggers, list):
-                config.trainer.logger = continue_recorded_run(loggers, run, new_runs=True)
+            logger.init_args.version = run.name  # where a recorded MLflow run continues too
         return
     logger = _run_folder_logger(loggers)
     ours = logger in (None, True) or (isinstance(logger, Namespace) and logger.class_path.endswith(FILE_LOGGERS))
     if logger_given or not ours:
         return
     if isinstance(loggers, list):
-        config.trainer.logger = continue_recorded_run(loggers, None if subcommand == "lr_find" else run, new_runs=False)
+        config.trainer.logger = evaluation_trackers(loggers, None if subcommand == "lr_find" else run)
     root = _logger_root(config.trainer)
     if subcommand == "lr_find":
         folder = new_timestamped_dir(root / "lr_find")

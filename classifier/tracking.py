@@ -4,6 +4,7 @@ the parent run of a cross-validation. mlflow (the [mlflow] extra) is imported on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -75,6 +76,8 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
     def follow(self, trainer: Trainer) -> None:
         """Take the names, the store and the run from the trainer's first logger's run folder, and check the store
         (before any training): an error names the URI and where it came from."""
+        if importlib.util.find_spec("mlflow") is None:
+            raise ModuleNotFoundError(f"{type(self).__name__} needs mlflow: pip install 'classifier[mlflow]'")
         run_logger = trainer.loggers[0]
         if not isinstance(run_logger, (TensorBoardLogger, CSVLogger)):
             raise ValueError(
@@ -82,38 +85,54 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
                 f"in trainer.logger; the first logger is a {type(run_logger).__name__}"
             )
         self._run_dir = Path(run_logger.log_dir)
-        uri, source = tracking_uri(self._given_uri, Path(run_logger.save_dir))
+        options = self._options
+        # the MLflow run recorded in this run folder (a resumed fit), or above it (an evaluation given its run_id)
+        folders = (self._run_dir, *self._run_dir.parents) if options["run_id"] else (self._run_dir,)
+        home = next((folder for folder in folders if (folder / RUN_FILE).is_file()), None)
+        record = recorded_run(home) if home is not None else None
+        if record is not None and options["run_id"] in (None, record["run_id"]):
+            run_id, recorded = record["run_id"], (record["tracking_uri"], str(home / RUN_FILE))
+            self._artifact_path = self._run_dir.relative_to(home).as_posix() if home != self._run_dir else ""
+        else:
+            run_id, recorded = options["run_id"], None
+        uri, source = tracking_uri(self._given_uri, recorded, Path(run_logger.save_dir))
         store = sqlite_folder(uri)
         name = run_logger.name or Path(run_logger.save_dir).resolve().name
-        options = self._options
-        super().__init__(
-            experiment_name=options["experiment_name"] or name,
-            run_name=options["run_name"] or self._run_dir.name,
-            tracking_uri=uri,
-            tags={**(options["tags"] or {}), **git_tags()},
-            artifact_location=(store / "mlartifacts").as_uri() if store else None,
-            run_id=options["run_id"],
-        )
-        if options["run_id"]:
-            folders = (self._run_dir, *self._run_dir.parents)
-            recorded = next((folder for folder in folders if (folder / RUN_FILE).is_file()), self._run_dir)
-            self._artifact_path = "" if recorded == self._run_dir else self._run_dir.relative_to(recorded).as_posix()
-        if trainer.global_rank == 0:
-            self._check(source)
-
-    def _check(self, source: str) -> None:
-        """Reach the store once, failing fast; make the experiment with its artifact location."""
         try:
-            with environment(FAIL_FAST):
-                if self._run_id is not None:
-                    self._mlflow_client.get_run(self._run_id)
-                elif self._mlflow_client.get_experiment_by_name(self._experiment_name) is None:
-                    self._mlflow_client.create_experiment(self._experiment_name, self._artifact_location)
+            super().__init__(
+                experiment_name=options["experiment_name"] or name,
+                run_name=options["run_name"] or self._run_dir.name,
+                tracking_uri=uri,
+                tags={**(options["tags"] or {}), **git_tags()},
+                artifact_location=(store / "mlartifacts").as_uri() if store else None,
+                run_id=run_id,
+            )
+            if trainer.global_rank == 0:
+                with environment(FAIL_FAST):  # one request, failing in seconds
+                    self._mlflow_client.search_experiments(max_results=1)
         except Exception as error:  # the store's, sqlalchemy's, requests' or the OS's: all say the URI is unusable
             reason = " ".join(str(error).split("\n")[0].split())[:300]
             raise ValueError(
-                f"MLflow tracking URI {self._tracking_uri} ({source}) cannot be used: {reason}. Start that server, "
-                f"fix the URI, or leave tracking_uri and ${TRACKING_URI_ENV} unset for a local SQLite file"
+                f"MLflow tracking URI {uri} ({source}) cannot be used: {reason}. Start that server, fix the URI, or "
+                f"leave tracking_uri and ${TRACKING_URI_ENV} unset for a local SQLite file"
+            ) from error
+        if trainer.global_rank == 0:
+            self._open(source if recorded else "run_id")
+
+    def _open(self, named_by: str) -> None:
+        """Find the run to continue, or make the experiment with its artifact location."""
+        from mlflow.exceptions import MlflowException
+
+        if self._run_id is None:
+            if self._mlflow_client.get_experiment_by_name(self._experiment_name) is None:
+                self._mlflow_client.create_experiment(self._experiment_name, self._artifact_location)
+            return
+        try:
+            self._mlflow_client.get_run(self._run_id)
+        except MlflowException as error:
+            raise ValueError(
+                f"MLflow run {self._run_id} ({named_by}) is not in {self._tracking_uri} ({error.error_code}): remove "
+                f"{RUN_FILE} from the run folder to start a new MLflow run"
             ) from error
 
     @property
@@ -124,7 +143,8 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         if self._run_dir is None:
             raise RuntimeError(f"{type(self).__name__}.follow(trainer) first: the run folder names the MLflow run")
         new = not self._initialized and self._run_id is None
-        client = super().experiment
+        with environment({TRACKING_URI_ENV: None}):  # mlflow.set_tracking_uri sets it: the next run would inherit it
+            client = super().experiment
         if new:
             tags = client.get_run(self._run_id).data.tags
             for tag in GIT_TAGS:
@@ -165,10 +185,13 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         super().finalize(status)
 
 
-def tracking_uri(given: str | None, save_dir: Path) -> tuple[str, str]:
-    """(the URI, where it came from): the option, else $MLFLOW_TRACKING_URI, else a SQLite file in `save_dir`."""
+def tracking_uri(given: str | None, recorded: tuple[str, str] | None, save_dir: Path) -> tuple[str, str]:
+    """(the URI, where it came from): the option, else that of the run continued (`recorded`: its URI and the file
+    that says so), else $MLFLOW_TRACKING_URI, else a SQLite file in `save_dir`."""
     if given:
         return given, "trainer.logger's tracking_uri"
+    if recorded:
+        return recorded
     if os.environ.get(TRACKING_URI_ENV):
         return os.environ[TRACKING_URI_ENV], f"${TRACKING_URI_ENV}"
     return f"sqlite:///{(save_dir / 'mlflow.db').resolve()}", "the default, beside the TensorBoard logs"
@@ -191,10 +214,10 @@ def git_tags() -> dict[str, str]:
 
 
 @contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the length of a block."""
+def environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Environment variables set for the length of a block (None: left as is), and all restored after it."""
     saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+    os.environ.update({name: value for name, value in values.items() if value is not None})
     try:
         yield
     finally:
@@ -216,20 +239,13 @@ def is_tracker(logger: Any) -> bool:
     return isinstance(logger, Namespace) and logger.get("class_path") == f"{__name__}.{MLFlowLogger.__name__}"
 
 
-def continue_recorded_run(loggers: list[Namespace], run: Path | None, new_runs: bool) -> list[Namespace]:
-    """The parsed loggers of a command that works in `run`, an existing run folder: the MLflow loggers continue its
-    recorded MLflow run; where it has none, they start a new one if `new_runs` (a resumed fit), else they go (an
-    evaluation adds to the run of its checkpoint, or to none)."""
+def evaluation_trackers(loggers: list[Namespace], run: Path | None) -> list[Namespace]:
+    """The parsed loggers of an evaluation of a checkpoint in `run`: the MLflow loggers add to the MLflow run that
+    `run` recorded (`run_id`), or go where there is none (and for lr_find, whose `run` is None)."""
     recorded = recorded_run(run) if run is not None else None
-    kept = []
-    for logger in loggers:
-        if is_tracker(logger) and recorded is not None:
-            logger.init_args.run_id = logger.init_args.get("run_id") or recorded["run_id"]
-            logger.init_args.tracking_uri = logger.init_args.get("tracking_uri") or recorded["tracking_uri"]
-        elif is_tracker(logger) and not new_runs:
-            continue
-        kept.append(logger)
-    return kept
+    for logger in filter(is_tracker, loggers):
+        logger.init_args.run_id = logger.init_args.get("run_id") or (recorded or {}).get("run_id")
+    return [logger for logger in loggers if not is_tracker(logger) or logger.init_args.run_id]
 
 
 def run_folder_logger_first(loggers: Any, default_root_dir: str | None) -> Any:
@@ -238,10 +254,11 @@ def run_folder_logger_first(loggers: Any, default_root_dir: str | None) -> Any:
     if not isinstance(loggers, list) or not loggers or not is_tracker(loggers[0]):
         return loggers
     files = [logger for logger in loggers if logger.get("class_path", "").endswith(("TensorBoardLogger", "CSVLogger"))]
-    first = files[0] if files else Namespace(
-        class_path="lightning.pytorch.loggers.TensorBoardLogger",
-        init_args=Namespace(save_dir=default_root_dir or ".", name="lightning_logs"),
-    )  # fmt: skip
+    if files:
+        first = files[0]
+    else:
+        tensorboard = Namespace(save_dir=default_root_dir or ".", name="lightning_logs")
+        first = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=tensorboard)
     return [first, *(logger for logger in loggers if logger is not first)]
 
 
@@ -258,9 +275,9 @@ def log_cross_validation(runs: list[Path], cv_dir: Path, summary: dict, ensemble
 
     uri, experiment_id = recorded[0]["tracking_uri"], recorded[0]["experiment_id"]
     client = MlflowClient(uri)
-    tags = resolve_tags({RUN_NAME_TAG: cv_dir.name, **git_tags()})
-    if not git_tags():
-        tags = {tag: value for tag, value in tags.items() if tag not in GIT_TAGS}
+    git = git_tags()
+    tags = resolve_tags({RUN_NAME_TAG: cv_dir.name, **git})
+    tags = {tag: value for tag, value in tags.items() if tag not in GIT_TAGS or tag in git}  # as MLFlowLogger's
     parent = client.create_run(experiment_id, tags=tags).info.run_id
     children = [record["run_id"] for record in recorded if record["tracking_uri"] == uri]
     if len(children) < len(runs):
