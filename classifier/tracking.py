@@ -75,7 +75,10 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
 
     def follow(self, trainer: Trainer) -> None:
         """Take the names, the store and the run from the trainer's first logger's run folder, and check the store
-        (before any training): an error names the URI and where it came from."""
+        (before any training): an error names the URI and where it came from. On rank 0 only: the other ranks log
+        nothing (Lightning's MLflow logger is rank-zero only) and leave the store alone."""
+        if rank_zero_only.rank != 0:
+            return
         if importlib.util.find_spec("mlflow") is None:
             raise ModuleNotFoundError(f"{type(self).__name__} needs mlflow: pip install 'classifier[mlflow]'")
         run_logger = trainer.loggers[0]
@@ -107,17 +110,15 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
                 artifact_location=(store / "mlartifacts").as_uri() if store else None,
                 run_id=run_id,
             )
-            if trainer.global_rank == 0:
-                with environment(FAIL_FAST):  # one request, failing in seconds
-                    self._mlflow_client.search_experiments(max_results=1)
+            with environment(FAIL_FAST):  # one request, failing in seconds
+                self._mlflow_client.search_experiments(max_results=1)
         except Exception as error:  # the store's, sqlalchemy's, requests' or the OS's: all say the URI is unusable
             reason = " ".join(str(error).split("\n")[0].split())[:300]
             raise ValueError(
                 f"MLflow tracking URI {uri} ({source}) cannot be used: {reason}. Start that server, fix the URI, or "
                 f"leave tracking_uri and ${TRACKING_URI_ENV} unset for a local SQLite file"
             ) from error
-        if trainer.global_rank == 0:
-            self._open(source if recorded else "run_id")
+        self._open(source if recorded else "run_id")
 
     def _open(self, named_by: str) -> None:
         """Find the run to continue, or make the experiment with its artifact location."""
@@ -138,18 +139,13 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        """Lightning's MlflowClient; creating the run also records it in the run folder's mlflow.json, and a git
-        commit only when the working directory has one (not MLflow's guess from the script's own folder)."""
+        """Lightning's MlflowClient; creating the run also records it in the run folder's mlflow.json."""
         if self._run_dir is None:
             raise RuntimeError(f"{type(self).__name__}.follow(trainer) first: the run folder names the MLflow run")
         new = not self._initialized and self._run_id is None
         with environment({TRACKING_URI_ENV: None}):  # mlflow.set_tracking_uri sets it: the next run would inherit it
             client = super().experiment
         if new:
-            tags = client.get_run(self._run_id).data.tags
-            for tag in GIT_TAGS:
-                if tag in tags and tag not in self.tags:
-                    client.delete_tag(self._run_id, tag)
             record = {"tracking_uri": self._tracking_uri, "experiment_id": self._experiment_id, "run_id": self._run_id}
             self._run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self._run_dir / RUN_FILE, record)
@@ -206,7 +202,9 @@ def sqlite_folder(uri: str) -> Path | None:
 
 
 def git_tags() -> dict[str, str]:
-    """MLflow's git tags (commit, branch, remote URL) of the working directory; none outside a git repository."""
+    """MLflow's git tags (commit, branch, remote URL) of the working directory, which win over MLflow's own guess
+    from the folder of the script that runs (its repository, unless git ignores that folder, as a .venv's); none
+    outside a git repository."""
     from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
 
     found = (get_git_commit(os.getcwd()), get_git_branch(os.getcwd()), get_git_repo_url(os.getcwd()))
@@ -275,9 +273,7 @@ def log_cross_validation(runs: list[Path], cv_dir: Path, summary: dict, ensemble
 
     uri, experiment_id = recorded[0]["tracking_uri"], recorded[0]["experiment_id"]
     client = MlflowClient(uri)
-    git = git_tags()
-    tags = resolve_tags({RUN_NAME_TAG: cv_dir.name, **git})
-    tags = {tag: value for tag, value in tags.items() if tag not in GIT_TAGS or tag in git}  # as MLFlowLogger's
+    tags = resolve_tags({RUN_NAME_TAG: cv_dir.name, **git_tags()})  # as Lightning's MLFlowLogger resolves them
     parent = client.create_run(experiment_id, tags=tags).info.run_id
     children = [record["run_id"] for record in recorded if record["tracking_uri"] == uri]
     if len(children) < len(runs):
