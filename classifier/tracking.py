@@ -4,7 +4,6 @@ the parent run of a cross-validation. mlflow (the [mlflow] extra) is imported on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -79,8 +78,6 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         nothing (Lightning's MLflow logger is rank-zero only) and leave the store alone."""
         if rank_zero_only.rank != 0:
             return
-        if importlib.util.find_spec("mlflow") is None:
-            raise ModuleNotFoundError(f"{type(self).__name__} needs mlflow: pip install 'classifier[mlflow]'")
         run_logger = trainer.loggers[0]
         if not isinstance(run_logger, (TensorBoardLogger, CSVLogger)):
             raise ValueError(
@@ -101,12 +98,13 @@ class MLFlowLogger(lightning_mlflow.MLFlowLogger):
         uri, source = tracking_uri(self._given_uri, recorded, Path(run_logger.save_dir))
         store = sqlite_folder(uri)
         name = run_logger.name or Path(run_logger.save_dir).resolve().name
+        tags = {**(options["tags"] or {}), **git_tags()}  # imports mlflow: without it, the CLI names the extra
         try:
             super().__init__(
                 experiment_name=options["experiment_name"] or name,
                 run_name=options["run_name"] or self._run_dir.name,
                 tracking_uri=uri,
-                tags={**(options["tags"] or {}), **git_tags()},
+                tags=tags,
                 artifact_location=(store / "mlartifacts").as_uri() if store else None,
                 run_id=run_id,
             )

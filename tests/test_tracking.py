@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,18 @@ def test_an_unusable_store_is_one_line_before_training(
     assert line.startswith(f"error: MLflow tracking URI {uri} ({named}) cannot be used: ") and hint == DEBUG_HINT
     assert not (tmp_path / "lightning_logs").exists()  # nothing trained, no run folder
     assert os.environ.get(ENV) == env
+
+
+def test_without_mlflow_the_command_names_the_extra(
+    digits3: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [name for name in sys.modules if name.partition(".")[0] == "mlflow"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ModuleNotFoundError
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(tiny_config(tmp_path, digits3)), "--config", MLFLOW_CONFIG])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: mlflow is not installed: pip install 'classifier[mlflow]'",
+        DEBUG_HINT,
+    ]
+    assert not (tmp_path / "lightning_logs").exists()
