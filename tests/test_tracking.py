@@ -49,13 +49,13 @@ def store_of(root: Path) -> str:
     return f"sqlite:///{root / 'lightning_logs' / 'mlflow.db'}"
 
 
-def config_for(root: Path, data: Path, name: str, **trainer) -> Path:
+def config_for(root: Path, data: Path, name: str) -> Path:
     """A tiny 1-epoch config whose TensorBoard logger is `name` under root/lightning_logs."""
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(root / "lightning_logs"), "name": name},
     }
-    return tiny_config(root / name, data, trainer={"max_epochs": 1, "logger": logger, **trainer})
+    return tiny_config(root / name, data, trainer={"max_epochs": 1, "logger": logger})
 
 
 def runs_named(client: MlflowClient, experiment: str) -> dict[str, object]:
