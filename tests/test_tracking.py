@@ -41,7 +41,8 @@ def digits3(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder whose lightning_logs/ every test's runs share, and so their default store (made once: ~8 s)."""
+    """The folder whose lightning_logs/ every test's runs share, and so their default store, which MLflow sets up
+    once (2-8 s)."""
     return tmp_path_factory.mktemp("tracked")
 
 
