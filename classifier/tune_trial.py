@@ -14,6 +14,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from classifier.cli import FILE_LOGGERS, TENSORBOARD, ClassifierCLI, _plain
+from classifier.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,12 @@ def trial_trainer(trainer: Namespace, run: Path) -> str:
         files[0].setdefault("init_args", {}).update(place)
     else:
         loggers.insert(0, {"class_path": TENSORBOARD, "init_args": place})
+    study, save_dir = run.parents[2].name, run.parents[3]
+    for logger in loggers:
+        if logger["class_path"].endswith("MLFlowLogger"):  # the study's experiment, in the store of the user's fits
+            args = logger.setdefault("init_args", {})
+            args["experiment_name"] = args.get("experiment_name") or f"{study}-tune"
+            args["tracking_uri"] = tracking_uri(args.get("tracking_uri"), None, save_dir)[0]
     settings = {"logger": loggers[0] if len(loggers) == 1 else loggers}
     if trainer.devices == "auto":
         settings["devices"] = 1

@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import optuna
 import pytest
 import yaml
@@ -60,7 +61,8 @@ def study(digits3: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleName
     """A study of 2 trials, then resumed to 3; with the first session's trials.csv and files."""
     tmp_path = tmp_path_factory.mktemp("tune")
     config, search, folder = setup_study(tmp_path, digits3, SEARCH)
-    args = ["tune", "--config", str(config), "--search", str(search)]
+    mlflow = REPO / "configs" / "loggers" / "mlflow.yaml"
+    args = ["tune", "--config", str(config), "--config", str(mlflow), "--search", str(search)]
     cli_main([*args, "--trials", "2", "--pruner", "none"])
     first_rows = read_csv(folder / "trials.csv")
     first_files = {path: path.stat().st_mtime_ns for path in (folder / "trials").rglob("*") if path.is_file()}
@@ -68,6 +70,18 @@ def study(digits3: Path, tmp_path_factory: pytest.TempPathFactory) -> SimpleName
     return SimpleNamespace(
         tmp_path=tmp_path, config=config, args=args, folder=folder, first_rows=first_rows, first_files=first_files
     )
+
+
+@pytest.mark.slow
+def test_each_trial_is_an_mlflow_run_of_the_study_in_the_fits_store(study: SimpleNamespace) -> None:
+    client = mlflow.MlflowClient(f"sqlite:///{study.tmp_path / 'lightning_logs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-tune")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["trial_0", "trial_1", "trial_2"]
+    for row in read_csv(study.folder / "trials.csv"):
+        logged = runs[f"trial_{row['number']}"].data
+        assert float(logged.params["model.optimizer.init_args.lr"]) == pytest.approx(float(row[PARAMS[0]]))
+        assert logged.metrics["hp/best_val_f1_macro"] == pytest.approx(float(row["value"]))
 
 
 @pytest.mark.slow
@@ -114,15 +128,17 @@ def test_best_params_are_the_best_rows(study: SimpleNamespace) -> None:
 @pytest.mark.slow
 def test_best_yaml_fits_as_is_with_the_best_params(study: SimpleNamespace) -> None:
     best = json.loads((study.folder / "best_params.json").read_text())
-    logger = yaml.safe_load((study.folder / "best.yaml").read_text())["trainer"]["logger"]["init_args"]
+    tensorboard, mlflow = yaml.safe_load((study.folder / "best.yaml").read_text())["trainer"]["logger"]
+    logger = tensorboard["init_args"]
     assert (logger["save_dir"], logger["name"], logger["version"]) == (
         str(study.tmp_path / "lightning_logs"),
         "tiny",
         None,
     )
-    refit = study.tmp_path / "refit"
-    cli_main(["fit", "--config", str(study.folder / "best.yaml"), "--trainer.logger.init_args.save_dir", str(refit)])
-    run = refit / "tiny" / "version_0"
+    assert mlflow["class_path"] == "classifier.tracking.MLFlowLogger"  # the user's, not the trials' experiment
+    assert (mlflow["init_args"]["experiment_name"], mlflow["init_args"]["tracking_uri"]) == (None, None)
+    cli_main(["fit", "--config", str(study.folder / "best.yaml")])
+    run = study.tmp_path / "lightning_logs" / "tiny" / "version_0"
     assert {key: config_value(run, key) for key in PARAMS} == best["params"]
     # the same config and seed: the same training, so the same best score as the trial's
     summary = json.loads((run / "summary.json").read_text())
