@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import mlflow
 import pytest
 import timm
 import torch
@@ -181,3 +182,10 @@ def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights
     expected = [sum(train.values()) / (len(train) * train[name]) for name in sorted(counts)]  # n / (k * n_c)
     weights = checkpoint["state_dict"]["criterion.weight"]
     assert torch.allclose(weights, torch.tensor(expected), rtol=1e-5), (weights, expected)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'lightning_logs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cat_breeds").experiment_id])
+    (parent,) = [run for run in runs if run.info.run_name == "cv_0"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(run.info.run_name for run in children) == [f"version_{fold}" for fold in range(5)]
+    mean = parent.data.metrics["mean/val/f1_macro"]
+    assert mean == pytest.approx(summary["mean"]["val/f1_macro"])
