@@ -193,7 +193,7 @@ class ClassifierCLI(LightningCLI):
         if subcommand == "fit" and ckpt_path == "last":
             ckpt_path = config.ckpt_path = find_last_checkpoint(config)
         argv = list(sys.argv[1:] if args is None else args)
-        logger_given = any(token.startswith("--trainer.logger") for token in argv)
+        logger_given = any(chooses_the_run_folder(token) for token in argv)
         if not ckpt_path or ckpt_path in LIGHTNING_CHECKPOINT_NAMES:
             place_logger(config, subcommand, None, logger_given)
             return
@@ -324,7 +324,7 @@ def run_differences(config: Namespace, ckpt_path: Path) -> dict[str, tuple[Any, 
 
 class ParsedCLI(ClassifierCLI):
     """fit's options parsed, and only the datamodule built: the data as fit would see it, for `check-data` (the
-    model would need the class list, which a split that cannot be made does not give)."""
+    model would need the class list, which a split that cannot be made does not give), `cv` and `tune`."""
 
     def instantiate_classes(self) -> None:
         self.datamodule = ImageFolderDataModule(**self.config.data.as_dict())
@@ -374,6 +374,15 @@ def find_last_checkpoint(config: Namespace) -> Path | None:
         f"{newest}, differs in {listed}. To continue it with these settings, pass --ckpt_path {newest}; to start a "
         "new run, give this config its own logger name or save_dir."
     )
+
+
+def chooses_the_run_folder(token: str) -> bool:
+    """Whether a command-line token names a logger, or its folder: the run's placement is then the user's (an
+    option of the configured loggers, such as MLflow's `--trainer.logger.tracking_uri`, is not)."""
+    name = token.partition("=")[0]
+    if name in ("--trainer.logger", "--trainer.logger+"):
+        return True
+    return name.startswith("--trainer.logger.") and name.rpartition(".")[2] in ("save_dir", "name", "version")
 
 
 def place_logger(config: Namespace, subcommand: str, ckpt_path: Path | None, logger_given: bool) -> None:

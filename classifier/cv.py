@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def cross_validate(argv: list[str]) -> Path:
     """Fit every fold of `--data.num_folds`, one after another, then aggregate them; returns the cv folder."""
-    from classifier.cli import ClassifierCLI  # the CLI imports this module
+    from classifier.cli import ClassifierCLI, ParsedCLI  # the CLI imports this module
 
     parser = argparse.ArgumentParser(
         prog="classifier cv",
@@ -36,7 +36,7 @@ def cross_validate(argv: list[str]) -> Path:
     options, fit_args = parser.parse_known_args(argv)
     if options.aggregate:
         return aggregate(find_fold_runs(options.aggregate), evaluation_args(fit_args))
-    num_folds = ClassifierCLI(args=fit_args, run=False).datamodule.hparams.num_folds  # parse, do not train
+    num_folds = ParsedCLI(args=fit_args, run=False).datamodule.hparams.num_folds  # parse; no model, no loggers
     if not num_folds:
         raise ValueError("classifier cv needs --data.num_folds K (2 or more)")
     fits = (ClassifierCLI(args=["fit", *fit_args, "--data.fold", str(fold)]) for fold in range(num_folds))

@@ -147,8 +147,10 @@ def explain_checkpoint(
             f"--target true needs labels, and {images.source} has none: put the images in subfolders named after "
             f"the classes ({', '.join(classes)}), or explain --target pred"
         )
-    if embeddings and min(len(images.paths), limit or len(images.paths)) < 2:
-        raise ValueError(f"--embeddings maps at least 2 images, and {images.source} gives 1 (see --limit)")
+    if embeddings and len(images.paths) < 2:
+        raise ValueError(f"--embeddings maps at least 2 images, and {images.source} gives {len(images.paths)}")
+    if embeddings and limit == 1:
+        raise ValueError("--embeddings maps at least 2 images: --limit 1 leaves one")
     folder = output_folder(ckpt_path, out)
     if tta := (checkpoint.get("hyper_parameters") or {}).get("tta"):
         log.info("Explained without the checkpoint's test-time augmentation (%s): the network's own view", tta)

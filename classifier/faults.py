@@ -66,6 +66,8 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
             every_n_train_steps=every_n_train_steps,
             train_time_interval=train_time_interval,
+            # at the epoch's end, after fit's report has recorded it, however often validation runs
+            save_on_train_epoch_end=True,
         )
         self._every_n_epochs = 1  # at every epoch's end too, not only at the intervals
 

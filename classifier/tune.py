@@ -38,7 +38,7 @@ from classifier.tune_trial import TrialCLI, TrialPruning, check_one_process, log
 log = logging.getLogger(__name__)
 
 PRUNERS = ("median", "hyperband", "none")
-GIVE_UP_AFTER = 3  # failed trials, with none finished, before a session concludes that every trial fails
+GIVE_UP_AFTER = 3  # failed trials in a row before a session concludes that every trial fails (a full disk, a moved folder)
 
 
 @dataclass
@@ -54,9 +54,9 @@ class Session:
     best: tuple[int, str] | None = None  # (trial number, its config), dumped once per best trial
 
     def run(self, trials: int, timeout: float | None) -> None:
-        """Trials until the study holds `trials` finished ones, `timeout` seconds pass, or every trial of this
-        session fails; the outputs rewritten after each (and at once, for a session that runs none)."""
-        started, failed, finished = time.monotonic(), [], 0
+        """Trials until the study holds `trials` finished ones, `timeout` seconds pass, or `GIVE_UP_AFTER` trials
+        fail in a row; the outputs rewritten after each (and at once, for a session that runs none)."""
+        started, failed = time.monotonic(), []  # the failures since the last finished trial
         done = len(self.study.get_trials(deepcopy=False, states=FINISHED))
         log.info("Study %s (%s): %d of %d trials finished", self.study.study_name, self.folder, done, trials)
         self.write_outputs()
@@ -67,13 +67,13 @@ class Session:
             trial = self.run_trial(self.study.ask(self.space))
             self.write_outputs()
             if trial.state != TrialState.FAIL:
-                finished += 1
+                failed = []
                 continue
             failed.append(trial)
-            if not finished and len(failed) >= GIVE_UP_AFTER:
+            if len(failed) >= GIVE_UP_AFTER:
                 first = failed[0]
                 raise TrialsFailed(
-                    f"the {len(failed)} trials of this session all failed, so the study stops. The first, trial "
+                    f"{len(failed)} trials in a row failed, so the study stops. The first, trial "
                     f"{first.number} ({describe(first.params)}): {first.user_attrs['error']}. Every trial is in "
                     f"{self.folder / 'trials.csv'}; once fixed, the same command resumes the study"
                 )

@@ -182,7 +182,9 @@ def test_a_resumed_fit_continues_its_run_and_a_test_adds_to_it(
     assert max(point.value for point in f1) == pytest.approx(summary["best_value"], **ROUNDED)
     assert not any(tag.startswith("mlflow.source.git") for tag in runs["version_0"].data.tags)  # no repository
     best = run_folder / "checkpoints" / "best.ckpt"
-    cli_main(["test", "--config", str(config), "--config", MLFLOW_CONFIG, "--ckpt_path", str(best)])
+    store = ["--trainer.logger.tracking_uri", store_of(root)]  # a logger's option, not another logger
+    cli_main(["test", "--config", str(config), "--config", MLFLOW_CONFIG, "--ckpt_path", str(best), *store])
+    assert sorted(path.name for path in run_folder.parent.iterdir()) == ["version_0"]  # filed under its run
     run = client.get_run(first)
     tested = json.loads((run_folder / "test" / "metrics.json").read_text())
     assert {name: run.data.metrics[name] for name in tested} == pytest.approx(tested, **ROUNDED)

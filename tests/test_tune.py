@@ -233,7 +233,7 @@ def test_a_study_whose_every_trial_fails_stops_naming_the_first_failure(
         main(["tune", "--config", str(config), "--search", str(search_file), "--trials", "5"])
     assert exit_info.value.code == 1
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert "the 3 trials of this session all failed" in line
+    assert "3 trials in a row failed" in line
     assert "trial 0 (model.label_smoothing=" in line and "label_smoothing must be between 0.0 and 1.0" in line
     assert [row["state"] for row in read_csv(folder / "trials.csv")] == ["FAIL"] * 3
 
