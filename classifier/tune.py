@@ -38,7 +38,7 @@ from classifier.tune_trial import TrialCLI, TrialPruning, check_one_process, log
 log = logging.getLogger(__name__)
 
 PRUNERS = ("median", "hyperband", "none")
-GIVE_UP_AFTER = 3  # failed trials in a row before a session concludes that every trial fails (a full disk, a moved folder)
+GIVE_UP_AFTER = 3  # failed trials in a row before a session concludes that every trial fails (a full disk, ...)
 
 
 @dataclass
