@@ -47,7 +47,7 @@ from classifier.faults import DivergenceGuard, LastCheckpoint, PeerRankFailed, T
 from classifier.hparams import ConfigLogger
 from classifier.module import ImageClassifier
 from classifier.runs import list_runs
-from classifier.tracking import MLFlowLogger, evaluation_trackers, run_folder_logger_first
+from classifier.tracking import FILE_LOGGERS, TENSORBOARD, MLFlowLogger, evaluation_trackers, run_folder_logger_first
 from classifier.trainer import ClassifierTrainer
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ SUBCOMMANDS = {
     **LightningCLI.subcommands(),
     "lr_find": LightningCLI.subcommands()["fit"] - {"train_dataloaders", "val_dataloaders"},
 }
-TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
-FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 
 
 class ClassifierArgumentParser(LightningArgumentParser):

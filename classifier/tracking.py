@@ -26,6 +26,8 @@ from classifier.reports import write_json
 log = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
+FILE_LOGGERS = ("TensorBoardLogger", "CSVLogger")  # Lightning's loggers whose log_dir is save_dir/name/version
 RUN_FILE = "mlflow.json"  # in a run folder: the store and the id of its MLflow run, for resumes, evaluations and cv
 ARTIFACTS = ("config.yaml", "summary.json", "metrics.json", "*.png", "*.csv")  # a run folder's files, uploaded at end
 GIT_TAGS = ("mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.git.repoURL")
@@ -249,12 +251,12 @@ def run_folder_logger_first(loggers: Any, default_root_dir: str | None) -> Any:
     TensorBoard logger: Lightning names the run folder after the first logger, which for MLflow is no folder."""
     if not isinstance(loggers, list) or not loggers or not is_tracker(loggers[0]):
         return loggers
-    files = [logger for logger in loggers if logger.get("class_path", "").endswith(("TensorBoardLogger", "CSVLogger"))]
+    files = [logger for logger in loggers if logger.get("class_path", "").endswith(FILE_LOGGERS)]
     if files:
         first = files[0]
     else:
         tensorboard = Namespace(save_dir=default_root_dir or ".", name="lightning_logs")
-        first = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=tensorboard)
+        first = Namespace(class_path=TENSORBOARD, init_args=tensorboard)
     return [first, *(logger for logger in loggers if logger is not first)]
 
 
