@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 CONFIG ?= configs/resnet18.yaml
 
-.PHONY: help install train test test-fast lint data
+.PHONY: help install train test test-fast lint bench data
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,9 +23,14 @@ test:  ## Run the whole test suite, slow tests included
 test-fast:  ## Run the tests not marked slow
 	$(BIN)/pytest -m "not slow"
 
-lint:  ## Check style with ruff
+lint:  ## Check style with ruff, and the package's layers and torch-free modules with import-linter
 	$(BIN)/ruff check classifier tests benchmarks examples
 	$(BIN)/ruff format --check classifier tests benchmarks examples
+	$(BIN)/lint-imports
+
+bench:  ## Reproduce the accuracy figures the tests no longer time (docs/performance.md), each beside its target
+	$(BIN)/python -m benchmarks.first_hour
+	$(BIN)/python -m benchmarks.bundled_digits --seeds 42 1 2
 
 data:  ## Rewrite the bundled digits under data/digits from scikit-learn
-	$(BIN)/python -m classifier.digits data/digits
+	$(BIN)/classifier demo-data digits data/digits

@@ -32,10 +32,10 @@ import numpy as np
 from lightning.pytorch import Callback
 from PIL import Image
 
-from classifier.cli import cli_main
-from classifier.data import available_cores
-from classifier.verification import CACHE_ENV
-from tests.photos import CLASSES, render
+from classifier.cli.entry import cli_main
+from classifier.data.file_facts import CACHE_ENV
+from classifier.data.photos import CLASSES, render
+from classifier.data.workers import available_cores
 
 log = logging.getLogger("check_data")
 

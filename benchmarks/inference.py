@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from classifier.export import ExportedModel, export_net, quantize_int8
-from classifier.net import ClassifierNet
-from classifier.predictor import Predictor
-from classifier.runtime import OnnxPredictor
-from tests.photos import write_photos
+from classifier.data.photos import write_photos
+from classifier.deploy.export import ExportedModel, export_net, quantize_int8
+from classifier.deploy.onnx_predictor import OnnxPredictor
+from classifier.deploy.predictor import Predictor
+from classifier.model.net import ClassifierNet
 
 log = logging.getLogger("inference")
 

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from classifier.runtime import OnnxPredictor
+from classifier.deploy.onnx_predictor import OnnxPredictor
 from classifier.serve.uploads import Upload, decode
 
 log = logging.getLogger("serving")

@@ -31,7 +31,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_inter
 from torchvision.transforms import functional as F
 
 from classifier import ImageFolderDataModule
-from classifier.images import load_rgb
+from classifier.data.images import load_rgb
 
 log = logging.getLogger("train_resolution")
 

@@ -1,7 +1,7 @@
 """Train, evaluate and ship image classifiers on folders of images, with Lightning and timm.
 
-The names below are imported on first use, so that the torch-free parts (`classifier.runtime`, ONNX serving)
-can be imported without loading torch.
+The names below are imported on first use, so that the torch-free parts (`OnnxPredictor`, ONNX serving) can be
+imported without loading torch.
 """
 
 from __future__ import annotations
@@ -9,15 +9,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from classifier.core.moved import install
+
 _EXPORTS = {
-    "ClassifierNet": "classifier.net",
-    "ImageClassifier": "classifier.module",
-    "ImageFolderDataModule": "classifier.data",
-    "Predictor": "classifier.predictor",
-    "cli_main": "classifier.cli",
+    "ClassifierNet": "classifier.model.net",
+    "ImageClassifier": "classifier.model.module",
+    "ImageFolderDataModule": "classifier.data.datamodule",
+    "Predictor": "classifier.deploy.predictor",
+    "OnnxPredictor": "classifier.deploy.onnx_predictor",
+    "cli_main": "classifier.cli.entry",
 }
 
 __all__ = sorted(_EXPORTS)
+
+install()  # the module paths of 0.1 (`classifier.tracking.MLFlowLogger` in a config) still import
 
 
 def __getattr__(name: str) -> Any:

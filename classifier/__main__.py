@@ -1,3 +1,3 @@
-from classifier.entry import main
+from classifier.cli.entry import main
 
 main()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from classifier.digits import write_digits
+from classifier.data.digits import write_digits
 
 PLANTED = {"exact": 6, "enlarged": 6, "conflict": 3, "flipped": 8}
 

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-# Lightning before scikit-learn's datasets (which `classifier.digits` imports): typing caches unions by equality, so
-# once sklearn.datasets has built `Optional[Union[float, int]]`, Lightning's `Optional[Union[int, float]]` for
+# Lightning before scikit-learn's datasets (which `classifier.data.digits` imports): typing caches unions by equality,
+# so once sklearn.datasets has built `Optional[Union[float, int]]`, Lightning's `Optional[Union[int, float]]` for
 # `limit_*_batches` comes back as that object, jsonargparse tries float first, and `--trainer.limit_test_batches 1`
 # (one batch) parses as 1.0 (every batch). The `classifier` command imports Lightning first; so do the tests.
-import classifier.cli  # noqa: F401
+import classifier.cli.base  # noqa: F401
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversubscribed threads only thrash
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the `classifier` processes the tests start, too
     torch.set_num_threads(1)
 
-from classifier.digits import write_digits
-from classifier.verification import CACHE_ENV
-from tests.faults import digits_config, last_of, read_sample_log, run
+from classifier.data.digits import write_digits
+from classifier.data.file_facts import CACHE_ENV
+from tests.helpers.faults import digits_config, last_of, read_sample_log, run
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 from classifier import cli
-from classifier.cli import cli_main, main
-from classifier.console import DEBUG_HINT
-from classifier.data import ImageFolderDataModule
-from classifier.entry import main as entry_main
-from classifier.predictor import Predictor
+from classifier.cli.entry import cli_main, main
+from classifier.cli.entry import main as entry_main
+from classifier.core.console import DEBUG_HINT
+from classifier.data.datamodule import ImageFolderDataModule
+from classifier.deploy.predictor import Predictor
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 HELP = "`classifier fit --help` lists every option."
@@ -169,7 +169,7 @@ BOMB_PROBE = r"""
 import json, re, sys
 from pathlib import Path
 from PIL import Image
-from classifier.imageio import load_rgb
+from classifier.core.imageio import load_rgb
 # this process's peak resident memory in KiB (getrusage's ru_maxrss would include the parent's, from before exec)
 peak = lambda: int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text())[1])
 before = peak()
@@ -452,9 +452,9 @@ def test_the_real_command_exits_2_without_a_traceback_unless_asked(trained: Path
 
 # (command, the module of its extra, the extra, our modules that import that module)
 EXTRA_COMMANDS = [
-    ("tune", "optuna", "tune", ("tune", "tune_trial", "tune_report", "search_space")),
-    ("export", "onnxruntime", "export", ("export", "parity", "runtime")),
-    ("explain", "pytorch_grad_cam", "explain", ("cams",)),
+    ("tune", "optuna", "tune", ("commands.tune", "tune.study", "tune.trial", "tune.report", "tune.search_space")),
+    ("export", "onnxruntime", "export", ("commands.export", "deploy.export", "deploy.parity", "deploy.onnx_predictor")),
+    ("explain", "pytorch_grad_cam", "explain", ("commands.explain", "evaluation.cams")),
 ]
 
 

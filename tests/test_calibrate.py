@@ -15,8 +15,8 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 from classifier import ClassifierNet, Predictor, cli_main
-from classifier.cli import main
-from classifier.runtime import OnnxPredictor
+from classifier.cli.entry import main
+from classifier.deploy.onnx_predictor import OnnxPredictor
 from tests.helpers import read_csv, run_dir, tiny_config
 
 SHARPEN = 20.0  # the head's weights and bias times this: the logits too, which makes the model overconfident
@@ -173,6 +173,23 @@ def test_test_and_predict_use_the_calibrated_temperature(
     exported = tmp_path / "export"  # the temperature leaves the framework with the network
     cli_main(["export", "--ckpt_path", str(calibrated), "--output", str(exported), "--check", "none"])
     np.testing.assert_allclose(OnnxPredictor(exported / "model.onnx").predict(paths), expected, atol=1e-5)
+
+
+def test_calibrate_writes_the_fitted_temperature_into_the_new_checkpoint(
+    trained: Path, small_digits: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "calibrated.ckpt"
+    cli_main(["calibrate", "--ckpt_path", str(trained), "--output", str(output), "--data.num_workers", "0"])
+    written = torch.load(output, weights_only=True)
+    temperature = written["net"]["temperature"]
+    paths, targets = split_of(trained, "val", small_digits)
+    logits = independent_logits(trained, paths)
+    best = minimize_scalar(lambda t: nll(logits / t, targets), bounds=(0.05, 50), method="bounded",
+                           options={"xatol": 1e-9})  # fmt: skip
+    assert temperature == pytest.approx(best.x, abs=1e-3) and abs(temperature - 1.0) > 0.1  # not fit's 1
+    assert written["hyper_parameters"]["temperature"] == temperature
+    assert Predictor.from_checkpoint(output).net.temperature == temperature
+    assert torch.load(trained, weights_only=True)["net"]["temperature"] == 1.0  # the source is left as it was
 
 
 def test_calibrate_without_the_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classifier.cli import cli_main
-from classifier.data import ImageFolderDataModule
-from classifier.verification import CACHE_ENV, verify_files
+from classifier.cli.entry import cli_main
+from classifier.data.datamodule import ImageFolderDataModule
+from classifier.data.file_facts import CACHE_ENV, verify_files
+from classifier.data.photos import CLASSES
 from examples.planted_digits import plant as plant_digits
 from tests.helpers import REPO, read_csv, tiny_config, write_photos
-from tests.photos import CLASSES
 
 GATING = {"unreadable", "leakage", "label_conflict"}
 
@@ -173,12 +173,43 @@ def test_no_false_copies_or_leakage_among_the_distinct_digits(digits_dir: Path, 
 def test_frozen_split_and_folds_are_audited_as_fit_sees_them(small_digits: Path, tmp_path: Path) -> None:
     data = tmp_path / "digits"
     shutil.copytree(small_digits, data)
-    shutil.copy(data / "3" / sorted(os.listdir(data / "3"))[0], data / "3" / "again.png")
-    cli_main(["check-data", "--data.data_dir", str(data), "--data.num_folds", "4", "--out", str(tmp_path / "folds")])
-    (row,) = read_csv(tmp_path / "folds" / "duplicates.csv")
-    rows = read_csv(tmp_path / "folds" / "issues.csv")
-    # under k-fold a copy in another fold leaks whenever one of the two folds validates
-    assert [r["kind"] for r in rows] == (["leakage"] if row["part"] != row["related_part"] else ["duplicate"])
+    rows = []  # path, label, split, fold: the first 2 images of each class in test, the others in folds 0-3
+    for label in sorted(os.listdir(data)):
+        names = sorted(os.listdir(data / label))
+        rows += [[f"{label}/{name}", label, "test", ""] for name in names[:2]]
+        rows += [[f"{label}/{name}", label, "train", str(i % 4)] for i, name in enumerate(names[2:])]
+    fold_of = {row[0]: row[3] for row in rows}
+    planted = {}  # copy -> its original
+    copies = [
+        ("3", 3, "other_fold.png", "train", "2"),  # fold 1's image in fold 2
+        ("5", 3, "same_fold.png", "train", "1"),  # fold 1's image in fold 1
+        ("7", 4, "held_out.png", "test", ""),  # fold 2's image in test
+        ("8", 3, "validated.png", "train", "0"),  # fold 1's image in fold 0, which validates
+    ]
+    for label, index, copy, split, fold in copies:
+        original = f"{label}/{sorted(os.listdir(data / label))[index]}"
+        shutil.copy(data / original, data / label / copy)
+        rows.append([f"{label}/{copy}", label, split, fold])
+        planted[f"{label}/{copy}"] = original
+    assert [fold_of[original] for original in planted.values()] == ["1", "1", "2", "1"]
+    table = tmp_path / "folds.csv"
+    table.write_text("path,label,split,fold\n" + "".join(",".join(row) + "\n" for row in rows))
+    out = tmp_path / "folds"
+    cli_main(["check-data", "--data.data_dir", str(data), "--splits", str(table), "--data.num_folds", "4",
+              "--out", str(out)])  # fmt: skip
+    # fold 0 validates; under k-fold every fold validates once, so a copy in another fold leaks whichever validates
+    found = {(relative(row["path"], data), row["kind"], row["detail"], relative(row["related"], data))
+             for row in read_csv(out / "issues.csv")}  # fmt: skip
+    assert found == {
+        ("3/other_fold.png", "leakage", "same bytes in fold 2 as in fold 1", planted["3/other_fold.png"]),
+        ("5/same_fold.png", "duplicate", "same bytes in fold 1, class 5", planted["5/same_fold.png"]),
+        ("7/held_out.png", "leakage", "same bytes in test as in fold 2", planted["7/held_out.png"]),
+        ("8/validated.png", "leakage", "same bytes in fold 0 as in fold 1", planted["8/validated.png"]),
+    }
+    pairs = read_csv(out / "duplicates.csv")
+    parts = {relative(row["path"], data): (row["part"], row["related_part"]) for row in pairs}
+    assert parts == {"3/other_fold.png": ("fold 2", "fold 1"), "5/same_fold.png": ("fold 1", "fold 1"),
+                     "7/held_out.png": ("test", "fold 2"), "8/validated.png": ("fold 0", "fold 1")}  # fmt: skip
     table = tmp_path / "splits.csv"
     table.write_text("path,label,split\n" + "".join(f"3/{name},3,train\n" for name in os.listdir(data / "3")))
     cli_main(["check-data", "--data.data_dir", str(data), "--splits", str(table), "--out", str(tmp_path / "frozen")])
@@ -214,7 +245,7 @@ def error_line(done: subprocess.CompletedProcess) -> str:
 
 def opened_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The files the verification opens from now on (every decode starts with one)."""
-    import classifier.verification as verification
+    import classifier.data.file_facts as verification
 
     opened: list[str] = []
     original = verification.open_image
@@ -246,13 +277,33 @@ def test_a_second_setup_decodes_nothing_and_a_touched_file_only_it(
     assert len(opened) == 2
 
 
+def test_a_file_replaced_with_its_mtime_kept_is_checked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cp -p` and `rsync -t` keep the mtime of a file they replace: its new size alone tells the cache."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "images" / "a" / "picture.png"
+    path.parent.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+    old = path.read_bytes()
+    before = verify_files([path])[path]
+    stat = path.stat()
+    Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(path)  # 16 wide, 20 high
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    new = path.read_bytes()
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and len(new) != len(old)
+    after = verify_files([path])[path]
+    assert before.file_hash == f"{len(old)}-{hashlib.blake2b(old, digest_size=8).hexdigest()}"
+    assert after.file_hash == f"{len(new)}-{hashlib.blake2b(new, digest_size=8).hexdigest()}"
+    assert (before.width, before.height, after.width, after.height) == (12, 12, 16, 20)
+
+
 def test_two_processes_fill_one_cache_at_once(
     digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both finish, agree, and leave a cache that a third reader takes everything from."""
     script = (
-        "import sys; from pathlib import Path; from classifier.imageio import list_images; "
-        "from classifier.verification import verify_files; "
+        "import sys; from pathlib import Path; from classifier.core.imageio import list_images; "
+        "from classifier.data.file_facts import verify_files; "
         "facts = verify_files(list_images(Path(sys.argv[1])), num_threads=2); "
         "print(sum(f.reason is None for f in facts.values()), len({f.file_hash for f in facts.values()}))"
     )

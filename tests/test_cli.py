@@ -6,12 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import timm
 import torch
 import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
 
 from classifier import ImageClassifier, cli_main
-from tests.helpers import REPO, read_csv, run_dir, tiny_config
+from classifier.cli.base import ClassifierCLI
+from tests.helpers import REPO, read_csv, run_dir, spy_of, tiny_config
 
 METRICS = {"acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "ece", "loss"}
 
@@ -158,12 +163,57 @@ def test_shipped_configs_build_and_run_one_step(name: str, small_digits: Path, t
         "trainer.fast_dev_run": 1,
         "trainer.accelerator": "cpu",
         "trainer.logger.init_args.save_dir": tmp_path,
+        "trainer.callbacks+": "tests.helpers.TrainingSpy",
     }
-    cli_main(["fit", "--config", str(config), *(f"--{key}={value}" for key, value in overrides.items())])
+    cli = ClassifierCLI(["fit", "--config", str(config), *(f"--{key}={value}" for key, value in overrides.items())])
+    shipped = yaml.safe_load(config.read_text())
+    assert cli.model.net.backbone.pretrained_cfg["architecture"] == shipped["model"]["backbone"] == name
+    size = shipped["data"].get("image_size") or timm.get_pretrained_cfg(name).input_size[-1]  # the backbone's own
+    spy = spy_of(cli.trainer)
+    assert [tuple(images.shape) for images in spy.images["train"]] == [(2, 3, size, size)]
+    assert cli.trainer.global_step == 1 and len(spy.grad_norms) == 1 and 0 < spy.grad_norms[0] < float("inf")
 
 
-def test_help_names_every_command(capsys) -> None:
-    with pytest.raises(SystemExit):
+def test_help_lists_every_command_on_its_own_line(capsys) -> None:
+    """`classifier --help` as git and yolo list theirs: each command of the table, with what it does."""
+    with pytest.raises(SystemExit) as exit_:
         cli_main(["--help"])
-    printed = capsys.readouterr().out
-    assert "{fit,validate,test,predict,lr_find}" in printed and "classifier cv" in printed
+    assert exit_.value.code == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    expected = ["fit", "validate", "test", "predict", "lr_find", "cv", "tune", "check-data", "explain", "calibrate"]
+    expected += ["export", "serve", "runs", "demo-data"]
+    assert list(listed) == expected
+    assert all(len(line.split()) > 2 for line in listed.values())  # each says what it does
+
+
+def test_an_unknown_command_is_one_line_with_the_closest_names(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["tets", "--ckpt_path", "x.ckpt"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: unknown command 'tets' (did you mean test?)",
+        "`classifier --help` lists the commands.",
+    ]
+
+
+def test_demo_data_writes_the_bundled_digits_and_a_photo_set(tmp_path: Path) -> None:
+    """`classifier demo-data digits|photos DIR`: sklearn's digits as they are, and photos the same seed rewrites."""
+    cli_main(["demo-data", "digits", str(tmp_path / "digits")])
+    digits = load_digits()
+    assert sorted(path.name for path in (tmp_path / "digits").iterdir()) == [str(digit) for digit in range(10)]
+    assert sum(1 for _ in (tmp_path / "digits").rglob("*.png")) == len(digits.images) == 1797
+    first = np.asarray(Image.open(tmp_path / "digits" / str(digits.target[0]) / "0000.png"))
+    np.testing.assert_array_equal(first, np.rint(digits.images[0] * 255 / 16).astype(np.uint8))
+
+    for name in ("a", "b"):
+        cli_main(["demo-data", "photos", str(tmp_path / name), "--per_class", "2", "--seed", "5"])
+    written = sorted(path.relative_to(tmp_path / "a") for path in (tmp_path / "a").rglob("*.*"))
+    assert [path.parent.name for path in written] == ["disc", "disc", "square", "square", "stripes", "stripes"]
+    assert all((tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes() for path in written)
+    assert min(Image.open(tmp_path / "a" / path).size[0] for path in written) >= 300  # the full-size set
+
+
+def test_demo_data_without_a_set_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["demo-data"])
+    assert exit_.value.code == 2 and "the following arguments are required: {digits,photos}" in capsys.readouterr().err

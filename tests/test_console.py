@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from classifier.cli import main
+from classifier.cli.entry import main
 from tests.helpers import tiny_config
 
 

@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from classifier import cli_main
-from classifier.cv import evaluation_args
+from classifier.commands.cv import evaluation_args
 from tests.helpers import read_csv, rounded_for_people, run_dir, tiny_config
 
 FOLDS = 3

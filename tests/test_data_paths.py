@@ -15,9 +15,10 @@ import torchvision
 from PIL import Image
 
 from classifier import ImageFolderDataModule, cli_main
-from classifier.data import DeviceCropDataset, ImageDataset, default_num_workers
-from classifier.device_augment import CropBatch, collate_crops
-from classifier.imageio import list_images, load_rgb
+from classifier.core.imageio import list_images, load_rgb
+from classifier.data.datasets import DeviceCropDataset, ImageDataset
+from classifier.data.device_augment import CropBatch, collate_crops
+from classifier.data.workers import default_num_workers
 from tests.helpers import run_dir, save_image, tiny_config
 
 SIZE = 32
@@ -157,7 +158,7 @@ def test_a_batch_the_jpeg_decoder_rejects_is_decoded_image_by_image(
             raise RuntimeError("nvjpegDecodeBatched failed: unsupported JPEG")
         return torchvision.io.decode_jpeg(data, **kwargs)
 
-    monkeypatch.setattr("classifier.device_augment.decode_jpeg", picky)
+    monkeypatch.setattr("classifier.data.device_augment.decode_jpeg", picky)
     with caplog.at_level(logging.WARNING):
         rendered = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
     assert "JPEG decoder rejected a batch (nvjpegDecodeBatched failed" in caplog.text
@@ -233,7 +234,7 @@ def test_default_workers_share_the_cores_between_ddp_processes(
 def test_cache_that_does_not_fit_falls_back_to_the_files(
     small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("classifier.cache.available_memory", lambda: 10_000)
+    monkeypatch.setattr("classifier.data.ram_cache.available_memory", lambda: 10_000)
     config = tiny_config(tmp_path, small_digits, data={"cache": "ram"}, trainer={"max_epochs": 1})
     with caplog.at_level(logging.WARNING):
         cli_main(["fit", "--config", str(config)])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from classifier.device_augment import resize_boxes
+from classifier.data.device_augment import resize_boxes
 
 SIDE = 128
 

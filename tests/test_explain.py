@@ -16,10 +16,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from classifier import ClassifierNet, Predictor, cli_main
-from classifier.cams import class_activation_maps, is_vit, patch_grid, reshape_for, target_layer, token_reshape
-from classifier.cli import main
-from classifier.embeddings import penultimate, sprite_thumb_size
-from classifier.explain import unique_names
+from classifier.cli.entry import main
+from classifier.commands.explain import unique_names
+from classifier.evaluation.cams import (
+    class_activation_maps,
+    is_vit,
+    patch_grid,
+    reshape_for,
+    target_layer,
+    token_reshape,
+)
+from classifier.evaluation.embeddings import penultimate, sprite_thumb_size
 from tests.helpers import read_csv, run_dir, save_image, tiny_config
 
 CLASSES = ["0", "1", "2"]

@@ -1,5 +1,5 @@
 """`classifier export`: every format computes the checkpoint's probabilities, says how to feed it, proves its
-parity, and runs without torch through `classifier.runtime`."""
+parity, and runs without torch through `classifier.deploy.onnx_predictor`."""
 
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 from classifier import Predictor, cli_main
-from classifier.cli import main
-from classifier.export import export_net
-from classifier.imageio import load_rgb
-from classifier.net import ClassifierNet, eval_transform
-from classifier.preprocess import METADATA_KEY, resize_and_crop, to_chw_uint8
-from classifier.runtime import OnnxPredictor
+from classifier.cli.entry import main
+from classifier.core.imageio import load_rgb
+from classifier.deploy import parity
+from classifier.deploy.export import export_net
+from classifier.deploy.onnx_predictor import OnnxPredictor
+from classifier.deploy.preprocess import METADATA_KEY, resize_and_crop, to_chw_uint8
+from classifier.model.net import ClassifierNet, eval_transform
 from tests.helpers import REPO, read_csv, run_dir, save_image, tiny_config, write_photos
 
 FORMATS = {"onnx": "model.onnx", "exported_program": "model.pt2", "torchscript": "model.torchscript.pt"}
@@ -208,7 +209,7 @@ def test_the_runtime_predicts_without_importing_torch(tiny: Path, small_digits: 
     out = export(tiny, tmp_path / "export", "--check", "none")
     image = next(small_digits.rglob("*.png"))
     code = (
-        "import sys; from classifier.runtime import OnnxPredictor; "
+        "import sys; from classifier.deploy.onnx_predictor import OnnxPredictor; "
         f"p = OnnxPredictor({str(out / 'model.onnx')!r}).predict([{str(image)!r}]); "
         "assert p.shape == (1, 10), p.shape; "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
@@ -268,11 +269,49 @@ def test_export_errors_are_one_line_and_name_the_file(
     assert parity["images"] == "32 random images" and parity["passed"]
 
 
+def shifted_runner(original, shift: float):
+    """parity's `runner` (`original`), with `shift` added to the top probability of each image the export classifies."""
+
+    def runner(path: Path, description: dict):
+        run = original(path, description)
+
+        def shifted(pixels: np.ndarray) -> np.ndarray:
+            probs = run(pixels).copy()
+            probs[np.arange(len(probs)), probs.argmax(1)] += shift  # top-1 unchanged: only the difference counts
+            return probs
+
+        return shifted
+
+    return runner
+
+
+@pytest.mark.slow
+def test_export_refuses_probabilities_off_by_more_than_the_tolerance_of_1e_4(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An export whose probabilities are 5e-5 off passes; 5e-4 off (5x docs/deploy.md's 1e-4, under 10x) fails."""
+    original = parity.runner
+    monkeypatch.setattr(parity, "runner", shifted_runner(original, 5e-5))
+    main(["export", "--ckpt_path", str(tiny), "--output", str(tmp_path / "close")])
+    close = json.loads((tmp_path / "close" / "parity.json").read_text())
+    assert close["passed"] and 5e-5 <= max(r["max_abs_diff"] for r in close["batch_sizes"].values()) < 6e-5
+    monkeypatch.setattr(parity, "runner", shifted_runner(original, 5e-4))
+    with pytest.raises(SystemExit) as stopped:
+        main(["export", "--ckpt_path", str(tiny), "--output", str(tmp_path / "off")])
+    assert stopped.value.code == 2
+    model, report = tmp_path / "off" / "model.onnx", tmp_path / "off" / "parity.json"
+    assert capsys.readouterr().err.splitlines()[-2] == (
+        f"error: {model}: probabilities differ by up to 0.0005 (tolerance 0.0001) (see {report})"
+    )
+    off = json.loads(report.read_text())
+    assert off["passed"] is False and all(r["top1_agreement"] == 1.0 for r in off["batch_sizes"].values())
+
+
 @pytest.mark.slow
 def test_a_parity_failure_stops_the_export_and_says_by_how_much(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("classifier.parity.MAX_ABS_DIFF", 0.0)  # no float computation is exact
+    monkeypatch.setattr("classifier.deploy.parity.MAX_ABS_DIFF", 0.0)  # no float computation is exact
     with pytest.raises(ValueError, match=r"model.onnx: probabilities differ by up to [0-9.e-]+ \(tolerance 0\)"):
         export(tiny, tmp_path / "export")
     assert json.loads((tmp_path / "export" / "parity.json").read_text())["passed"] is False

@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from classifier.atomic import PARTIAL_SUFFIX, DiskFullError, atomic_open
-from classifier.checkpoints import read_checkpoint
-from classifier.cli import cli_main
-from classifier.trainer import AtomicCheckpointIO
-from tests.faults import (
+from classifier.cli.entry import cli_main
+from classifier.core.atomic import PARTIAL_SUFFIX, atomic_open
+from classifier.core.errors import DiskFullError
+from classifier.model.checkpoints import read_checkpoint
+from classifier.training.trainer import AtomicCheckpointIO
+from tests.helpers import run_dir, tiny_config
+from tests.helpers.faults import (
     STEPS_PER_EPOCH,
     assert_same_weights,
     digits_config,
@@ -29,7 +31,6 @@ from tests.faults import (
     start,
     wait_for_batches,
 )
-from tests.helpers import run_dir, tiny_config
 
 
 @pytest.mark.slow
@@ -124,7 +125,9 @@ def test_a_checkpoint_write_failing_with_enospc_leaves_the_previous_file(
         def write(self, data: bytes) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("classifier.checkpoints.open", lambda name, mode, **kw: FullDisk(name, "w"), raising=False)
+    monkeypatch.setattr(
+        "classifier.model.checkpoints.open", lambda name, mode, **kw: FullDisk(name, "w"), raising=False
+    )
     with pytest.raises(DiskFullError) as raised:
         writer.save_checkpoint({"weights": torch.zeros(100_000)}, path)
 
@@ -156,7 +159,7 @@ def test_checkpoints_and_reports_are_renamed_into_place_from_their_own_folder(
         renamed.append((Path(source), Path(target)))
         replace(source, target)
 
-    monkeypatch.setattr("classifier.atomic.os.replace", recording_replace)
+    monkeypatch.setattr("classifier.core.atomic.os.replace", recording_replace)
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
     cli_main(["fit", "--config", str(config)])
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
@@ -173,7 +176,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step_with_finite_checkpoints(
     small_digits: Path, tmp_path: Path
 ) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 3})  # 4 steps an epoch
-    nan = ["--trainer.callbacks+=tests.faults.NaNAt", "--trainer.callbacks.step=5"]
+    nan = ["--trainer.callbacks+=tests.helpers.faults.NaNAt", "--trainer.callbacks.step=5"]
     code, stderr = run(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "1", *nan])
 
     assert code == 1

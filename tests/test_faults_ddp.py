@@ -33,9 +33,9 @@ def processes_of(tmp_path: Path) -> list[int]:
 
 
 def fault(rank: int, how: str, tmp_path: Path) -> dict:
-    """A tests.rank_faults.RankFault for a config's trainer.callbacks, noting when it struck in tmp_path/fault."""
+    """A RankFault for a config's trainer.callbacks, noting when it struck in tmp_path/fault."""
     init_args = {"rank": rank, "how": how, "time_file": str(tmp_path / "fault")}
-    return {"class_path": "tests.rank_faults.RankFault", "init_args": init_args}
+    return {"class_path": "tests.helpers.rank_faults.RankFault", "init_args": init_args}
 
 
 def fit_with_faults(tmp_path: Path, data_dir: Path, faults: list[dict], *args: str) -> tuple[int, str, float]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from classifier.images import load_rgb
+from classifier.data.images import load_rgb
 from tests.helpers import save_image
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from classifier import cli_main
-from classifier.label_issues import LabelIssue, find_label_issues, gallery_figure, write_label_issues
+from classifier.quality.label_issues import LabelIssue, find_label_issues, gallery_figure, write_label_issues
 from tests.helpers import REPO, read_csv, save_image, tiny_config
 
 CLASSES = ["cat", "dog", "fox"]
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path: Path, content: str | No
 
 
 def test_importing_it_leaves_torch_unloaded() -> None:
-    code = "import sys, classifier.label_issues; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, classifier.quality.label_issues; assert 'torch' not in sys.modules, 'torch imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -16,8 +16,8 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from classifier import ClassifierNet, ImageClassifier, cli_main
-from classifier.cli import ClassifierCLI
-from classifier.losses import FocalLoss, inverse_frequency_weights
+from classifier.cli.base import ClassifierCLI
+from classifier.model.losses import FocalLoss, inverse_frequency_weights
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 CLASSES = ["a", "b", "c"]
@@ -64,11 +64,17 @@ def test_missing_or_garbage_weights_file_is_named(tmp_path: Path) -> None:
 
 
 def test_pretrained_from_the_cli(small_digits: Path, tmp_path: Path) -> None:
-    weights = tmp_path / "w.pth"
-    torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), weights)
+    torch.manual_seed(1234)  # not the config's seed 7: weights no fresh network of the run starts from
+    source = timm.create_model("test_resnet", num_classes=1000).state_dict()
+    torch.save(source, weights := tmp_path / "w.pth")
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model={"pretrained": str(weights)})
-    cli_main(["fit", "--config", str(config)])
-    assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
+    cli_main(["fit", "--config", str(config), "--model.optimizer.lr", "0"])  # lr 0: the weights stay as loaded
+    state = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    backbone = {k.removeprefix("net.backbone."): v for k, v in state.items() if k.startswith("net.backbone.")}
+    parameters = [name for name, _ in timm.create_model("test_resnet").named_parameters()]
+    for name in (name for name in parameters if not name.startswith("fc.")):
+        torch.testing.assert_close(backbone[name], source[name], rtol=0, atol=0, msg=name)
+    assert backbone["fc.weight"].shape == (10, source["fc.weight"].shape[1])  # the 1000-class head is dropped
 
 
 def test_hub_weights_offline_fail_with_one_message(
@@ -130,6 +136,16 @@ def test_focal_loss_with_gamma_zero_is_cross_entropy_and_focuses_otherwise() -> 
     torch.testing.assert_close(FocalLoss(0.0, weight)(logits, target), F.cross_entropy(logits, target, weight=weight))
     easy = torch.tensor([[8.0, 0.0]])
     assert FocalLoss(2.0)(easy, torch.tensor([0])) < 1e-3 * F.cross_entropy(easy, torch.tensor([0]))
+
+
+def test_cross_entropy_loss_is_label_smoothed() -> None:
+    """`--model.label_smoothing 0.1` with the default ce loss: the training loss is torch's smoothed cross-entropy."""
+    model = ImageClassifier(CLASSES, backbone="test_resnet", label_smoothing=0.1)
+    images, targets = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 3
+    loss = model.training_step((images, targets, torch.arange(6)), 0)
+    logits = model(images)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    assert abs(loss.item() - F.cross_entropy(logits, targets).item()) > 1e-3  # smoothing does change it
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -297,6 +313,23 @@ def test_explicit_class_weights_weight_the_cross_entropy() -> None:
     assert not torch.allclose(loss, F.cross_entropy(model(images), targets))  # the weights matter here
 
 
+def test_auto_class_weights_count_the_train_split_only(small_digits: Path, tmp_path: Path) -> None:
+    """With val and test held out of 20/10/5 digits, the weights are the balanced ones of the train split alone."""
+    imbalanced = imbalanced_digits(small_digits, tmp_path / "imbalanced")
+    data = {"val_fraction": 0.25, "test_fraction": 0.25, "batch_size": 8}
+    config = tiny_config(tmp_path, imbalanced, trainer={"max_epochs": 1}, model={"class_weights": "auto"}, data=data)
+    cli_main(["fit", "--config", str(config)])
+    rows = read_csv(run_dir(tmp_path, 0) / "splits.csv")
+    train = np.array([int(row["label"]) for row in rows if row["split"] == "train"])
+    everything = np.array([int(row["label"]) for row in rows])
+    assert {row["split"] for row in rows} == {"train", "val", "test"} and len(everything) == 35
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=train)
+    overall = compute_class_weight("balanced", classes=np.arange(3), y=everything)
+    assert np.abs(expected - overall).max() > 0.1  # this split's train counts are not in the folder's proportions
+    state = torch.load(run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(state["criterion.weight"], torch.tensor(expected, dtype=torch.float))
+
+
 def test_focal_loss_uses_class_weights_as_alpha() -> None:
     weights, gamma = torch.tensor([0.5, 1.0, 3.0]), 2.0
     model = ImageClassifier(CLASSES, backbone="test_resnet", loss="focal", focal_gamma=gamma, class_weights=[0.5, 1, 3])
@@ -332,7 +365,7 @@ def test_hub_weights_keep_our_head(monkeypatch: pytest.MonkeyPatch) -> None:
     hub = timm.create_model("test_resnet", num_classes=3)
     create = timm.create_model
     monkeypatch.setattr(
-        "classifier.backbones.timm.create_model",
+        "classifier.model.backbones.timm.create_model",
         lambda name, pretrained=False, **kwargs: hub if pretrained else create(name, **kwargs),
     )
     net = ClassifierNet("test_resnet", CLASSES)
@@ -346,7 +379,9 @@ def test_lr_find_sweeps_the_pretrained_network(small_digits: Path, tmp_path: Pat
     weights = tmp_path / "w.pth"
     torch.save(timm.create_model("test_resnet", num_classes=1000).state_dict(), weights)
     swept = []
-    monkeypatch.setattr("classifier.tuning.Tuner.lr_find", lambda self, model, **kwargs: swept.append(model) or None)
+    monkeypatch.setattr(
+        "classifier.training.lr_find.Tuner.lr_find", lambda self, model, **kwargs: swept.append(model) or None
+    )
     config = tiny_config(tmp_path, small_digits, model={"pretrained": str(weights)})
     cli_main(["lr_find", "--config", str(config)])
     (model,) = swept

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from classifier import ImageFolderDataModule, Predictor, cli_main
-from classifier.data import ImageDataset
-from classifier.images import load_rgb
+from classifier.data.datasets import ImageDataset
+from classifier.data.images import load_rgb
 from tests.helpers import read_csv, run_dir, tiny_config, write_photos
 
 CLASSES = ["disc", "square", "stripes"]

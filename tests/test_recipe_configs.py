@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from classifier import cli_main
-from classifier.checkpoints import read_checkpoint
+from classifier.model.checkpoints import read_checkpoint
 from tests.helpers import REPO, read_csv
 
 RECIPES = REPO / "configs" / "recipes"
@@ -77,7 +77,7 @@ def test_every_recipe_parses_with_its_settings(recipe: Path, capsys: pytest.Capt
 
 
 def test_the_recipes_are_the_ones_the_readme_documents() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "recipes.md").read_text()
     for recipe in RECIPES.glob("*.yaml"):
         assert f"configs/recipes/{recipe.name}" in readme
 

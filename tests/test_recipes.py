@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.transforms import TrivialAugmentWide
 
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
-from classifier.cli import ClassifierCLI
-from classifier.images import load_rgb
-from classifier.tuning import lr_find_figure
+from classifier.cli.base import ClassifierCLI
+from classifier.data.images import load_rgb
+from classifier.training.lr_find import lr_find_figure
 from tests.helpers import read_csv, run_dir, save_image, spy_of, tiny_config
 
 
@@ -120,10 +120,24 @@ def test_mixup_mixes_odd_batches_but_their_last_image(size: int) -> None:
 
 
 def test_mixup_and_cutmix_from_the_command_line(small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1},
+    """Each training batch's loss gets lam * its one-hot labels + (1 - lam) * those of the batch reversed (timm's
+    pairing), with lam below 1 in some batch; label smoothing stays the loss's own."""
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1,
+                                                          "callbacks": [{"class_path": "tests.helpers.TrainingSpy"}]},
                          model={"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1})  # fmt: skip
-    cli_main(["fit", "--config", str(config)])
-    assert (run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt").is_file()
+    cli = ClassifierCLI(["fit", "--config", str(config)])
+    spy = spy_of(cli.trainer)
+    assert len(spy.loss_targets) == len(spy.batches) > 1
+    lams = []
+    for soft, batch in zip(spy.loss_targets, spy.batches, strict=True):
+        labels = torch.eye(10)[batch["targets"]]
+        assert soft.dtype == torch.float32 and soft.shape == labels.shape  # class probabilities, not indices
+        paired = labels.flip(0)
+        lam = float(((soft - paired) * (labels - paired)).sum() / (labels - paired).pow(2).sum())  # least squares
+        torch.testing.assert_close(soft, lam * labels + (1 - lam) * paired)
+        lams.append(lam)
+    assert all(0 <= lam <= 1 for lam in lams) and min(lams) < 0.99  # mixed, not the labels as they were
+    assert cli.model.criterion.label_smoothing == 0.1
 
 
 def draws(datamodule: ImageFolderDataModule, epochs: int) -> Counter:
@@ -255,8 +269,8 @@ def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
         return finders[-1]
 
     monkeypatch.setattr(Tuner, "lr_find", keep)
-    monkeypatch.setattr("classifier.tuning.lr_find_figure", lambda *args: figures.append(lr_find_figure(*args))
-                        or figures[-1])  # fmt: skip
+    monkeypatch.setattr("classifier.training.lr_find.lr_find_figure",
+                        lambda *args: figures.append(lr_find_figure(*args)) or figures[-1])  # fmt: skip
     config = tiny_config(tmp_path, small_digits)
     with caplog.at_level("INFO", logger="classifier"):
         cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null",
@@ -349,8 +363,22 @@ def test_mlp_head(small_digits: Path, tmp_path: Path) -> None:
     assert model(torch.randn(4, 3, 32, 32)).shape == (4, 10)
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1}, model={"head_hidden_dims": [32, 16]})
     cli_main(["fit", "--config", str(config)])
-    cli_main(["test", "--ckpt_path", str(run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt")])
-    assert (run_dir(tmp_path, 0) / "test" / "metrics.json").is_file()
+    best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
+    state = torch.load(best, weights_only=True)["state_dict"]
+    features = timm.create_model("test_resnet").num_features  # 96: what the backbone's pooling gives the head
+    shapes = {name: tuple(tensor.shape) for name, tensor in state.items() if name.startswith("net.head.")}
+    assert {name: shape for name, shape in shapes.items() if not name.endswith("num_batches_tracked")} == {
+        "net.head.0.weight": (32, features), "net.head.0.bias": (32,),  # Linear, then BatchNorm1d
+        "net.head.1.weight": (32,), "net.head.1.bias": (32,), "net.head.1.running_mean": (32,),
+        "net.head.1.running_var": (32,),
+        "net.head.4.weight": (16, 32), "net.head.4.bias": (16,),
+        "net.head.5.weight": (16,), "net.head.5.bias": (16,), "net.head.5.running_mean": (16,),
+        "net.head.5.running_var": (16,),
+        "net.head.8.weight": (10, 16), "net.head.8.bias": (10,),
+    }  # fmt: skip
+    assert not [name for name in state if name.startswith("net.backbone.fc.")]  # the linear head is replaced
+    cli_main(["test", "--ckpt_path", str(best)])
+    assert 0 <= json.loads((run_dir(tmp_path, 0) / "test" / "metrics.json").read_text())["test/acc"] <= 1
 
 
 @pytest.mark.parametrize(

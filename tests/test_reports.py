@@ -18,8 +18,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.transforms import InterpolationMode
 
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
-from classifier.images import load_rgb
-from classifier.reports import calibration_bins, confusion_matrix_figure, reliability_figure, top_losses_figure
+from classifier.data.images import load_rgb
+from classifier.evaluation.reports import (
+    calibration_bins,
+    confusion_matrix_figure,
+    reliability_figure,
+    top_losses_figure,
+)
 from tests.helpers import read_csv, rounded_for_people, run_dir, save_image, tiny_config
 
 CLASSES = [str(d) for d in range(10)]
@@ -40,7 +45,7 @@ def evaluated(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return tmp_path
 
 
-def tested_dir(evaluated: Path) -> Path:
+def evaluation_dir(evaluated: Path) -> Path:
     """Where `test --ckpt_path .../version_0/checkpoints/best.ckpt` files its results."""
     return run_dir(evaluated, 0) / "test"
 
@@ -51,7 +56,7 @@ def elsewhere(tmp_path: Path) -> list[str]:
 
 
 def test_predictions_csv_is_self_consistent(evaluated: Path) -> None:
-    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
+    rows = read_csv(evaluation_dir(evaluated) / "predictions.csv")
     assert list(rows[0])[:4] == ["path", "target", "prediction", "confidence"]
     assert list(rows[0])[4:] == [f"prob_{name}" for name in CLASSES]
     probs = probabilities(rows)
@@ -61,7 +66,7 @@ def test_predictions_csv_is_self_consistent(evaluated: Path) -> None:
 
 
 def test_metrics_json_equals_scikit_learn_on_predictions_csv(evaluated: Path) -> None:
-    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
+    rows = read_csv(evaluation_dir(evaluated) / "predictions.csv")
     probs = probabilities(rows)
     y_true = np.array([CLASSES.index(row["target"]) for row in rows])
     y_pred = probs.argmax(axis=1)
@@ -76,7 +81,7 @@ def test_metrics_json_equals_scikit_learn_on_predictions_csv(evaluated: Path) ->
         "test/loss": sk.log_loss(y_true, probs, labels=labels),
         "test/ece": expected_calibration_error(y_true, probs),
     }
-    metrics = json.loads((tested_dir(evaluated) / "metrics.json").read_text())
+    metrics = json.loads((evaluation_dir(evaluated) / "metrics.json").read_text())
     assert set(metrics) == set(expected) and rounded_for_people(metrics)
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value, abs=1e-4), name
@@ -95,17 +100,17 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
 
 
 def test_classification_report_and_confusion_matrix_equal_scikit_learn(evaluated: Path) -> None:
-    rows = read_csv(tested_dir(evaluated) / "predictions.csv")
+    rows = read_csv(evaluation_dir(evaluated) / "predictions.csv")
     y_true = [row["target"] for row in rows]
     y_pred = [row["prediction"] for row in rows]
     expected = sk.classification_report(y_true, y_pred, labels=CLASSES, output_dict=True, zero_division=0)
-    report = read_csv(tested_dir(evaluated) / "classification_report.csv")
+    report = read_csv(evaluation_dir(evaluated) / "classification_report.csv")
     assert [row["class"] for row in report] == [*CLASSES, "macro avg", "weighted avg"]
     for row in report:
         for column, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
             assert float(row[column]) == pytest.approx(expected[row["class"]][key], abs=1e-6), (row, column)
         assert int(row["support"]) == expected[row["class"]]["support"]
-    with open(tested_dir(evaluated) / "confusion_matrix.csv", newline="") as file:
+    with open(evaluation_dir(evaluated) / "confusion_matrix.csv", newline="") as file:
         table = list(csv.reader(file))
     assert table[0][1:] == CLASSES and [line[0] for line in table[1:]] == CLASSES
     matrix = np.array([[int(cell) for cell in line[1:]] for line in table[1:]])
@@ -114,7 +119,7 @@ def test_classification_report_and_confusion_matrix_equal_scikit_learn(evaluated
 
 def test_pictures_open_at_a_sensible_size(evaluated: Path) -> None:
     for name in PICTURES:
-        with Image.open(tested_dir(evaluated) / name) as image:
+        with Image.open(evaluation_dir(evaluated) / name) as image:
             assert 300 <= min(image.size) and max(image.size) <= 6000, (name, image.size)
     with Image.open(run_dir(evaluated, 0) / "training_curves.png") as image:
         assert image.size[0] > 800
@@ -136,7 +141,7 @@ def test_fit_logs_confusion_image_and_per_class_f1_and_writes_summary(evaluated:
 
 
 def test_predict_probabilities_equal_test_probabilities(evaluated: Path, tmp_path: Path) -> None:
-    tested = {row["path"]: row for row in read_csv(tested_dir(evaluated) / "predictions.csv")}
+    tested = {row["path"]: row for row in read_csv(evaluation_dir(evaluated) / "predictions.csv")}
     listing = tmp_path / "images.txt"
     listing.write_text("# the test split, listed\n" + "\n".join(tested) + "\n")
     output = tmp_path / "predicted.csv"
@@ -151,7 +156,7 @@ def test_predict_probabilities_equal_test_probabilities(evaluated: Path, tmp_pat
 
 def test_tta_changes_probabilities_and_keeps_them_normalised(evaluated: Path, tmp_path: Path) -> None:
     best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
-    plain = probabilities(read_csv(tested_dir(evaluated) / "predictions.csv"))
+    plain = probabilities(read_csv(evaluation_dir(evaluated) / "predictions.csv"))
     for tta in ("flip", "flip_crops"):
         cli_main(["test", "--ckpt_path", str(best), "--model.tta", tta, *elsewhere(tmp_path / tta)])
         newest = tmp_path / tta / "lightning_logs" / "version_0"
@@ -210,7 +215,7 @@ class Clock(Callback):
 
 def test_throughput_counts_training_time_only(small_digits: Path, tmp_path: Path, monkeypatch) -> None:
     CLOCK["now"] = 0.0
-    monkeypatch.setattr("classifier.callbacks.time", SimpleNamespace(perf_counter=lambda: CLOCK["now"]))
+    monkeypatch.setattr("classifier.training.callbacks.time", SimpleNamespace(perf_counter=lambda: CLOCK["now"]))
     trainer = {"max_epochs": 2, "callbacks": [{"class_path": "tests.test_reports.Clock"}]}
     cli_main(["fit", "--config", str(tiny_config(tmp_path, small_digits, trainer=trainer))])
     summary = json.loads((run_dir(tmp_path, 0) / "summary.json").read_text())
@@ -249,7 +254,7 @@ def test_figures_draw_the_numbers_they_are_given(tmp_path: Path) -> None:
 def test_tta_probabilities_are_the_mean_of_the_views_softmax(
     command: str, tta: str, evaluated: Path, digits_dir: Path, tmp_path: Path
 ) -> None:
-    tested = [row["path"] for row in read_csv(tested_dir(evaluated) / "predictions.csv")][:24]
+    tested = [row["path"] for row in read_csv(evaluation_dir(evaluated) / "predictions.csv")][:24]
     best = run_dir(evaluated, 0) / "checkpoints" / "best.ckpt"
     output = tmp_path / "tta.csv"
     if command == "predict":

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from PIL import Image
 
 from classifier import cli_main
 from tests.helpers import read_csv, run_dir, tiny_config
@@ -54,8 +56,15 @@ def test_evaluations_are_filed_under_the_run_of_their_checkpoint(logs: Path) -> 
 
 
 def test_lr_find_has_a_folder_of_its_own(logs: Path) -> None:
+    """The sweep's plot and config under lr_find/<time>/, no checkpoints, and nothing of it in the training runs."""
     (sweep,) = (logs / "lightning_logs" / "tiny" / "lr_find").iterdir()
-    assert STAMP.fullmatch(sweep.name) and (sweep / "config.yaml").is_file()
+    assert STAMP.fullmatch(sweep.name)
+    files = sorted(path.name for path in sweep.iterdir() if not path.name.startswith("events.out.tfevents."))
+    assert files == ["config.yaml", "hparams.yaml", "lr_find.png", "splits.csv"]  # no checkpoints/ of a sweep
+    config = yaml.safe_load((sweep / "config.yaml").read_text())
+    assert config["num_training"] == 5 and config["trainer"]["logger"]["init_args"]["version"] == sweep.name
+    assert Image.open(sweep / "lr_find.png").size[0] > 300
+    assert not list((logs / "lightning_logs" / "tiny").glob("version_*/lr_find.png"))
 
 
 def test_evaluating_again_replaces_the_files_and_says_so(logs: Path, caplog: pytest.LogCaptureFixture) -> None:

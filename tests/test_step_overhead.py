@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from PIL import Image
 
 from classifier import cli_main
-from classifier.cli import ClassifierCLI
+from classifier.cli.base import ClassifierCLI
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -19,8 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from classifier import cli_main
-from classifier.cli import ClassifierCLI, main
-from classifier.console import DEBUG_HINT
+from classifier.cli.base import ClassifierCLI
+from classifier.cli.entry import main
+from classifier.core.console import DEBUG_HINT
 from tests.helpers import REPO, read_csv, run_dir, tiny_config
 
 MLFLOW_CONFIG = str(REPO / "configs" / "loggers" / "mlflow.yaml")
@@ -242,7 +243,7 @@ def test_the_config_appends_mlflow_after_the_config_before_it(
     loggers = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
     assert [logger["class_path"] for logger in loggers] == [
         "lightning.pytorch.loggers.TensorBoardLogger",
-        "classifier.tracking.MLFlowLogger",
+        "classifier.training.tracking.MLFlowLogger",
     ]
     assert loggers[0]["init_args"]["name"] == "resnet18"  # the first config's logger, kept whole
     # a config without a logger: Lightning's default TensorBoard logger goes first, and names the experiment

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from classifier import ImageFolderDataModule, cli_main
-from classifier.callbacks import RNGStateCheckpoint, cuda_rng_states, restore_cuda_rng_state
-from classifier.cli import ClassifierCLI
-from classifier.device_augment import CropBatch
+from classifier.cli.base import ClassifierCLI
+from classifier.data.device_augment import CropBatch
+from classifier.training.callbacks import RNGStateCheckpoint, cuda_rng_states, restore_cuda_rng_state
 from tests.helpers import REPO, read_csv, run_dir, spy_of, tiny_config
 
 CLASSIFIER = str(Path(sys.executable).parent / "classifier")
@@ -120,6 +120,17 @@ def test_resume_last_without_an_earlier_run_starts_fresh(small_digits: Path, tmp
         cli_main(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert "no earlier run with a last.ckpt; training from scratch" in caplog.text
     assert (run_dir(tmp_path, 0) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_resume_into_its_own_run_folder_says_nothing_of_the_folder_being_full(
+    small_digits: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Lightning warns that the checkpoint folder "exists and is not empty"; a resumed run writes there by design."""
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    cli_main(["fit", "--config", str(config)])
+    cli_main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])
+    assert last_checkpoint_of(tmp_path, 0)["epoch"] == 1 and not run_dir(tmp_path, 1).exists()
+    assert [str(w.message) for w in recwarn if "exists and is not empty" in str(w.message)] == []
 
 
 def last_checkpoint_of(tmp_path: Path, version: int) -> dict:

@@ -18,8 +18,9 @@ from optuna.distributions import FloatDistribution
 from optuna.pruners import BasePruner
 from PIL import Image
 
-from classifier.cli import cli_main, main
-from classifier.tune import TrialPruning, tune
+from classifier.cli.entry import cli_main, main
+from classifier.commands.tune import tune
+from classifier.tune.trial import TrialPruning
 from tests.helpers import REPO, read_csv, tiny_config
 
 SEARCH = """\
@@ -135,7 +136,7 @@ def test_best_yaml_fits_as_is_with_the_best_params(study: SimpleNamespace) -> No
         "tiny",
         None,
     )
-    assert mlflow["class_path"] == "classifier.tracking.MLFlowLogger"  # the user's, not the trials' experiment
+    assert mlflow["class_path"] == "classifier.training.tracking.MLFlowLogger"  # the user's, not the trials' experiment
     assert (mlflow["init_args"]["experiment_name"], mlflow["init_args"]["tracking_uri"]) == (None, None)
     cli_main(["fit", "--config", str(study.folder / "best.yaml")])
     run = study.tmp_path / "lightning_logs" / "tiny" / "version_0"

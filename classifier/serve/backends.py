@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from classifier.preprocess import file_sha256
+from classifier.deploy.preprocess import file_sha256
 
 
 class Backend(Protocol):
@@ -25,15 +25,15 @@ class Backend(Protocol):
 
 
 class CheckpointBackend:
-    """A `classifier fit` checkpoint, through `classifier.predictor.Predictor` on the CPU."""
+    """A `classifier fit` checkpoint, through `classifier.deploy.predictor.Predictor` on the CPU."""
 
     name = "pytorch"
 
     def __init__(self, path: Path) -> None:
         import torch
 
-        from classifier.export import run_test_metrics
-        from classifier.predictor import Predictor
+        from classifier.deploy.predictor import Predictor
+        from classifier.deploy.run_metrics import run_test_metrics
 
         self._torch = torch
         self.path = path
@@ -55,7 +55,7 @@ class OnnxBackend:
     name = "onnxruntime"
 
     def __init__(self, path: Path) -> None:
-        from classifier.runtime import OnnxPredictor
+        from classifier.deploy.onnx_predictor import OnnxPredictor
 
         self.path = path
         self.predictor = OnnxPredictor(path)

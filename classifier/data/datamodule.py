@@ -1,0 +1,446 @@
+"""The LightningDataModule: image folders in, uint8 batches out, normalised on the device."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from timm.data.random_erasing import RandomErasing
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDataset, loader
+from classifier.data.device_augment import CropBatch, CropPlanner
+from classifier.data.duplicates import cross_split_copies
+from classifier.data.file_facts import FileFacts, verify_files
+from classifier.data.file_lists import listing, predict_files, readable
+from classifier.data.ram_cache import fill as fill_cache
+from classifier.data.ram_cache import fits_in_memory
+from classifier.data.samplers import EpochStart, training_sampler
+from classifier.data.splits import SPLITS, Splits, build_splits, read_splits, write_split_files
+from classifier.data.transforms import crop_decode_size, train_transform
+from classifier.data.workers import available_cores, default_num_workers
+from classifier.model.checkpoints import MACHINE_SETTINGS, read_checkpoint
+from classifier.model.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[Tensor, Tensor, Tensor]
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Splits, transforms and loaders for a folder of class subfolders (or train/ val/ test/ of them)."""
+
+    def __init__(
+        self,
+        data_dir: str = "data/digits",
+        predict_dir: str | None = None,
+        backbone: str = "resnet18",
+        image_size: int | None = None,
+        crop_pct: float | None = None,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 42,
+        num_folds: int | None = None,
+        fold: int = 0,
+        splits: str | None = None,
+        classes: list[str] | None = None,
+        skip_bad_images: bool = False,
+        hflip: float = 0.5,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        color_jitter: float | None = 0.4,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        sampler: Literal["random", "balanced"] = "random",
+        decode: Literal["auto", "cpu", "gpu"] = "auto",
+        cache: Literal["none", "ram"] = "none",
+    ) -> None:
+        """
+        Args:
+            data_dir: Class subfolders, or train/ [val/] [test/] folders of class subfolders.
+            predict_dir: What `predict` classifies: a folder (searched recursively), one image, or a .txt file
+                listing image paths (relative ones are taken from the list's folder). No labels needed.
+            backbone: timm model name whose data config (size, mean/std, crop) the transforms follow.
+            image_size: Overrides the backbone's input size.
+            crop_pct: Overrides the backbone's eval centre-crop fraction.
+            batch_size: Images per batch on each device.
+            num_workers: Loader processes; None takes one per core (under DDP, per core of this process's share)
+                but one, up to 16.
+            val_fraction: Share of train/ held out for validation when there is no val/ folder.
+            test_fraction: Share of train/ held out for testing when there is no test/ folder.
+            seed: Seed of the hold-outs, the folds and the shuffling.
+            num_folds: Stratified k-fold over all but the test split; None for a single split.
+            fold: Which fold validates, in [0, num_folds).
+            splits: A splits.csv (from any run, or written by hand: `path,label,split`, paths relative to data_dir)
+                that fixes which image is in which split, instead of the fractions and seed. Given a checkpoint,
+                `validate`, `test` and a resumed `fit` take the split it was trained on, unless this is set.
+            classes: Class names in index order; restored from checkpoints so indices never shift.
+            skip_bad_images: Skip unreadable files with a warning instead of stopping.
+            hflip: Probability of a horizontal flip in training.
+            crop_scale: Area range of the random-resized crop in training.
+            crop_ratio: Aspect-ratio range of the random-resized crop in training.
+            color_jitter: Strength of brightness/contrast/saturation jitter in training; None for none. Off under
+                an auto_augment policy, as in timm.
+            auto_augment: A timm policy (`rand-m9-mstd0.5`, `augmix-m5-w4-d2`, `original`) or `trivialaugment`.
+            random_erasing: Probability of erasing a random rectangle of each training image, on the device.
+            sampler: `random` shuffles; `balanced` draws every class equally often (with replacement).
+            decode: Where JPEGs are decoded: `gpu` decodes batches with nvJPEG and crops, flips and jitters them
+                there, the loader workers only read bytes (other formats are decoded on the CPU within the same
+                batch); `cpu` runs timm's transforms in the workers; `auto` is `gpu` on CUDA devices.
+            cache: `ram` decodes the train and val images once, keeps them presized as uint8 in memory (val at
+                eval's resize, image_size / crop_pct; train with enough pixels for the smallest crop that
+                crop_scale and crop_ratio allow, or its own size), and crops them on the device every epoch. Falls
+                back to reading from disk, with a warning, when they would not fit.
+        """
+        super().__init__()
+        # the checkpoint keeps the split table itself, so a test elsewhere does not need this file
+        self.save_hyperparameters(ignore=["splits"])
+        self.splits_file = splits
+        self.checkpoint_path: Path | None = None  # see use_checkpoint
+        self._checkpoint_split: bytes | None = None  # its compressed split table
+        self._checkpoint_preprocessing: dict[str, Any] = {}  # its network's stored preprocessing
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start = EpochStart()  # see state_dict
+        self.datasets: dict[str, FileDataset] = {}
+        self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
+        self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
+        self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    @cached_property
+    def splits(self) -> Splits:
+        """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
+        hp = self.hparams
+        recorded = self._recorded_split()
+        if recorded is None:
+            splits = build_splits(
+                Path(hp.data_dir), hp.classes, hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold
+            )
+        else:
+            splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold)
+            self.unlisted = splits.unlisted()
+        self.hparams.classes = splits.classes  # so checkpoints carry the class order
+        return splits
+
+    @property
+    def split_source(self) -> str | None:
+        """Where the split was recorded (--data.splits or the checkpoint); None when it is made from the folder."""
+        if self.splits_file:
+            return f"--data.splits {self.splits_file}"
+        return f"checkpoint {self.checkpoint_path}" if self.checkpoint_path else None
+
+    def _recorded_split(self) -> tuple[str, str] | None:
+        """(split table, where from): --data.splits, or the table the checkpoint was trained on."""
+        if self.splits_file:
+            if not Path(self.splits_file).is_file():
+                raise FileNotFoundError(f"--data.splits {self.splits_file} does not exist")
+            return Path(self.splits_file).read_text(), self.split_source
+        if self.checkpoint_path is None:
+            return None
+        if self._checkpoint_split is None:
+            log.warning(
+                "%s records no split (it predates split tables): the split is made again from %s as it is now",
+                self.checkpoint_path,
+                self.hparams.data_dir,
+            )
+            return None
+        return zlib.decompress(self._checkpoint_split).decode(), self.split_source
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in index order; from the checkpoint when given, else from the train folders."""
+        return list(self.hparams.classes or self.splits.classes)
+
+    @property
+    def class_counts(self) -> list[int]:
+        """Train-split images per class, for class-weighted losses."""
+        return self.splits.class_counts("train")
+
+    @cached_property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's timm data config with this module's overrides applied. Given a checkpoint, its stored
+        interpolation, crop mode, mean and std win, so a newer timm cannot change how a trained model sees images."""
+        config = resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+        stored = self._checkpoint_preprocessing
+        config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
+        return config
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, data_dir: str | None = None, **machine: Any) -> ImageFolderDataModule:
+        """The data of a checkpoint's run, outside a trainer: its saved settings less the machine's (`machine` gives
+        those), its frozen split and its preprocessing; `data_dir` where the images are now, if they moved."""
+        saved = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+        settings = {k: v for k, v in saved.items() if not k.startswith("_") and f"data.{k}" not in MACHINE_SETTINGS}
+        datamodule = cls(**settings | ({"data_dir": data_dir} if data_dir else {}), **machine)
+        datamodule.use_checkpoint(path)
+        return datamodule
+
+    def use_checkpoint(self, path: Path) -> None:
+        """Evaluate, predict or resume with `path`'s split and preprocessing rather than those of the folder and
+        of the installed timm. Read here, once: setup runs before Lightning restores `state_dict()`."""
+        checkpoint = read_checkpoint(path)
+        self.checkpoint_path = path
+        self._checkpoint_split = (checkpoint.get(type(self).__qualname__) or {}).get("splits")
+        self._checkpoint_preprocessing = (checkpoint.get("net") or {}).get("preprocessing") or {}
+        self.__dict__.pop("data_config", None)  # read before the checkpoint was known, by the CLI's links
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The eval preprocessing as plain data, which the model keeps so that its checkpoint is self-contained."""
+        return {key: self.data_config[key] for key in PREPROCESSING_KEYS}
+
+    def transform(self, training: bool) -> Callable:
+        """timm's train or eval pipeline, ending in a uint8 tensor (normalisation happens on the device)."""
+        if not training:
+            return eval_transform(self.preprocessing)
+        hp = self.hparams
+        return train_transform(
+            self.data_config, hp.hflip, hp.crop_scale, hp.crop_ratio, hp.color_jitter, hp.auto_augment
+        )
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets the stage needs, after checking that every one of their files decodes."""
+        if stage == "fit" and self.device_rendered and self.hparams.auto_augment:  # eval never augments
+            raise ValueError(
+                f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
+                "use it with --data.decode cpu or auto, and --data.cache none"
+            )
+        if stage == "predict":
+            paths, self.unreadable = predict_files(self.hparams.predict_dir)
+            self.datasets["predict"] = self._dataset("predict", paths, [-1] * len(paths))
+            return
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        # fit checks the test split too, once into the verification cache: its bad files and copies are found now
+        subsets = {name: self.splits.subset(name) for name in (SPLITS if stage == "fit" else needed)}
+        every_path = [path for paths, _ in subsets.values() for path in paths]
+        checked = verify_files(every_path, Path(self.hparams.data_dir), num_threads=2 * available_cores())
+        hashes = {path: facts.file_hash for path, facts in checked.items()}
+        for name in needed:
+            self.splits.verify(name, self.split_source or "this run's split", hashes)
+            if not subsets[name][0] and (stage != "fit" or name == "train"):  # fit may go without val
+                raise ValueError(f"{self.hparams.data_dir} has no {name} split: add a {name}/ folder or a fraction")
+        self.splits.record(hashes)  # fit's test split too: splits.csv needs every file's hash
+        needed_paths = [path for name in needed for path in subsets[name][0]]
+        bad = {path: checked[path].reason for path in needed_paths if checked[path].reason is not None}
+        # every split's bad files in one error, not one per split
+        keep = set(readable(needed_paths, bad, self.hparams.skip_bad_images))
+        for name in needed:
+            kept = [(path, target) for path, target in zip(*subsets[name], strict=True) if path in keep]
+            paths, targets = [path for path, _ in kept], [target for _, target in kept]
+            self.datasets[name] = self._dataset(name, paths, targets, self._cache(name, paths))
+        if stage == "fit":
+            self._warn_about(checked, set(needed_paths))
+        self._write_splits_csv()
+
+    def _warn_about(self, checked: dict[Path, FileFacts], trained: set[Path]) -> None:
+        """One line per kind: exact copies across splits, and the test split's bad files, which `test` stops on."""
+        if self.trainer is not None and not self.trainer.is_global_zero:
+            return
+        for match, count in cross_split_copies(self.splits, checked).items():
+            log.warning(
+                "%d images are %s of an image in another split (leakage: scores are inflated). `classifier "
+                "check-data` lists them, and finds near copies too.", count, match
+            )  # fmt: skip
+        bad = {path: facts.reason for path, facts in checked.items() if facts.reason and path not in trained}
+        if bad:
+            log.warning(
+                "%d test images cannot be read; `classifier test` will stop on them:\n%s", len(bad), listing(bad)
+            )
+
+    @property
+    def gpu_decode(self) -> bool:
+        """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device unless an
+        auto_augment policy needs PIL images."""
+        decode = self.hparams.decode
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if decode == "gpu" and self.trainer is not None and not on_cuda:
+            raise ValueError("--data.decode gpu needs a CUDA device; use --data.decode auto or cpu")
+        return decode == "gpu" or (decode == "auto" and on_cuda and not self.hparams.auto_augment)
+
+    @property
+    def device_rendered(self) -> bool:
+        """Whether batches are cropped, flipped and jittered on the device rather than in the loader workers."""
+        return self.gpu_decode or self.hparams.cache == "ram"
+
+    @property
+    def image_pixels(self) -> int:
+        """The side of the square images the model sees."""
+        return self.data_config["input_size"][-1]
+
+    @property
+    def scale_size(self) -> int:
+        """The shorter side eval resizes to before its centre crop (timm's), which eval's RAM cache keeps."""
+        return scale_size(self.data_config)
+
+    @property
+    def train_decode_size(self) -> int | None:
+        """The shorter side training images keep: enough for the smallest crop the settings allow; None for all."""
+        hp = self.hparams
+        return crop_decode_size(self.image_pixels, self.scale_size, hp.crop_scale, hp.crop_ratio)
+
+    def decode_size(self, training: bool) -> int | None:
+        """Training keeps enough pixels for its smallest crop; eval those of its resize."""
+        return self.train_decode_size if training else self.scale_size
+
+    def planner(self, training: bool) -> CropPlanner:
+        """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
+        if self.data_config.get("crop_mode", "center") != "center":
+            raise ValueError(
+                f"{self.hparams.backbone}'s crop_mode {self.data_config['crop_mode']} needs --data.decode cpu "
+                "and --data.cache none"
+            )
+        hp = self.hparams
+        return CropPlanner(
+            self.image_pixels,
+            self.scale_size,
+            training,
+            hp.crop_scale,
+            hp.crop_ratio,
+            hp.hflip,
+            hp.color_jitter,
+        )
+
+    def _cache(self, name: str, paths: list[Path]) -> dict[Path, Tensor] | None:
+        """The split's checked images presized in RAM; None without `--data.cache ram`, for the single-pass test
+        split, and when they would not fit."""
+        if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
+            return None
+        copies = self.trainer.num_devices if self.trainer is not None else 1
+        training = name == "train"
+        size = self.decode_size(training)
+        if not fits_in_memory(paths, size, copies, name, enlarge=not training):  # training never enlarges
+            return None
+        interpolation = self.data_config["interpolation"]
+        images, unreadable = fill_cache(paths, size, interpolation, training, num_threads=2 * available_cores())
+        if unreadable:  # checked a moment ago
+            raise ValueError(f"{len(unreadable)} images changed while they were read:\n{listing(unreadable)}")
+        return images
+
+    def _dataset(
+        self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
+    ) -> FileDataset:
+        """The file path (timm's transforms in the workers) or the device-rendered one, as configured.
+
+        Eval is rendered on the device only from the RAM cache, where its centre crop is an exact copy of the
+        presized pixels; with GPU decoding it takes the CPU eval transform, so the hardware never changes a score.
+        """
+        training = name == "train"
+        size = self.decode_size(training)
+        if cache is None and not (training and self.gpu_decode):
+            return ImageDataset(paths, targets, self.transform(training), size if training else None)
+        interpolation = self.data_config["interpolation"]
+        return DeviceCropDataset(paths, targets, self.planner(training), interpolation, size, cache, self.gpu_decode)
+
+    @cached_property
+    def split_csv(self) -> str:
+        """splits.csv's text, made once (it hashes unhashed files), for the run folder and every checkpoint."""
+        return self.splits.to_csv()
+
+    @cached_property
+    def split_table(self) -> bytes:
+        """splits.csv, compressed, as checkpoints keep it: made once, however many checkpoints are saved."""
+        return zlib.compress(self.split_csv.encode())
+
+    def _write_splits_csv(self) -> None:
+        """splits.csv into the run folder; with a recorded split, also the images it leaves out, and what to do."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks; None under fast_dev_run
+        if log_dir is None or not trainer.is_global_zero:
+            return
+        hp = self.hparams
+        write_split_files(
+            Path(log_dir), self.split_csv, self.unlisted, hp.data_dir, self.split_source, self.checkpoint_path
+        )
+
+    def _loader(self, name: str) -> DataLoader:
+        dataset = self.datasets[name]
+        trainer = self.trainer
+        workers = self.hparams.num_workers
+        if workers is None:
+            workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
+        training = name == "train"
+        sampler = None
+        if training:  # order and augmentation seeds from this module's generator, which checkpoints save
+            balanced, classes = self.hparams.sampler == "balanced", len(self.class_names)
+            sampler = training_sampler(dataset.targets, classes, balanced, self.generator, self.epoch_start)
+        elif trainer is not None and trainer.world_size > 1:
+            # each image evaluated exactly once, so synced metrics equal single-process ones
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        return loader(dataset, self.hparams.batch_size, workers, sampler, training)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+    def paths(self, stage: str) -> list[Path]:
+        """Files of a stage's dataset, in row-index order."""
+        return self.datasets[stage].paths
+
+    def transfer_batch_to_device(self, batch: Batch | CropBatch, device: torch.device, dataloader_idx: int) -> Any:
+        """A CropBatch moves itself, decoding its JPEGs on the device."""
+        if isinstance(batch, CropBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch: Batch | CropBatch, dataloader_idx: int) -> Batch:
+        """uint8 -> normalised float on the device, rendering device-side crops first; then random erasing."""
+        if isinstance(batch, CropBatch):
+            jitter = bool(self.hparams.color_jitter) and self.trainer is not None and self.trainer.training
+            images, targets, rows = batch.render(self.image_pixels, jitter), batch.targets, batch.rows
+        else:
+            images, targets, rows = batch
+        mean, std = self._normalisation(images.device)
+        images = (images.float() - mean) / std
+        if self.hparams.random_erasing and self.trainer is not None and self.trainer.training:
+            # timm's random erasing, on the normalised batch, filling with per-pixel noise
+            images = RandomErasing(self.hparams.random_erasing, mode="pixel", device=images.device)(images)
+        return images, targets, rows
+
+    def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""
+        if device not in self._normalisation_on:
+            self._normalisation_on[device] = normalisation(self.data_config, device)
+        return self._normalisation_on[device]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state, so a resumed run draws the same batches and augmentations (inside an epoch, its
+        state when the epoch began, with the samples trained on since); the split table, so that `validate`, `test`
+        and a resumed fit see the images this run was trained on, whatever the folder holds by then."""
+        done = self._samples_done()
+        generator = self.epoch_start.state if done else self.generator.get_state()
+        return {"generator": generator, "samples_done": done, "splits": self.split_table}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.generator.set_state(state_dict["generator"])
+        self.epoch_start.done = state_dict.get("samples_done", 0)
+
+    def _samples_done(self) -> int:
+        """Training samples, over all ranks, of the epoch a checkpoint is saved inside; 0 between epochs."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit" or self.epoch_start.state is None:
+            return 0
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if not 0 < batches < trainer.num_training_batches:
+            return 0
+        return batches * self.hparams.batch_size * trainer.world_size

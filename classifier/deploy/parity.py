@@ -1,0 +1,221 @@
+"""Proof that an exported model computes what its checkpoint does: the same preprocessed pixels through both, at
+several batch sizes, on the checkpoint's frozen test split or on a folder of images."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from classifier.core.imageio import list_images
+from classifier.data.datamodule import ImageFolderDataModule
+from classifier.deploy.onnx_predictor import OnnxPredictor, softmax
+from classifier.deploy.predictor import Predictor
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 2, 7)
+MAX_ABS_DIFF = 1e-4  # fp32's tolerance on each probability
+RANDOM_IMAGES = 32  # images of random pixels, where no real ones are at hand
+CALIBRATION_IMAGES = 200
+REFERENCE_BATCH = 64
+
+
+@dataclass
+class CheckImages:
+    """Images to compare on, preprocessed once by the PyTorch `Predictor`, with its probabilities for them."""
+
+    source: str
+    pixels: np.ndarray  # uint8 NCHW
+    reference: np.ndarray  # the checkpoint's probabilities
+    labels: np.ndarray | None  # class indices, when known
+    paths: list[Path] | None  # None for random pixels
+
+
+def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | None) -> tuple[list[Path], list[int]]:
+    """The files of split `name` recorded in the checkpoint, as `classifier test` finds them, checked unchanged."""
+    if not (checkpoint.get(ImageFolderDataModule.__qualname__) or {}).get("splits"):
+        raise LookupError(f"{ckpt_path} records no frozen split")
+    datamodule = ImageFolderDataModule.from_checkpoint(ckpt_path, data_dir, num_workers=0)
+    datamodule.splits.verify(name, datamodule.split_source)
+    return datamodule.splits.subset(name)
+
+
+def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels: list[int] | None) -> CheckImages:
+    """Files preprocessed and classified by the checkpoint's own `Predictor`."""
+    pixels = np.stack([predictor.preprocess(path).numpy() for path in paths])
+    return CheckImages(
+        source, pixels, reference(predictor, pixels), None if labels is None else np.array(labels), paths
+    )
+
+
+def reference(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
+    """The checkpoint's probabilities for uint8 NCHW pixels."""
+    return in_batches(lambda chunk: predictor.predict_batch(torch.from_numpy(chunk)).numpy(), pixels, REFERENCE_BATCH)
+
+
+def random_images(predictor: Predictor) -> CheckImages:
+    """Seeded random pixels: a check of the graph, not of the preprocessing, for when no images are at hand."""
+    pixels = np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, *predictor.preprocessing["input_size"]))
+    pixels = pixels.astype(np.uint8)
+    return CheckImages(f"{RANDOM_IMAGES} random images", pixels, reference(predictor, pixels), None, None)
+
+
+def check_images(
+    check: str, predictor: Predictor, checkpoint: dict, ckpt_path: Path, data_dir: str | None
+) -> CheckImages:
+    """`--check auto`: the frozen test split (random pixels, with a warning, when there is none here);
+    `--check DIR`: the images in DIR, labelled when they sit in folders named after the classes."""
+    if check == "auto":
+        try:
+            paths, labels = frozen_split(checkpoint, ckpt_path, "test", data_dir)
+        except (LookupError, OSError, ValueError) as error:
+            log.warning(
+                "--check auto: %s; checking parity on %d random images instead (--check DIR checks real images)",
+                str(error).splitlines()[0],
+                RANDOM_IMAGES,
+            )
+            return random_images(predictor)
+        return pytorch_images(predictor, f"test split of {ckpt_path} ({len(paths)} images)", paths, labels)
+    folder = Path(check)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--check {check} is not a folder of images (nor auto or none)")
+    paths = list_images(folder)
+    if not paths:
+        raise ValueError(f"--check {folder} holds no images")
+    index = {name: i for i, name in enumerate(predictor.class_names)}
+    classes = [path.relative_to(folder).parts[0] if len(path.relative_to(folder).parts) > 1 else "" for path in paths]
+    labels = [index[name] for name in classes] if all(name in index for name in classes) else None
+    return pytorch_images(predictor, f"{folder} ({len(paths)} images)", paths, labels)
+
+
+@dataclass
+class Calibration:
+    source: str
+    batches: list[np.ndarray]  # one uint8 image per batch, which a fixed-batch model takes too
+
+
+def calibration_images(
+    checkpoint: dict, ckpt_path: Path, data_dir: str | None, images: CheckImages | None, predictor: Predictor
+) -> Calibration:
+    """Up to 200 images of the checkpoint's train split, spread over it; the --check folder's when it has none."""
+    try:
+        paths, _ = frozen_split(checkpoint, ckpt_path, "train", data_dir)
+        source = "train split"
+    except (LookupError, OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        if images is None or images.paths is None:
+            raise ValueError(
+                f"--quantize int8 calibrates on the checkpoint's train split, and {reason}: pass --data_dir where its "
+                "images are now, or --check DIR to calibrate on the images of DIR"
+            ) from error
+        log.warning("--quantize int8: %s; calibrating on the --check images instead", reason)
+        paths, source = images.paths, "check images"
+    chosen = sorted(set(np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths))).round().astype(int)))
+    batches = [predictor.preprocess(paths[i]).numpy()[None] for i in chosen]
+    return Calibration(f"{len(batches)} {source} images", batches)
+
+
+def runner(path: Path, description: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """The exported file as a function from uint8 NCHW pixels to probabilities."""
+    if description["format"] == "onnx":
+        return OnnxPredictor(path).predict_batch
+    if description["format"] == "exported_program":
+        module = torch.export.load(path).module()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation, which export already logged
+            module = torch.jit.load(str(path))
+    step = None if description["dynamic_batch"] else 1
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        size = step or len(pixels)
+        with torch.inference_mode():
+            chunks = [module(torch.from_numpy(pixels[i : i + size])) for i in range(0, len(pixels), size)]
+        output = torch.cat(chunks).numpy()
+        return softmax(output) if description["output"] == "logits" else output
+
+    return run
+
+
+def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Largest probability difference, top-1 agreement, and accuracy when the labels are known."""
+    return {
+        "max_abs_diff": float(np.abs(probs - reference).max()),
+        "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+        "accuracy": None if labels is None else float((probs.argmax(1) == labels).mean()),
+    }
+
+
+def in_batches(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([run(pixels[start : start + size]) for start in range(0, len(pixels), size)])
+
+
+def describe_images(images: CheckImages) -> dict:
+    accuracy = None if images.labels is None else float((images.reference.argmax(1) == images.labels).mean())
+    return {"images": images.source, "count": len(images.pixels), "pytorch_accuracy": accuracy}
+
+
+def check_parity(
+    predictor: Predictor, path: Path, description: dict, images: CheckImages, batch_sizes=BATCH_SIZES
+) -> dict:
+    """parity.json's fp32 part; its `failure` says by how much it missed 100% top-1 and MAX_ABS_DIFF."""
+    run = runner(path, description)
+    by_size = {str(size): compare(images.reference, in_batches(run, images.pixels, size), images.labels)
+               for size in batch_sizes}  # fmt: skip
+    worst = max(result["max_abs_diff"] for result in by_size.values())
+    agreement = min(result["top1_agreement"] for result in by_size.values())
+    report = {**describe_images(images), "tolerance": {"max_abs_diff": MAX_ABS_DIFF, "top1_agreement": 1.0}}
+    report["batch_sizes"] = by_size
+    problems = []
+    if description["format"] == "onnx" and images.paths is not None:  # the torch-free preprocessing, on the same files
+        onnx = OnnxPredictor(path)
+        differ = [
+            p for p, pixels in zip(images.paths, images.pixels, strict=True) if (onnx.preprocess(p) != pixels).any()
+        ]
+        report["preprocessing_mismatches"] = len(differ)
+        if differ:
+            problems.append(
+                f"classifier.deploy.onnx_predictor preprocesses {len(differ)} images differently, such as {differ[0]}"
+            )
+    if worst > MAX_ABS_DIFF:
+        problems.append(f"probabilities differ by up to {worst:.3g} (tolerance {MAX_ABS_DIFF:g})")
+    if agreement < 1.0:
+        problems.append(f"top-1 agrees on {agreement:.2%} of images, not 100%")
+    report["passed"] = not problems
+    if problems:
+        report["failure"] = "; ".join(problems)
+    log.info(
+        "Parity on %s: max |Δp| %.3g, top-1 agreement %.2f%% over batch sizes %s",
+        images.source,
+        worst,
+        100 * agreement,
+        ", ".join(by_size),
+    )
+    return report
+
+
+def check_quantized(
+    path: Path, images: CheckImages, calibration: Calibration, max_accuracy_drop: float, batch_size: int = 7
+) -> dict:
+    """parity.json's int8 part: agreement with the checkpoint and the accuracy change, in points; without labels,
+    the share of images whose top-1 changed bounds the drop."""
+    result = compare(images.reference, in_batches(OnnxPredictor(path).predict_batch, images.pixels, batch_size),
+                     images.labels)  # fmt: skip
+    change = None
+    if images.labels is not None:
+        change = 100 * (result["accuracy"] - float((images.reference.argmax(1) == images.labels).mean()))
+    drop = -change if change is not None else 100 * (1 - result["top1_agreement"])
+    report = {"model": path.name, "calibration": calibration.source, **result, "accuracy_change_points": change}
+    report |= {"max_accuracy_drop_points": max_accuracy_drop, "passed": drop <= max_accuracy_drop}
+    if drop > max_accuracy_drop:
+        measured = "accuracy drops" if images.labels is not None else "top-1 changes on"
+        report["failure"] = f"int8 {measured} {drop:.2f} points (--max_accuracy_drop {max_accuracy_drop:g})"
+    log.info("int8 on %s: top-1 agreement %.2f%%, accuracy change %s points", images.source,
+             100 * result["top1_agreement"], "n/a" if change is None else f"{change:+.2f}")  # fmt: skip
+    return report

@@ -1,0 +1,79 @@
+"""Class probabilities from a checkpoint alone, on any machine: for scripts, export, serving and explanations."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from classifier.core.imageio import as_rgb_image
+from classifier.deploy.inputs import ImageInput, predict_in_chunks
+from classifier.model.checkpoints import read_checkpoint
+from classifier.model.net import ClassifierNet, eval_transform, normalisation
+from classifier.model.tta import TTA, predict_logits
+
+
+class Predictor:
+    """A trained `ClassifierNet` with the eval transform it was trained for, on one device."""
+
+    def __init__(
+        self, net: ClassifierNet, device: str | torch.device = "cpu", tta: TTA | None = None, batch_size: int = 64
+    ) -> None:
+        self.device = torch.device(device)
+        self.net = net.eval().to(self.device)
+        self.tta = tta
+        self.batch_size = batch_size
+        self.transform = eval_transform(net.preprocessing)
+        self.mean, self.std = normalisation(net.preprocessing, self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        tta: TTA | Literal["none", "checkpoint"] = "checkpoint",
+        batch_size: int = 64,
+    ) -> Predictor:
+        """Rebuild the network from the checkpoint's own description and weights; nothing else is read.
+
+        `tta` is the test-time augmentation the checkpoint was configured with by default; "none" turns it off.
+        """
+        checkpoint = read_checkpoint(path, "checkpoint")
+        if "net" not in checkpoint:
+            raise ValueError(f"{path} holds no network description: was it written by `classifier fit`?")
+        net = ClassifierNet(**checkpoint["net"])
+        state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
+        net.load_state_dict({key: state[key] for key in net.state_dict()})
+        if tta == "checkpoint":
+            tta = checkpoint.get("hyper_parameters", {}).get("tta")
+        return cls(net, device, None if tta == "none" else tta, batch_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.net.class_names
+
+    @property
+    def preprocessing(self) -> dict:
+        """Input size, interpolation, crop_pct, crop_mode, mean and std: what export and serving must reproduce."""
+        return self.net.preprocessing
+
+    def preprocess(self, image: ImageInput) -> Tensor:
+        """One image (a path, a PIL image or an HWC/HW uint8 array) as the uint8 CHW tensor the network sees."""
+        return self.transform(as_rgb_image(image))
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Tensor) -> Tensor:
+        """Probabilities for a preprocessed uint8 NCHW batch."""
+        images = (images.to(self.device).float() - self.mean) / self.std
+        return predict_logits(self.net, images, self.tta).float().softmax(dim=-1).cpu()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
+        """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""
+        empty = torch.zeros(0, len(self.class_names))
+        return predict_in_chunks(images, self.batch_size, self._predict_chunk, torch.cat, empty)
+
+    def _predict_chunk(self, images: list[ImageInput]) -> Tensor:
+        return self.predict_batch(torch.stack([self.preprocess(image) for image in images]))

@@ -1,0 +1,154 @@
+"""The files validate, test and predict leave in their run folder, all from one set of per-image predictions."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from rich.table import Table
+from torch import Tensor
+
+from classifier.core.atomic import atomic_open, write_json
+from classifier.core.console import print_table
+from classifier.evaluation.reports import write_evaluation_report
+
+log = logging.getLogger(__name__)
+SHOWN_PREDICTIONS = 20
+
+
+class PredictionWriter(Callback):
+    """`predictions.csv` for validate, test and predict; `metrics.json` and the report files for validate and test."""
+
+    def __init__(self, output: str | None = None, topk: int = 0) -> None:
+        """
+        Args:
+            output: Where predictions.csv goes; by default into the run folder.
+            topk: Also write and print each image's K most likely classes (predict).
+        """
+        self.output = output
+        self.topk = topk
+        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def _collect(self, trainer: Trainer, logits: Tensor, batch: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        _, targets, rows = batch
+        self._outputs.append((rows.cpu(), targets.cpu(), logits.float().softmax(dim=-1).cpu()))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "validate":
+            self._collect(trainer, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, "predict")
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        rows, targets, probs = _gather(self._outputs, len(pl_module.class_names))
+        self._outputs = []
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        classes = pl_module.class_names
+        output = Path(self.output) if self.output else run_dir / "predictions.csv"
+        paths = [trainer.datamodule.paths(stage)[row] for row in rows.tolist()]
+        if stage == "predict":
+            unreadable = trainer.datamodule.unreadable
+            write_predictions(output, paths, None, probs, classes, self.topk, unreadable)
+            log.info("Predictions for %d images (%d unreadable): %s", len(paths), len(unreadable), output)
+            show_predictions(paths, probs, classes, max(1, self.topk))
+            return
+        replaced = (run_dir / "metrics.json").is_file()  # the same checkpoint evaluated again
+        write_predictions(output, paths, targets, probs, classes)
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")}
+        write_json(run_dir / "metrics.json", metrics)
+        report = write_evaluation_report(run_dir, paths, targets.numpy(), probs.numpy(), classes)
+        show_classification_report(report, title=f"{stage} split: {len(paths)} images")
+        again = " (replacing the earlier run's)" if replaced else ""
+        log.info("Predictions, metrics.json and report files%s: %s", again, run_dir)
+
+
+def write_predictions(
+    output: Path,
+    paths: list[Path],
+    targets: Tensor | None,
+    probs: Tensor,
+    classes: list[str],
+    topk: int = 0,
+    unreadable: dict[Path, str] | None = None,
+) -> None:
+    """One row per image: path, [target,] prediction, confidence, [status, top-K,] then prob_<class> columns."""
+    confidence, predicted = probs.max(dim=-1)
+    ranked = probs.argsort(dim=-1, descending=True)[:, :topk].tolist()
+    labelled = targets is not None
+    status = [] if labelled else ["status"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(output, newline="") as file:
+        writer = csv.writer(file)
+        header = ["path", *(["target"] if labelled else []), "prediction", "confidence", *status]
+        writer.writerow(header + [f"top{k + 1}" for k in range(topk)] + [f"prob_{name}" for name in classes])
+        for i, path in enumerate(paths):
+            target = [classes[targets[i]]] if labelled else []
+            ok = [] if labelled else ["ok"]
+            top = [classes[c] for c in ranked[i]]
+            writer.writerow(
+                [str(path), *target, classes[predicted[i]], f"{confidence[i]:.7g}", *ok, *top]
+                + [f"{p:.7g}" for p in probs[i].tolist()]
+            )
+        for path, reason in (unreadable or {}).items():
+            writer.writerow([str(path), "", "", f"error: {reason}"] + [""] * (topk + len(classes)))
+
+
+def show_classification_report(report: list[dict], title: str) -> None:
+    table = Table(title=f"Classification report, {title}")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in report:
+        if row["class"] == "macro avg":
+            table.add_section()
+        table.add_row(row["class"], *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1")), str(row["support"]))
+    print_table(table)
+
+
+def show_predictions(paths: list[Path], probs: Tensor, classes: list[str], topk: int) -> None:
+    table = Table(title=f"Predictions (first {min(len(paths), SHOWN_PREDICTIONS)} of {len(paths)})")
+    table.add_column("image")
+    for k in range(topk):
+        table.add_column(f"top {k + 1}" if topk > 1 else "prediction")
+    values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
+    for i, path in enumerate(paths[:SHOWN_PREDICTIONS]):
+        cells = [f"{classes[c]} ({v:.3f})" for v, c in zip(values[i].tolist(), indices[i].tolist(), strict=True)]
+        table.add_row(path.name, *cells)
+    print_table(table)
+
+
+def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every rank's (rows, targets, probabilities), concatenated and ordered by row."""
+    local = [torch.cat(parts) for parts in zip(*outputs, strict=True)] if outputs else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, local)
+        parts = [part for part in everyone if part is not None]
+        local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
+    if local is None:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0, num_classes)
+    order = local[0].argsort()
+    return local[0][order], local[1][order], local[2][order]
