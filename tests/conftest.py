@@ -19,8 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversu
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the `classifier` processes the tests start, too
     torch.set_num_threads(1)
 
+from classifier.cli.entry import cli_main
 from classifier.data.digits import write_digits
 from classifier.data.file_facts import CACHE_ENV
+from tests.helpers import run_dir, tiny_config
 from tests.helpers.faults import digits_config, last_of, read_sample_log, run
 
 
@@ -57,3 +59,14 @@ def reference(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     code, stderr = run(["fit", "--config", str(digits_config(folder, digits_dir))], log)
     assert code == 0, stderr
     return last_of(folder), read_sample_log(log)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one trained checkpoint of the tests that only read one: best.ckpt of one epoch of `test_resnet` at 32 px on
+    the small digits, tested (its run's test/metrics.json beside it). A test that writes beside it copies it first."""
+    root = tmp_path_factory.mktemp("trained")
+    cli_main(["fit", "--config", str(tiny_config(root, small_digits, trainer={"max_epochs": 1}))])
+    checkpoint = run_dir(root, 0) / "checkpoints" / "best.ckpt"
+    cli_main(["test", "--ckpt_path", str(checkpoint)])
+    return checkpoint

@@ -20,9 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from classifier import cli
+from classifier.cli import entry
 from classifier.cli.entry import cli_main, main
-from classifier.cli.entry import main as entry_main
 from classifier.core.console import DEBUG_HINT
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.deploy.predictor import Predictor
@@ -78,25 +77,16 @@ def run_main(entry, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int
     return stopped.value.code, capsys.readouterr().err.splitlines()
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """best.ckpt of one epoch of `test_resnet` on three classes of 10 images."""
-    root = tmp_path_factory.mktemp("trained")
-    data = write_folder(root / "data", {"a": 10, "b": 10, "c": 10})
-    cli_main(["fit", "--config", str(tiny_config(root, data, trainer={"max_epochs": 1}))])
-    return run_dir(root, 0) / "checkpoints" / "best.ckpt"
-
-
 def test_pickles_that_would_run_code_are_refused_by_every_command(
-    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     marker = tmp_path / "code_ran"
     hostile = {"state_dict": {"net.w": torch.zeros(2)}, "payload": RunsCode(marker)}
     torch.save(hostile, zipped := tmp_path / "hostile.ckpt")
     torch.save(hostile, legacy := tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
     (plain := tmp_path / "plain.pth").write_bytes(pickle.dumps(hostile))
-    config = tiny_config(tmp_path, trained.parents[4] / "data", trainer={"max_epochs": 1})
-    images = str(trained.parents[4] / "data" / "a")
+    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+    images = str(small_digits / "0")
 
     def refusal(option: str, path: Path) -> str:
         if path == plain:  # torch.load finds no torch.save header and stops at the first opcode it does not take
@@ -119,7 +109,7 @@ def test_pickles_that_would_run_code_are_refused_by_every_command(
             ["export", "--ckpt_path", str(path), "--output", str(tmp_path / "export")],
         ):
             assert run_main(main, args, capsys) == (2, [refusal("--ckpt_path", path), DEBUG_HINT]), args
-        assert run_main(entry_main, ["serve", "--model", str(path)], capsys) == (
+        assert run_main(main, ["serve", "--model", str(path)], capsys) == (
             2,
             [refusal("checkpoint", path), DEBUG_HINT],
         )
@@ -133,12 +123,12 @@ def test_pickles_that_would_run_code_are_refused_by_every_command(
 
 
 def test_a_truncated_or_empty_checkpoint_is_one_line(
-    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained_checkpoint: Path, small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    data = trained.read_bytes()
+    data = trained_checkpoint.read_bytes()
     (half := tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
     (empty := tmp_path / "empty.ckpt").write_bytes(b"")
-    config = tiny_config(tmp_path, trained.parents[4] / "data")
+    config = tiny_config(tmp_path, small_digits)
     for args in (
         ["test", "--ckpt_path", str(half)],
         ["fit", "--config", str(config), "--ckpt_path", str(half)],
@@ -364,9 +354,9 @@ def test_class_folder_mistakes_say_what_to_do(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_config_mistakes_end_with_status_2_and_one_line(
-    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    config = str(tiny_config(tmp_path, trained.parents[4] / "data"))
+    config = str(tiny_config(tmp_path, small_digits))
     missing = tmp_path / "my photos"
     cases = {
         ("--trainer.max_epohcs", "3"): [
@@ -403,9 +393,9 @@ def test_config_mistakes_end_with_status_2_and_one_line(
 
 
 def test_debug_shows_the_traceback_of_any_error_and_bugs_always_show_theirs(
-    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = str(tiny_config(tmp_path, trained.parents[4] / "data"))
+    config = str(tiny_config(tmp_path, small_digits))
     missing = tmp_path / "my photos"
     for debug in (["--debug"], ["--verbose"]):
         status, lines = run_main(main, ["fit", *debug, "--config", config, "--data.data_dir", str(missing)], capsys)
@@ -420,14 +410,14 @@ def test_debug_shows_the_traceback_of_any_error_and_bugs_always_show_theirs(
     def broken(args: list[str]) -> None:
         raise KeyError("a bug, not a user's mistake")
 
-    monkeypatch.setattr(cli, "cli_main", broken)
+    monkeypatch.setattr(entry, "cli_main", broken)
     with pytest.raises(KeyError, match="a bug"):  # not caught: Python prints its traceback and exits with 1
         main(["fit", "--config", config])
 
 
 @pytest.mark.slow
-def test_the_real_command_exits_2_without_a_traceback_unless_asked(trained: Path, tmp_path: Path) -> None:
-    config = str(tiny_config(tmp_path, trained.parents[4] / "data"))
+def test_the_real_command_exits_2_without_a_traceback_unless_asked(small_digits: Path, tmp_path: Path) -> None:
+    config = str(tiny_config(tmp_path, small_digits))
     missing = tmp_path / "my photos"
 
     def classifier(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -460,12 +450,12 @@ EXTRA_COMMANDS = [
 
 @pytest.mark.parametrize(("command", "missing", "extra", "importers"), EXTRA_COMMANDS, ids=lambda x: str(x))
 def test_a_command_whose_extra_is_not_installed_names_the_extra(
-    command: str, missing: str, extra: str, importers: tuple[str, ...], trained: Path, monkeypatch, capsys
+    command: str, missing: str, extra: str, importers: tuple[str, ...], trained_checkpoint: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it raises ModuleNotFoundError
     for name in importers:  # imported again, without it; the rest of the package stays the one other tests patch
         monkeypatch.delitem(sys.modules, f"classifier.{name}", raising=False)
     args = ["--search", str(REPO / "configs" / "search" / "resnet18.yaml")] if command == "tune" else []
-    code, lines = run_main(main, [command, "--ckpt_path", str(trained), *args], capsys)
+    code, lines = run_main(main, [command, "--ckpt_path", str(trained_checkpoint), *args], capsys)
     assert code == 2
     assert lines[0] == f"error: {missing} is not installed: pip install 'classifier[{extra}]'"

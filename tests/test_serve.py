@@ -23,17 +23,16 @@ import pytest
 from classifier import cli_main
 from classifier.serve.app import create_app
 from classifier.serve.backends import load_backend
-from tests.helpers import read_csv, run_dir, tiny_config
+from tests.helpers import read_csv
 from tests.helpers.serving import REPO, encoded, noise, png_bomb, sample, start_server
 
 
 @pytest.fixture(scope="module")
-def trained(small_digits: Path, digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A one-epoch test_resnet on the digits, tested, and `classifier predict`'s probabilities for 16 new digits."""
+def trained(trained_checkpoint: Path, digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tests' trained checkpoint (one tested epoch of test_resnet on the digits), and `classifier predict`'s
+    probabilities for 16 new digits."""
     root = tmp_path_factory.mktemp("served")
-    cli_main(["fit", "--config", str(tiny_config(root, small_digits, trainer={"max_epochs": 1}))])
-    checkpoint = run_dir(root, 0) / "checkpoints" / "best.ckpt"
-    cli_main(["test", "--ckpt_path", str(checkpoint)])
+    checkpoint = trained_checkpoint
     images = root / "new_digits"
     images.mkdir()
     for class_dir in sorted(digits_dir.iterdir()):

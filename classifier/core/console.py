@@ -31,6 +31,8 @@ NOISY_WARNINGS = (
     # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
     r"You're resuming from a checkpoint that ended before the epoch ended",
     r"LightningCLI's args parameter is intended",  # `cv` and `check-data` parse fit's options after their own
+    # an EMA run evaluated: its checkpoint's weights are the averaged ones already, so there is nothing to restore
+    r"You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage",
 )
 NOISY_LOGS = re.compile(
     r"💡 Tip:"  # advertisements for Lightning's cloud services

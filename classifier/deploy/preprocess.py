@@ -1,8 +1,8 @@
 """The one description of a model's eval preprocessing (`preprocess.json`), and its PIL + numpy implementation.
 
 `classifier export` writes it beside the model and into the ONNX metadata; the torch-free
-`classifier.deploy.onnx_predictor` and serving read it back. `resize_and_crop` renders the same pixels as `classifier.model.net.eval_transform` (timm's eval
-transform through torchvision), with Pillow alone.
+`classifier.deploy.onnx_predictor` and serving read it back. `resize_and_crop` renders the same pixels as
+`classifier.model.net.eval_transform` (timm's eval transform through torchvision), with Pillow alone.
 """
 
 from __future__ import annotations
