@@ -140,14 +140,14 @@ def scores(report: Path, planted: dict[str, list[tuple[str, str]]], root: Path) 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20_000, help="distinct originals (copies are added)")
+    parser.add_argument("--images", type=int, help="distinct originals, copies added (default 20,000; 600 quick)")
     parser.add_argument("--sizes", type=int, nargs=2, default=(64, 112), help="smallest and largest side, px")
-    parser.add_argument("--quick", action="store_true", help="600 originals: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="600 originals unless --images says: a smoke run")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.images = 600
+    if args.images is None:
+        args.images = 600 if args.quick else 20_000
     threads = 2 * available_cores()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -54,7 +54,7 @@ def measure(one: Callable[[], object], many: Callable[[], object], repeats: int,
 
 def jpegs(folder: Path, count: int, sizes: tuple[int, int]) -> list[Path]:
     """`count` photo-like JPEGs (some grey, some EXIF-rotated) of `sizes` px sides."""
-    write_photos(folder, per_class=count, sizes=sizes)
+    write_photos(folder, per_class=max(count, 2), sizes=sizes)  # each class's first image is a PNG
     return sorted(folder.rglob("*.jpg"))[:count]
 
 

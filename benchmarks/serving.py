@@ -3,6 +3,7 @@
     python -m benchmarks.serving --model best.ckpt --out serving.json        # exports to ONNX first
     python -m benchmarks.serving --model model.onnx --images data/digits     # 2,000 requests per concurrency
     python -m benchmarks.serving --model best.ckpt --quick                    # a smoke run: 40 requests each
+    python -m benchmarks.serving --model model.onnx --quick --requests 32 --warmup_requests 0   # a smaller one
 
 The server runs on 127.0.0.1 in its own process; the client (httpx) sends a bounded number of one-image requests at
 each concurrency (1, 8, 32) and stops. Per concurrency: p50, p95 and p99 latency, images/s, and errors (any answer
@@ -214,20 +215,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a .ckpt (exported first) or an .onnx file")
     parser.add_argument("--images", type=Path, default=REPO / "data" / "digits", help="good images (recursive)")
-    parser.add_argument("--num_images", type=int, default=256, help="distinct images sent, cycled")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per concurrency")
+    parser.add_argument("--num_images", type=int, help="distinct images sent, cycled (default 256; 32 quick)")
+    parser.add_argument("--requests", type=int, help="requests per concurrency (default 2000; 40 quick)")
+    parser.add_argument("--warmup_requests", type=int, help="uncounted, at concurrency 8 (default: --requests, <= 64)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--bad_requests", type=int, default=200)
+    parser.add_argument("--bad_requests", type=int, help="the bad input mix's requests (default 200; 40 quick)")
     parser.add_argument("--max_batch_size", type=int, default=16)
     parser.add_argument("--batch_timeout_ms", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="40 requests per concurrency, 40 bad: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="40 requests each, 40 bad, 32 images: a smoke run")
     parser.add_argument("--out", type=Path, default=Path("serving.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    if args.quick:
-        args.requests, args.bad_requests, args.num_images = 40, 40, 32
+    for name, default, quick in (("requests", 2000, 40), ("bad_requests", 200, 40), ("num_images", 256, 32)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+    if args.warmup_requests is None:
+        args.warmup_requests = min(args.requests, 64)
 
     paths = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.num_images]
     if not paths:
@@ -245,7 +250,8 @@ def main() -> None:
         flags = ["--max_batch_size", str(args.max_batch_size), "--batch_timeout_ms", str(args.batch_timeout_ms)]
         process, url = start_server(model, *flags, "--workers", str(args.workers))
         try:
-            asyncio.run(load(url, images, expected, min(args.requests, 64), 8))  # warm-up, not counted
+            if args.warmup_requests:
+                asyncio.run(load(url, images, expected, args.warmup_requests, 8))  # warm-up, not counted
             figures["served"] = {}
             for concurrency in args.concurrency:
                 result = asyncio.run(load(url, images, expected, args.requests, concurrency))

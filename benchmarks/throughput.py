@@ -168,7 +168,7 @@ def classifier_fit(args: argparse.Namespace, folder: Path, flags: list[str], log
     return max(summary["epoch_train_images_per_s"][1:]), summary["best_value"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="CPU-sized run: 1,000 160x120 images, 64 px, resnet18")
@@ -186,7 +186,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every measurement; each keeps its best")
     parser.add_argument("--paths", default=None, help="comma-separated data paths; default: all this device runs")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    paths = (
+        args.paths.split(",") if args.paths else [p for p in DATA_PATHS if args.device == "cuda" or p != "decode=gpu"]
+    )
+    if unknown := set(paths) - set(DATA_PATHS):  # before any work or global state, so a caller can test it alone
+        parser.error(f"--paths: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DATA_PATHS)}")
     if args.quick:
         args.num_images, args.size, args.image_size, args.batch_size = 1000, "160x120", 64, 64
         args.model, args.steps, args.warmup_steps = "resnet18", 10, 2
@@ -194,11 +199,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     width, height = (int(side) for side in args.size.split("x"))
-    paths = (
-        args.paths.split(",") if args.paths else [p for p in DATA_PATHS if args.device == "cuda" or p != "decode=gpu"]
-    )
-    if unknown := set(paths) - set(DATA_PATHS):
-        parser.error(f"--paths: unknown {', '.join(sorted(unknown))}; choose from {', '.join(DATA_PATHS)}")
     folder = make_folder(args.data_root, args.num_images, args.classes, width, height)
 
     results = {"ceiling_img_s": 0.0, "plain_img_s": 0.0, "classifier_img_s": {}, "classifier_val_f1_macro": {}}

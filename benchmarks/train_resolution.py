@@ -90,7 +90,7 @@ def measure(paths: list[Path], boxes: list[tuple], min_size: int | None, args: a
     return len(paths) / seconds, crops, float(np.mean(upsampled))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 JPEGs of 3200x2400")
     parser.add_argument("--num-images", type=int, default=48)
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per decode; each keeps its best")
     parser.add_argument("--data-root", type=Path, default=Path(tempfile.gettempdir()) / "classifier-resolution")
     parser.add_argument("--out", type=Path, help="write the figures as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.num_images, args.size = 12, "3200x2400"
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -29,3 +29,17 @@ def test_the_entry_point_and_its_help_load_no_torch() -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == "classifier.deploy.onnx_predictor"
     assert "  demo-data   write the bundled digits or a synthetic photo set" in lines
+
+
+def test_the_public_names_import_from_the_package_root() -> None:
+    from classifier import ClassifierNet, ImageClassifier, ImageFolderDataModule, OnnxPredictor, Predictor
+
+    homes = {cls.__name__: cls.__module__ for cls in (ClassifierNet, ImageClassifier, ImageFolderDataModule)}
+    homes |= {cls.__name__: cls.__module__ for cls in (OnnxPredictor, Predictor)}
+    assert homes == {
+        "ClassifierNet": "classifier.model.net",
+        "ImageClassifier": "classifier.model.module",
+        "ImageFolderDataModule": "classifier.data.datamodule",
+        "OnnxPredictor": "classifier.deploy.onnx_predictor",
+        "Predictor": "classifier.deploy.predictor",
+    }

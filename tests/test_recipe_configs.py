@@ -1,6 +1,7 @@
 """The shipped recipes (configs/recipes/), each run as shipped on a small folder of its layout: only the data folder,
-the epochs and the image size are overridden. Pretrained weights come from a Hugging Face cache the test fills, read
-offline, as a machine that downloaded them once would."""
+the epochs and the image size (16 px: every recipe's backbone takes it) are overridden. The folders are a few dozen
+images, one batch of the recipe's batch size per split, so each epoch is a step. Pretrained weights come from a
+Hugging Face cache the test fills, read offline, as a machine that downloaded them once would."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from classifier.model.checkpoints import read_checkpoint
 from tests.helpers import REPO, read_csv
 
 RECIPES = REPO / "configs" / "recipes"
-OVERRIDES = ["--trainer.max_epochs", "1", "--data.image_size", "32"]
+SIZE = ["--data.image_size", "16"]
+OVERRIDES = ["--trainer.max_epochs", "1", *SIZE]
 
 
 def plant_hub_weights(hf_home: Path, backbone: str) -> dict[str, torch.Tensor]:
@@ -55,7 +57,9 @@ def classifier(cwd: Path, *args: str, backbone: str | None = None) -> subprocess
     weights planted in a cache of its own."""
     env = {**os.environ, "HF_HOME": str(cwd / "hf"), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "classifier", *args]
+    import time as _t; _s = _t.time()
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    open("/tmp/w/cmd.log", "a").write(f"CMD {_t.time() - _s:.1f} {args[:1]} {args[-4:]}\n")
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -89,13 +93,13 @@ def test_binary_small_trains_the_head_on_a_frozen_pretrained_backbone_then_thaws
     """Five frozen epochs leave every backbone tensor as the hub gave it (BatchNorm statistics too); the sixth,
     resumed, trains it."""
     planted = plant_hub_weights(tmp_path / "hf", "resnet50")
-    data = copy_digits(digits_dir, tmp_path / "binary_small", {"1": 180, "3": 180})
+    data = copy_digits(digits_dir, tmp_path / "binary_small", {"1": 40, "3": 40})
     recipe = str(RECIPES / "binary_small.yaml")
-    args = ["fit", "--config", recipe, "--data.data_dir", str(data), "--data.image_size", "32"]
+    args = ["fit", "--config", recipe, "--data.data_dir", str(data), *SIZE]
     classifier(tmp_path, *args, "--trainer.max_epochs", "5")
     run = tmp_path / "lightning_logs" / "binary_small" / "version_0"
     splits = Counter(row["split"] for row in read_csv(run / "splits.csv"))
-    assert splits == {"train": 252, "val": 54, "test": 54}  # 15% of 180 is 27 per class
+    assert splits == {"train": 56, "val": 12, "test": 12}  # 15% of 40 is 6 per class
 
     def backbone(checkpoint: Path) -> dict[str, torch.Tensor]:
         state = read_checkpoint(checkpoint)["state_dict"]
@@ -118,15 +122,15 @@ def test_train_val_test_folders_resumes_logs_confusion_matrices_and_scores_every
     tmp_path: Path, digits_dir: Path
 ) -> None:
     data = tmp_path / "split"
-    for split, (offset, count) in {"train": (0, 30), "val": (30, 10), "test": (40, 10)}.items():
+    for split, (offset, count) in {"train": (0, 8), "val": (8, 4), "test": (12, 4)}.items():
         copy_digits(digits_dir, data / split, dict.fromkeys(("3", "5", "8"), count), offset)
     plant_hub_weights(tmp_path / "hf", "resnet18")
     args = ["fit", "--config", str(RECIPES / "train_val_test_folders.yaml"), "--data.data_dir", str(data)]
     classifier(tmp_path, *args, *OVERRIDES)
-    classifier(tmp_path, *args, "--data.image_size", "32", "--trainer.max_epochs", "2", "--ckpt_path", "last")
+    classifier(tmp_path, *args, *SIZE, "--trainer.max_epochs", "2", "--ckpt_path", "last")
     run = tmp_path / "lightning_logs" / "train_val_test_folders" / "version_0"
     assert not run.with_name("version_1").exists()  # resumed in place
-    assert Counter(row["split"] for row in read_csv(run / "splits.csv")) == {"train": 90, "val": 30, "test": 30}
+    assert Counter(row["split"] for row in read_csv(run / "splits.csv")) == {"train": 24, "val": 12, "test": 12}
     images = []
     for events in run.glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events), size_guidance={"images": 0}).Reload()
@@ -144,8 +148,8 @@ def test_train_val_test_folders_resumes_logs_confusion_matrices_and_scores_every
 @pytest.mark.slow
 def test_cifar_vit_trains_with_its_regularisers_and_reports_calibration(tmp_path: Path, digits_dir: Path) -> None:
     data = tmp_path / "cifar"
-    copy_digits(digits_dir, data / "train", dict.fromkeys("0123456789", 12))
-    copy_digits(digits_dir, data / "test", dict.fromkeys("0123456789", 4), offset=12)
+    copy_digits(digits_dir, data / "train", dict.fromkeys("0123456789", 10))  # 10% held out: one val image a class
+    copy_digits(digits_dir, data / "test", dict.fromkeys("0123456789", 2), offset=10)
     plant_hub_weights(tmp_path / "hf", "vit_small_patch16_224")
     args = ["--config", str(RECIPES / "cifar_vit.yaml"), "--data.data_dir", str(data), *OVERRIDES]
     classifier(tmp_path, "fit", *args)
@@ -162,7 +166,7 @@ def test_cifar_vit_trains_with_its_regularisers_and_reports_calibration(tmp_path
 def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights(
     tmp_path: Path, digits_dir: Path
 ) -> None:
-    counts = {"0": 40, "1": 30, "2": 20, "3": 12, "4": 10, "5": 8}
+    counts = {"0": 16, "1": 12, "2": 10, "3": 8, "4": 7, "5": 6}  # after the test split, 5 or more a class: a fold
     data = copy_digits(digits_dir, tmp_path / "cats", counts)
     plant_hub_weights(tmp_path / "hf", "efficientnet_b0")
     recipe = str(RECIPES / "cat_breeds_focal_kfold.yaml")
