@@ -52,6 +52,18 @@ def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="session")
+def few_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 digits of each of 0, 1 and 2: splits and folds of a few images, whose evaluation reports (their figures grow
+    with the classes and with the mistakes they show) draw in a fraction of the time 10 classes take."""
+    root = tmp_path_factory.mktemp("few") / "digits"
+    for digit in "012":
+        (root / digit).mkdir(parents=True)
+        for image in sorted((digits_dir / digit).iterdir())[:8]:
+            shutil.copy(image, root / digit / image.name)
+    return root
+
+
+@pytest.fixture(scope="session")
 def reference(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     """An uninterrupted run's last.ckpt, and the rows each of its training batches saw."""
     folder = tmp_path_factory.mktemp("uninterrupted")

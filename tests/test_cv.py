@@ -19,9 +19,9 @@ FOLDS = 3
 
 
 @pytest.fixture(scope="module")
-def cross_validated(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def cross_validated(few_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp_path = tmp_path_factory.mktemp("cv")
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 2})
+    config = tiny_config(tmp_path, few_digits, trainer={"max_epochs": 2})
     cli_main(["cv", "--config", str(config), "--data.num_folds", str(FOLDS)])
     return tmp_path
 
@@ -33,9 +33,9 @@ def test_every_fold_trains_in_its_own_run_folder(cross_validated: Path) -> None:
         assert (run_dir(cross_validated, fold) / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated: Path, small_digits: Path) -> None:
+def test_out_of_fold_predictions_cover_each_non_test_image_once(cross_validated: Path, few_digits: Path) -> None:
     splits = read_csv(run_dir(cross_validated, 0) / "splits.csv")
-    fold_of = {str(small_digits / row["path"]): row["fold"] for row in splits if row["split"] != "test"}
+    fold_of = {str(few_digits / row["path"]): row["fold"] for row in splits if row["split"] != "test"}
     oof = read_csv(cross_validated / "lightning_logs" / "tiny" / "cv_0" / "oof_predictions.csv")
     assert sorted(row["path"] for row in oof) == sorted(fold_of)
     assert all(row["fold"] == fold_of[row["path"]] for row in oof)  # predicted by the model that held it out
@@ -81,12 +81,21 @@ def test_fold_ensemble_averages_probabilities_on_the_test_split(cross_validated:
     assert (cv_dir / "ensemble" / "confusion_matrix.png").is_file()
 
 
-def test_folds_trained_apart_are_aggregated(
-    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
-    for fold in (1, 0):  # as a SLURM array would, in any order
+@pytest.fixture(scope="module")
+def two_folds(few_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folders of two folds trained apart, fold 1 first (version_0), as a SLURM array may: each test copies
+    them."""
+    tmp_path = tmp_path_factory.mktemp("two_folds")
+    config = tiny_config(tmp_path, few_digits, trainer={"max_epochs": 1})
+    for fold in (1, 0):
         cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+    return tmp_path / "lightning_logs" / "tiny"
+
+
+def test_folds_trained_apart_are_aggregated(
+    two_folds: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(two_folds, tmp_path / "lightning_logs" / "tiny")  # folds 1 and 0, in that order
     monkeypatch.setenv("COLUMNS", "80")  # what rich assumes when output goes to a file
     capsys.readouterr()
     cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
@@ -100,50 +109,41 @@ def test_folds_trained_apart_are_aggregated(
     assert "…" not in printed
 
 
-def test_aggregate_takes_the_newest_run_of_each_fold(small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
-    for fold in (0, 1, 0):  # fold 0 retrained after a change: version_2 replaces version_0
-        cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
+def test_aggregate_takes_the_newest_run_of_each_fold(two_folds: Path, few_digits: Path, tmp_path: Path) -> None:
+    shutil.copytree(two_folds, tmp_path / "lightning_logs" / "tiny")  # folds 1 and 0, in that order
+    config = tiny_config(tmp_path, few_digits, trainer={"max_epochs": 1})
+    # fold 0 retrained after a change: version_2 replaces version_1
+    cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", "0"])
     cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
     summary = json.loads((tmp_path / "lightning_logs" / "tiny" / "cv_0" / "cv_summary.json").read_text())
-    assert summary["runs"] == [str(run_dir(tmp_path, 2)), str(run_dir(tmp_path, 1))]
+    assert summary["runs"] == [str(run_dir(tmp_path, 2)), str(run_dir(tmp_path, 0))]
 
 
-def test_aggregate_names_the_missing_folds(small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
+def test_aggregate_names_the_missing_folds(few_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, few_digits, trainer={"max_epochs": 1})
     cli_main(["fit", "--config", str(config), "--data.num_folds", "3", "--data.fold", "1"])
     with pytest.raises(ValueError, match=r"no finished run \(checkpoints/best.ckpt\) for folds \[0, 2\]"):
         cli_main(["cv", "--aggregate", str(tmp_path / "lightning_logs" / "tiny")])
 
 
-def test_cv_without_folds_is_refused_before_training(small_digits: Path, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path, small_digits)
+def test_cv_without_folds_is_refused_before_training(few_digits: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, few_digits)
     with pytest.raises(ValueError, match="classifier cv needs --data.num_folds K"):
         cli_main(["cv", "--config", str(config)])
     assert not (tmp_path / "lightning_logs").exists()
 
 
 @pytest.mark.slow
-def test_validate_and_test_runs_get_the_users_trainer_flags(small_digits: Path, tmp_path: Path) -> None:
+def test_validate_and_test_runs_get_the_users_trainer_flags(few_digits: Path, tmp_path: Path) -> None:
     """From --config (limit_val_batches) and from the command line (limit_test_batches); model and data settings
-    still come from each fold's checkpoint (batch_size 8)."""
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1, "limit_val_batches": 2},
-                         data={"batch_size": 8})  # fmt: skip
+    still come from each fold's checkpoint (batch_size 3). Each fold validates on 10 images and tests on 4."""
+    config = tiny_config(tmp_path, few_digits, trainer={"max_epochs": 1, "limit_val_batches": 2},
+                         data={"batch_size": 3})  # fmt: skip
     cli_main(["cv", "--config", str(config), "--data.num_folds", "2", "--trainer.limit_test_batches", "1"])
     cv_dir = tmp_path / "lightning_logs" / "tiny" / "cv_0"
     for fold in range(2):
-        assert len(read_csv(cv_dir / f"fold_{fold}" / "validate" / "predictions.csv")) == 2 * 8
-        assert len(read_csv(cv_dir / f"fold_{fold}" / "test" / "predictions.csv")) == 1 * 8
-
-
-@pytest.fixture(scope="module")
-def two_folds(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folders of two folds trained apart, for each test to copy."""
-    tmp_path = tmp_path_factory.mktemp("two_folds")
-    config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 1})
-    for fold in (0, 1):
-        cli_main(["fit", "--config", str(config), "--data.num_folds", "2", "--data.fold", str(fold)])
-    return tmp_path / "lightning_logs" / "tiny"
+        assert len(read_csv(cv_dir / f"fold_{fold}" / "validate" / "predictions.csv")) == 2 * 3
+        assert len(read_csv(cv_dir / f"fold_{fold}" / "test" / "predictions.csv")) == 1 * 3
 
 
 @pytest.mark.slow

@@ -55,11 +55,9 @@ def test_train_script_asks_lightning_for_the_nodes_and_tasks_slurm_gives(small_d
 
 
 @pytest.mark.slow
-def test_cv_array_tasks_train_their_folds_resume_when_requeued_and_aggregate(
-    small_digits: Path, tmp_path: Path
-) -> None:
+def test_cv_array_tasks_train_their_folds_resume_when_requeued_and_aggregate(few_digits: Path, tmp_path: Path) -> None:
     assert directives(SCRIPTS / "cv.sbatch")["--signal"] == "SIGUSR1@90"
-    env = {"CONFIG": str(tiny_config(tmp_path, small_digits)), "RUNS": str(tmp_path / "runs"), "NAME": "digits"}
+    env = {"CONFIG": str(tiny_config(tmp_path, few_digits)), "RUNS": str(tmp_path / "runs"), "NAME": "digits"}
     array = {"SLURM_ARRAY_TASK_COUNT": "2"}
     for fold in ("0", "1"):
         sbatch("cv.sbatch", tmp_path, "--trainer.max_epochs", "1", SLURM_ARRAY_TASK_ID=fold, **array, **env)
