@@ -316,6 +316,7 @@ def test_bad_input_is_one_clear_error_before_any_work(
             cli_main(["explain", "--ckpt_path", ckpt, "--out", str(out), *args])
         assert not out.exists()  # nothing written
     missing = tmp_path / "missing.ckpt"
+    capsys.readouterr()  # what the cases above logged
     with pytest.raises(SystemExit) as stopped:
         main(["explain", "--ckpt_path", str(missing)])
     assert stopped.value.code == 2

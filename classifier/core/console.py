@@ -7,8 +7,10 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -52,11 +54,24 @@ class _HideNoise(logging.Filter):
         return not NOISY_LOGS.search(record.getMessage())
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each message, not as it was when the first command configured logging: a
+    caller that redirects or captures stderr later (a test, a notebook) gets the messages, never a closed stream."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        """Ignored: the stream is always the current stderr."""
+
+
 def configure_logging() -> None:
     """Show this package's INFO messages (where files went) on the console."""
     package = logging.getLogger("classifier")
     if not package.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)
