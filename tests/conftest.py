@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers share the cores: oversu
 from classifier.cli.entry import cli_main
 from classifier.data.digits import write_digits
 from classifier.data.file_facts import CACHE_ENV
-from tests.helpers import run_dir, tiny_config
+from tests.helpers import digit_subset, run_dir, tiny_config
 from tests.helpers.faults import digits_config, last_of, read_sample_log, run
 
 
@@ -43,24 +42,14 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """20 digits per class: enough to train a tiny model for a couple of epochs in seconds."""
-    root = tmp_path_factory.mktemp("small") / "digits"
-    for class_dir in sorted(digits_dir.iterdir()):
-        (root / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[:20]:
-            shutil.copy(image, root / class_dir.name / image.name)
-    return root
+    return digit_subset(digits_dir, tmp_path_factory.mktemp("small") / "digits", per_class=20)
 
 
 @pytest.fixture(scope="session")
 def few_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 digits of each of 0, 1 and 2: splits and folds of a few images, whose evaluation reports (their figures grow
     with the classes and with the mistakes they show) draw in a fraction of the time 10 classes take."""
-    root = tmp_path_factory.mktemp("few") / "digits"
-    for digit in "012":
-        (root / digit).mkdir(parents=True)
-        for image in sorted((digits_dir / digit).iterdir())[:8]:
-            shutil.copy(image, root / digit / image.name)
-    return root
+    return digit_subset(digits_dir, tmp_path_factory.mktemp("few") / "digits", per_class=8, digits="012")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from classifier import cli_main
 from classifier.cli.base import ClassifierCLI
 from classifier.cli.entry import main
 from classifier.core.console import DEBUG_HINT
-from tests.helpers import REPO, read_csv, run_dir, tiny_config
+from tests.helpers import REPO, digit_subset, read_csv, run_dir, tiny_config
 
 MLFLOW_CONFIG = str(REPO / "configs" / "loggers" / "mlflow.yaml")
 ENV = "MLFLOW_TRACKING_URI"
@@ -32,12 +31,7 @@ ROUNDED = {"rel": 1e-5, "abs": 1e-6}  # the run folder's JSON files keep 6 signi
 @pytest.fixture(scope="module")
 def digits3(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 images of each of three digits."""
-    root = tmp_path_factory.mktemp("digits3") / "digits"
-    for digit in "012":
-        (root / digit).mkdir(parents=True)
-        for image in sorted((digits_dir / digit).iterdir())[:24]:
-            shutil.copy(image, root / digit / image.name)
-    return root
+    return digit_subset(digits_dir, tmp_path_factory.mktemp("digits3") / "digits", per_class=24, digits="012")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,3 +122,12 @@ def spy_of(trainer) -> TrainingSpy:
     """The trainer's TrainingSpy, added by a config's trainer.callbacks."""
     (spy,) = [callback for callback in trainer.callbacks if isinstance(callback, TrainingSpy)]
     return spy
+
+
+def digit_subset(digits_dir: Path, root: Path, per_class: int, digits: str = "0123456789") -> Path:
+    """The first `per_class` scans of each of `digits`, copied under root/<digit>/; returns root."""
+    for digit in digits:
+        (root / digit).mkdir(parents=True)
+        for image in sorted((digits_dir / digit).iterdir())[:per_class]:
+            shutil.copy(image, root / digit / image.name)
+    return root
