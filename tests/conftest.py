@@ -1,12 +1,16 @@
-"""Shared fixtures: real digit images on disk; one thread per test process when pytest-xdist runs several."""
+"""Shared fixtures: real digit images on disk, and the runs that several test files read, each built once per pytest
+run; one thread per test process when pytest-xdist runs several."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 # Lightning before scikit-learn's datasets (which `classifier.data.digits` imports): typing caches unions by equality,
 # so once sklearn.datasets has built `Optional[Union[float, int]]`, Lightning's `Optional[Union[int, float]]` for
@@ -33,41 +37,63 @@ def verification_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that `build` fills once per pytest run. A session fixture is built once per xdist worker; this one is
+    built by the first worker that asks, while the others wait for it (pytest-xdist's documented recipe). What it
+    holds is read, never written: a test that writes beside it copies it first."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(f"{folder}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """All 1,797 scikit-learn digits as PNG class folders."""
-    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+    return built_once(tmp_path_factory, "digits", lambda folder: write_digits(folder / "digits")) / "digits"
 
 
 @pytest.fixture(scope="session")
 def small_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """20 digits per class: enough to train a tiny model for a couple of epochs in seconds."""
-    return digit_subset(digits_dir, tmp_path_factory.mktemp("small") / "digits", per_class=20)
+    folder = built_once(tmp_path_factory, "small", lambda folder: digit_subset(digits_dir, folder / "digits", 20))
+    return folder / "digits"
 
 
 @pytest.fixture(scope="session")
 def few_digits(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 digits of each of 0, 1 and 2: splits and folds of a few images, whose evaluation reports (their figures grow
     with the classes and with the mistakes they show) draw in a fraction of the time 10 classes take."""
-    return digit_subset(digits_dir, tmp_path_factory.mktemp("few") / "digits", per_class=8, digits="012")
+    folder = built_once(tmp_path_factory, "few", lambda folder: digit_subset(digits_dir, folder / "digits", 8, "012"))
+    return folder / "digits"
 
 
 @pytest.fixture(scope="session")
 def reference(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
     """An uninterrupted run's last.ckpt, and the rows each of its training batches saw."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    log = folder / "samples.log"
-    code, stderr = run(["fit", "--config", str(digits_config(folder, digits_dir))], log)
-    assert code == 0, stderr
-    return last_of(folder), read_sample_log(log)
+
+    def fit(folder: Path) -> None:
+        code, stderr = run(["fit", "--config", str(digits_config(folder, digits_dir))], folder / "samples.log")
+        assert code == 0, stderr
+
+    folder = built_once(tmp_path_factory, "uninterrupted", fit)
+    return last_of(folder), read_sample_log(folder / "samples.log")
 
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one trained checkpoint of the tests that only read one: best.ckpt of one epoch of `test_resnet` at 32 px on
     the small digits, tested (its run's test/metrics.json beside it). A test that writes beside it copies it first."""
-    root = tmp_path_factory.mktemp("trained")
-    cli_main(["fit", "--config", str(tiny_config(root, small_digits, trainer={"max_epochs": 1}))])
-    checkpoint = run_dir(root, 0) / "checkpoints" / "best.ckpt"
-    cli_main(["test", "--ckpt_path", str(checkpoint)])
-    return checkpoint
+
+    def fit_and_test(folder: Path) -> None:
+        cli_main(["fit", "--config", str(tiny_config(folder, small_digits, trainer={"max_epochs": 1}))])
+        cli_main(["test", "--ckpt_path", str(run_dir(folder, 0) / "checkpoints" / "best.ckpt")])
+
+    return run_dir(built_once(tmp_path_factory, "trained", fit_and_test), 0) / "checkpoints" / "best.ckpt"

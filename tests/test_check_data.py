@@ -20,7 +20,7 @@ from classifier.data.datamodule import ImageFolderDataModule
 from classifier.data.file_facts import CACHE_ENV, verify_files
 from classifier.data.photos import CLASSES
 from examples.planted_digits import plant as plant_digits
-from tests.helpers import REPO, read_csv, tiny_config, write_photos
+from tests.helpers import REPO, classifier_here, read_csv, tiny_config, write_photos
 
 GATING = {"unreadable", "leakage", "label_conflict"}
 
@@ -88,9 +88,7 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int, int]]:
 
 
 def check_data(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "classifier", "check-data", *args], cwd=REPO, capture_output=True, text=True
-    )
+    return classifier_here("check-data", *args)
 
 
 @pytest.fixture(scope="module")
