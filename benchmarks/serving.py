@@ -9,7 +9,10 @@ The server runs on 127.0.0.1 in its own process; the client (httpx) sends a boun
 each concurrency (1, 8, 32) and stops. Per concurrency: p50, p95 and p99 latency, images/s, and errors (any answer
 that is not 200 with the offline top-1 class and probabilities within 1e-4). Offline: the same images decoded,
 preprocessed and run through `OnnxPredictor` in batches of --max_batch_size, in this process. Then 200 requests of
-bad input of every kind, mixed with good ones, with the server's resident memory before and after.
+bad input of every kind, mixed with good ones, with the server's resident memory before and after. Last, the hostile
+mix (`benchmarks/attacks.py`): the load at concurrency 8 alone, then the same load while images that decode to the
+most memory the limits allow, 200 sockets trickling their headers and a flood over --max_concurrency go on beside
+it; its p99 against the load alone, what the attackers met (by status), and the server's peak resident memory.
 """
 
 from __future__ import annotations
@@ -34,13 +37,19 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks.attacks import attack_while, peak_rss_mb
 from classifier.deploy.onnx_predictor import OnnxPredictor
-from classifier.serve.uploads import Upload, decode
+from classifier.serve.decoding import ALLOWED_TYPES, TIFF, Upload, decode, inspect
 
 log = logging.getLogger("serving")
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 Expected = list[tuple[str, float]]  # each image's top class and its probability, offline
+
+
+def decoded(data: bytes) -> Image.Image:
+    """An image's bytes decoded as the server decodes an upload, without its limits."""
+    return decode(inspect(Upload("x", data), 10**9, (*ALLOWED_TYPES, TIFF)))
 
 
 def start_server(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -96,7 +105,7 @@ def offline(predictor: OnnxPredictor, images: list[bytes], batch_size: int, roun
         started, inference = time.perf_counter(), 0.0
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
-            batch = np.stack([predictor.preprocess(decode(Upload("x", data), 10**9)) for data in chunk])
+            batch = np.stack([predictor.preprocess(decoded(data)) for data in chunk])
             before = time.perf_counter()
             predictor.predict_batch(batch)
             inference += time.perf_counter() - before
@@ -203,6 +212,28 @@ async def bad_mix(url: str, images: list[bytes], expected: Expected, total: int,
     return {"requests": total, **{kind: plan.count(kind) for kind in sorted(set(plan))}, **outcome}
 
 
+def hostile(url: str, process: subprocess.Popen, images: list[bytes], expected: Expected, requests: int) -> dict:
+    """The load at concurrency 8 alone, then beside the attackers: p99 against p99, refusals, peak memory."""
+    alone = asyncio.run(load(url, images, expected, requests, 8))
+    attacked = asyncio.run(attack_while(url, lambda: load(url, images, expected, requests, 8), images[0]))
+    under = attacked["well_formed"]
+    figures = {"alone": alone, **attacked, "p99_under_attack_over_alone": under["p99_ms"] / alone["p99_ms"]}
+    figures |= {"peak_rss_mb": peak_rss_mb(process.pid), "rss_after_mb": rss_mb(process.pid)}
+    figures |= {"alive": process.poll() is None, "ready_after": httpx.get(f"{url}/ready").status_code == 200}
+    log.info(
+        "hostile mix: well-formed p99 %.1f ms under attack vs %.1f ms alone (%.2fx), %d of %d refused; peak RSS %.0f "
+        "MB; the attackers met %s",
+        under["p99_ms"],
+        alone["p99_ms"],
+        figures["p99_under_attack_over_alone"],
+        under["errors"],
+        under["requests"],
+        figures["peak_rss_mb"],
+        json.dumps(attacked["attackers_met"]),
+    )
+    return figures
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process, from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -220,6 +251,7 @@ def main() -> None:
     parser.add_argument("--warmup_requests", type=int, help="uncounted, at concurrency 8 (default: --requests, <= 64)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--bad_requests", type=int, help="the bad input mix's requests (default 200; 40 quick)")
+    parser.add_argument("--hostile_requests", type=int, help="well-formed requests beside the attack (500; 40 quick)")
     parser.add_argument("--max_batch_size", type=int, default=16)
     parser.add_argument("--batch_timeout_ms", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=1)
@@ -228,7 +260,13 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    for name, default, quick in (("requests", 2000, 40), ("bad_requests", 200, 40), ("num_images", 256, 32)):
+    defaults = (
+        ("requests", 2000, 40),
+        ("bad_requests", 200, 40),
+        ("num_images", 256, 32),
+        ("hostile_requests", 500, 40),
+    )
+    for name, default, quick in defaults:
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else default)
     if args.warmup_requests is None:
@@ -241,7 +279,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model = onnx_model(args.model, Path(work))
         predictor = OnnxPredictor(model)
-        probabilities = predictor.predict([decode(Upload("x", data), 10**9) for data in images])
+        probabilities = predictor.predict([decoded(data) for data in images])
         expected = [(predictor.class_names[row.argmax()], float(row.max())) for row in probabilities]
         figures: dict = {"model": str(args.model), "images": len(images), "cpus": os.cpu_count()}
         figures["offline"] = offline(predictor, images, args.max_batch_size, rounds=1 if args.quick else 3)
@@ -274,6 +312,7 @@ def main() -> None:
             mix["ready_after"] = httpx.get(f"{url}/ready").status_code == 200
             figures["bad_input"] = mix
             log.info("bad input mix: %s", json.dumps(mix))
+            figures["hostile"] = hostile(url, process, images, expected, args.hostile_requests)
         finally:
             process.terminate()
             process.wait(timeout=60)

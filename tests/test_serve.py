@@ -406,10 +406,14 @@ def test_the_page_shows_the_top_classes_of_a_picked_digit(trained: dict, server:
         labels = page.locator("#results .label").all_inner_texts()
         percentages = page.locator("#results .pct").all_inner_texts()
         preview = page.locator("#preview").evaluate("image => image.complete && image.naturalWidth")
+        shown = page.locator("#preview").bounding_box()
+        model, drop = page.locator("#model").bounding_box(), page.locator("#drop").bounding_box()
         browser.close()
     assert labels[0] == trained["classes"][best] and len(labels) == 5
     assert percentages[0] == f"{expected[best] * 100:.1f}%"
     assert preview == 8  # the digit itself, 8 px wide, shown above the bars
+    assert shown["width"] >= 200 and shown["height"] >= 200  # upscaled to be seen, not an 8 px speck
+    assert model["y"] + model["height"] <= drop["y"]  # the model line clear of the drop zone's border
 
 
 @pytest.mark.slow
@@ -502,4 +506,10 @@ def test_serving_benchmark_quick_writes_every_figure(trained: dict, tmp_path: Pa
     bad = figures["bad_input"]
     assert bad["server_errors"] == 0 and bad["unexpected_status"] == 0 and bad["alive"] and bad["ready_after"]
     assert bad["good_correct"] == bad["good"] > 0
-    assert "served/offline at concurrency 32" in result.stderr
+    hostile = figures["hostile"]
+    assert hostile["alive"] and hostile["ready_after"] and hostile["peak_rss_mb"] < 1536
+    met = hostile["attackers_met"]
+    assert met.get("bomb_200", 0) > 0 and met.get("flood_200", 0) > 0  # admitted within the limits, and served
+    assert hostile["alone"]["errors"] == 0 and hostile["well_formed"]["requests"] == 40
+    assert hostile["p99_under_attack_over_alone"] == hostile["well_formed"]["p99_ms"] / hostile["alone"]["p99_ms"]
+    assert "served/offline at concurrency 32" in result.stderr and "hostile mix: well-formed p99" in result.stderr

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from classifier.deploy.export import FILES, export_checkpoint
+from classifier.deploy.parity import CHECK_IMAGES
 
 
 def boolean(value: str) -> bool:
@@ -32,7 +33,14 @@ def export(argv: list[str]) -> Path:
         "--check",
         default="auto",
         help="auto: the checkpoint's frozen test split; DIR: the images in a folder (class subfolders give labels); "
-        "none: no parity check",
+        "random: random pixels; none: no parity check",
+    )
+    parser.add_argument(
+        "--check_images",
+        dest="check_images_max",
+        type=int,
+        default=CHECK_IMAGES,
+        help=f"check parity on at most this many images, a stratified sample (default {CHECK_IMAGES})",
     )
     parser.add_argument("--softmax", type=boolean, default=True, help="output probabilities (true) or logits")
     parser.add_argument("--max_accuracy_drop", type=float, default=1.0, help="int8's tolerance, in points")

@@ -1,5 +1,5 @@
-"""`classifier serve --model best.ckpt|model.onnx`: the app under uvicorn, which on SIGTERM stops accepting
-connections, finishes the requests in flight, and exits."""
+"""`classifier serve --model best.ckpt|model.onnx`: the app under uvicorn (its h11 protocol, with the limits of
+`serve.connections`), which on SIGTERM stops accepting connections, finishes the requests in flight, and exits."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -14,8 +15,11 @@ from fastapi import FastAPI
 
 from classifier.serve.app import create_app
 from classifier.serve.backends import load_backend
+from classifier.serve.connections import ConnectionLimits, GuardedH11Protocol, configure
 
 SETTINGS_ENV = "CLASSIFIER_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+API_KEY_ENV = "CLASSIFIER_API_KEY"  # the key, or --api_key_file: never a flag, which `ps` would show
+CONNECTION_SETTINGS = ("header_timeout_s", "max_header_bytes", "max_connections")
 SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", re.IGNORECASE)
 UNITS = {None: 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
@@ -56,35 +60,119 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max_bytes", type=size, default="10MB", help="largest request body (413 above)")
     parser.add_argument(
-        "--max_pixels", type=positive(int), default=40_000_000, help="largest image, from its header (413 above)"
+        "--max_pixels",
+        type=positive(int),
+        default=None,
+        help="largest image, from its header (413 above); default: 16 MP, or 256 times the model's input if larger",
+    )
+    parser.add_argument(
+        "--max_request_pixels",
+        type=positive(int),
+        default=None,
+        help="most pixels of one request's images (413 above); default: 4 x --max_pixels",
+    )
+    parser.add_argument(
+        "--decode_memory",
+        type=size,
+        default="512MiB",
+        help="memory that the decodes in flight share; each waits its turn",
     )
     parser.add_argument("--max_files", type=positive(int), default=32, help="most files per request (413 above)")
     parser.add_argument("--topk", type=positive(int), default=5, help="classes returned per image")
+    parser.add_argument(
+        "--max_concurrency",
+        type=positive(int),
+        default=64,
+        help="/predict requests in flight; one more gets 503 at once",
+    )
+    parser.add_argument(
+        "--request_timeout_s",
+        type=positive(float),
+        default=30.0,
+        help="a /predict request not answered by then gets 504",
+    )
+    parser.add_argument(
+        "--header_timeout_s",
+        type=positive(float),
+        default=10.0,
+        help="a connection's request headers must arrive within this",
+    )
+    parser.add_argument(
+        "--max_header_bytes", type=size, default="16KB", help="larger request headers get 431 and the connection closed"
+    )
+    parser.add_argument(
+        "--max_connections",
+        type=positive(int),
+        default=None,
+        help="open connections (default: the file-descriptor limit less 64)",
+    )
+    parser.add_argument(
+        "--api_key_file",
+        default=None,
+        help=f"a file holding the API key (or set {API_KEY_ENV}): /predict and /info need it",
+    )
+    parser.add_argument(
+        "--allowed_hosts",
+        nargs="+",
+        default=None,
+        help="Host headers to answer (others get 400): against DNS rebinding",
+    )
+    parser.add_argument(
+        "--allow_failed_parity", action="store_true", help="serve an export whose parity.json says it failed"
+    )
+    parser.add_argument("--allow_tiff", action="store_true", help="accept TIFF uploads (off: a wide decoder to expose)")
+    parser.add_argument(
+        "--graceful_timeout_s",
+        type=positive(float),
+        default=25.0,
+        help="on SIGTERM, how long requests in flight may finish (under Kubernetes' 30 s grace)",
+    )
     parser.add_argument("--workers", type=positive(int), default=1, help="server processes, each with the model")
     return parser
 
 
 def app_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments of `create_app` that the command line sets."""
-    names = ("max_batch_size", "batch_timeout_ms", "max_bytes", "max_pixels", "max_files", "topk")
-    return {name: getattr(args, name) for name in names}
+    names = ("max_batch_size", "batch_timeout_ms", "max_bytes", "max_pixels", "max_request_pixels", "decode_memory")
+    names += ("max_files", "topk", "max_concurrency", "request_timeout_s", "allowed_hosts", "allow_tiff")
+    return {name: getattr(args, name) for name in names} | {"api_key": api_key(args.api_key_file)}
 
 
-def serve(argv: list[str], graceful_timeout_s: float = 30.0) -> None:
+def api_key(path: str | None) -> str | None:
+    """The key from --api_key_file, else from $CLASSIFIER_API_KEY; None: no key needed."""
+    if path is None:
+        return os.environ.get(API_KEY_ENV) or None
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as error:
+        raise FileNotFoundError(f"--api_key_file {path} cannot be read: {error.strerror}") from None
+    if not key:
+        raise ValueError(f"--api_key_file {path} is empty: write the key in it")
+    return key
+
+
+def serve(argv: list[str]) -> None:
     """Load the model (a bad path stops here, with one line), then serve until SIGINT or SIGTERM."""
     args = parser().parse_args(argv)
     settings = app_settings(args)
-    backend = load_backend(args.model)
-    common = {"host": args.host, "port": args.port, "timeout_graceful_shutdown": graceful_timeout_s}
+    limits = {name: getattr(args, name) for name in CONNECTION_SETTINGS}
+    configure(ConnectionLimits(**limits))
+    backend = load_backend(args.model, args.allow_failed_parity)
+    common = {"host": args.host, "port": args.port, "timeout_graceful_shutdown": args.graceful_timeout_s}
+    common |= {"http": GuardedH11Protocol, "h11_max_incomplete_event_size": args.max_header_bytes}
     if args.workers == 1:
         uvicorn.run(create_app(backend, **settings), **common)
         return
     del backend  # each worker process loads its own
-    os.environ[SETTINGS_ENV] = json.dumps({"model": args.model, **settings})
+    os.environ[SETTINGS_ENV] = json.dumps(
+        {"model": args.model, "allow_failed_parity": args.allow_failed_parity, "connections": limits, **settings}
+    )
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=args.workers, **common)
 
 
 def app_from_environment() -> FastAPI:
     """The app of one of `--workers N` processes, from the settings the command put in the environment."""
     settings = json.loads(os.environ[SETTINGS_ENV])
-    return create_app(load_backend(settings.pop("model")), **settings)
+    configure(ConnectionLimits(**settings.pop("connections")))
+    backend = load_backend(settings.pop("model"), settings.pop("allow_failed_parity"))
+    return create_app(backend, **settings)

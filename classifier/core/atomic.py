@@ -51,6 +51,17 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         yield file
 
 
+def replace_folder(staged: Path, target: Path) -> Path:
+    """`staged`, a complete folder beside `target`, moved to `target` (whatever was there is removed): readers see
+    the old folder or the new one, whole, except between two renames of a microsecond."""
+    previous = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    if target.exists():
+        os.rename(target, previous)
+    os.rename(staged, target)
+    shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
 def write_text(path: str | Path, text: str) -> None:
     """`Path.write_text`, atomically."""
     with atomic_open(path) as file:

@@ -87,10 +87,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Upright RGB; `convert("RGB")` alone saturates 16-bit images and keeps garbage under transparency."""
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64)
+        array = np.array(image, dtype=np.int32)  # 4 bytes a pixel, changed in place: no float64 copies
         if image.mode in SIXTEEN_BIT_MODES or array.max() > 255:
-            array = array / 257.0
-        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "L")
+            array += 128
+            array //= 257  # rint(value / 257) in integers: value / 257 is never halfway between two
+        image = Image.fromarray(np.clip(array, 0, 255, out=array).astype(np.uint8), "L")
     elif image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if array.max() <= 1.0:

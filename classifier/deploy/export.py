@@ -7,16 +7,26 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from classifier.core.atomic import PARTIAL_SUFFIX, replace_folder, write_json
 from classifier.core.errors import ParityError
-from classifier.deploy.parity import BATCH_SIZES, calibration_images, check_images, check_parity, check_quantized
+from classifier.deploy.parity import (
+    BATCH_SIZES,
+    CHECK_IMAGES,
+    calibration_images,
+    check_images,
+    check_parity,
+    check_quantized,
+)
 from classifier.deploy.predictor import Predictor
-from classifier.deploy.preprocess import METADATA_KEY, describe, file_sha256, write_preprocess
+from classifier.deploy.preprocess import METADATA_KEY, PARITY_FILE, checked, describe, file_sha256, write_preprocess
 from classifier.deploy.run_metrics import run_test_metrics
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, normalisation
@@ -117,15 +127,16 @@ def embed_metadata(path: Path, description: dict) -> None:
     onnx.save(model, path)
 
 
-def writable_folder(folder: Path) -> Path:
-    """`folder`, created, once a file could be written in it; a one-line error naming it otherwise."""
+def writable_folder(folder: Path, output: Path) -> Path:
+    """`folder` (the output's, or the output itself), created, once a file could be written in it; a one-line error
+    naming `output` otherwise."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write_test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(f"--output {folder} is not writable: {error.strerror or error}") from error
+        raise PermissionError(f"--output {output} is not writable: {error.strerror or error}") from error
     return folder
 
 
@@ -140,8 +151,11 @@ def export_checkpoint(
     softmax: bool = True,
     max_accuracy_drop: float = 1.0,
     data_dir: str | None = None,
+    check_images_max: int = CHECK_IMAGES,
 ) -> Path:
-    """Export, describe and check one checkpoint; returns the output folder. Raises when parity fails."""
+    """Export, describe and check one checkpoint; returns the output folder. Everything is written into a folder of
+    its own beside the output, which replaces the output only once parity passed: a failed export leaves the
+    previous one as it was (and its own files in `<output>.failed/`), and no file of an earlier export stays."""
     if format not in FILES:
         raise ValueError(f"--format {format}: choose one of {', '.join(FILES)}")
     if quantize not in ("none", "int8") or (quantize == "int8" and format != "onnx"):
@@ -149,32 +163,47 @@ def export_checkpoint(
     ckpt_path = Path(ckpt_path)
     checkpoint = read_checkpoint(ckpt_path)
     predictor = Predictor.from_checkpoint(ckpt_path)
-    folder = writable_folder(Path(output) if output else ckpt_path.parent / "export")
-    path = folder / FILES[format]
-    source = describe(checkpoint["net"], file_sha256(ckpt_path), run_test_metrics(ckpt_path), model=path.name)
-    description = export_net(predictor.net, path, format, source, predictor.tta, softmax, dynamic_batch, opset)
-    log.info("Exported %s to %s", ckpt_path, path)
-    images = check_images(check, predictor, checkpoint, ckpt_path, data_dir) if check != "none" else None
-    report = {"checkpoint": str(ckpt_path), "model": path.name, "format": format, "exporter": description["exporter"]}
-    if images is not None:
-        report |= check_parity(predictor, path, description, images, BATCH_SIZES)
-    if quantize == "int8":
-        quantized = folder / INT8_FILE
-        calibration = calibration_images(checkpoint, ckpt_path, data_dir, images, predictor)
-        quantize_int8(path, quantized, calibration.batches, {**description, "model": INT8_FILE, "quantization": "int8"})
-        description["int8_model"] = INT8_FILE
+    target = Path(output) if output else ckpt_path.parent / "export"
+    source = describe(checkpoint["net"], file_sha256(ckpt_path), run_test_metrics(ckpt_path), model=FILES[format])
+    if format == "onnx":  # its consumers preprocess without torch: refuse a crop they would get wrong
+        checked(source, f"--ckpt_path {ckpt_path}")
+    images = None
+    if check != "none":
+        images = check_images(check, predictor, checkpoint, ckpt_path, data_dir, check_images_max)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=writable_folder(target.parent, target))
+    )
+    try:
+        path = staging / FILES[format]
+        description = export_net(predictor.net, path, format, source, predictor.tta, softmax, dynamic_batch, opset)
+        report = {"checkpoint": str(ckpt_path), "model": path.name, "format": format}
+        report["exporter"] = description["exporter"]
         if images is not None:
-            report["int8"] = check_quantized(quantized, images, calibration, max_accuracy_drop)
-    write_preprocess(folder, description)
-    if images is not None:
-        from classifier.core.atomic import write_json
-
-        write_json(folder / "parity.json", report)
-        log.info("Parity report: %s", folder / "parity.json")
+            report |= check_parity(predictor, path, description, images, BATCH_SIZES)
+        if quantize == "int8":
+            quantized = staging / INT8_FILE
+            calibration = calibration_images(checkpoint, ckpt_path, data_dir, images, predictor)
+            int8 = {**description, "model": INT8_FILE, "quantization": "int8"}
+            quantize_int8(path, quantized, calibration.batches, int8)
+            description["int8_model"] = INT8_FILE
+            if images is not None:
+                report["int8"] = check_quantized(quantized, images, calibration, max_accuracy_drop)
+        write_preprocess(staging, description)
+        if images is not None:
+            write_json(staging / PARITY_FILE, report)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     failures = [message for message in (report.get("failure"), report.get("int8", {}).get("failure")) if message]
     if failures:
-        raise ParityError(f"{path}: " + "; ".join(failures) + f" (see {folder / 'parity.json'})")
-    return folder
+        failed = replace_folder(staging, target.with_name(f"{target.name}.failed"))
+        kept = f"; {target} is unchanged" if target.exists() else ""
+        raise ParityError(f"{failed / path.name}: " + "; ".join(failures) + f" (see {failed / PARITY_FILE}{kept})")
+    replace_folder(staging, target)
+    log.info("Exported %s to %s", ckpt_path, target / path.name)
+    if images is not None:
+        log.info("Parity report: %s", target / PARITY_FILE)
+    return target
 
 
 def quantize_int8(model: Path, output: Path, calibration: list, description: dict) -> None:

@@ -19,8 +19,10 @@ from PIL import Image
 from classifier.core.atomic import write_text
 
 PREPROCESS_FILE = "preprocess.json"
+PARITY_FILE = "parity.json"  # beside an export: how it compared with its checkpoint
 METADATA_KEY = "classifier.deploy.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
+CROP_MODES = ("center", "squash")  # the eval crops `resize_and_crop` renders; timm's "border" pads, and is refused
 HASH_CHUNK = 1 << 20
 PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -93,6 +95,12 @@ def checked(description: dict, source: str) -> dict:
     missing = [key for key in needed if key not in description]
     if missing:
         raise ValueError(f"{source} lacks the preprocessing keys {', '.join(missing)}: was it written by classifier?")
+    mode = description.get("crop_mode") or "center"
+    if mode not in CROP_MODES:
+        raise ValueError(
+            f"{source}: crop_mode {mode!r} has no torch-free implementation ({' and '.join(CROP_MODES)} do); "
+            "serve the checkpoint itself, through PyTorch"
+        )
     return description
 
 
@@ -109,7 +117,7 @@ def resize_and_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
         ratio = min(image.height / scale[0], image.width / scale[1])  # timm's ResizeKeepRatio
         size = [round(image.height / ratio), round(image.width / ratio)]
     else:
-        raise ValueError(f"crop_mode {mode!r} has no torch-free implementation (center and squash do)")
+        raise ValueError(f"crop_mode {mode!r} has no torch-free implementation ({' and '.join(CROP_MODES)} do)")
     if size != [image.height, image.width]:  # torchvision leaves an image of the right size alone
         image = image.resize((size[1], size[0]), PIL_INTERPOLATION[preprocessing["interpolation"]])
     return _center_crop(image, height, width)

@@ -13,18 +13,29 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from classifier.serve.admission import Admission, ApiKey
 from classifier.serve.backends import Backend, describe
-from classifier.serve.batcher import MicroBatcher, QueueFull
+from classifier.serve.batcher import BatcherStopped, MicroBatcher, QueueFull
+from classifier.serve.decoding import ALLOWED_TYPES, TIFF, DecodePool, Inspected, Refused, Upload, decode, inspect
 from classifier.serve.metrics import ServeMetrics
-from classifier.serve.uploads import Refused, Upload, decode, read_uploads
+from classifier.serve.uploads import read_uploads
 
 log = logging.getLogger(__name__)
 ROUTES = frozenset({"/", "/predict", "/health", "/ready", "/info", "/metrics"})
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection before its answer
+MIN_MAX_PIXELS = 4096 * 4096  # the default per-image limit, at least: a 12 MP phone photo fits
+PIXELS_PER_INPUT = 256  # ... or this many times the model's input, for a model of large inputs
+
+
+def default_max_pixels(input_size: list[int] | tuple[int, ...]) -> int:
+    """A per-image pixel limit that fits the model: a 224 px model needs no 40 MP image."""
+    return max(MIN_MAX_PIXELS, PIXELS_PER_INPUT * input_size[-1] * input_size[-2])
 
 
 def create_app(
@@ -32,14 +43,26 @@ def create_app(
     max_batch_size: int = 16,
     batch_timeout_ms: float = 5.0,
     max_bytes: int = 10_000_000,
-    max_pixels: int = 40_000_000,
+    max_pixels: int | None = None,
+    max_request_pixels: int | None = None,
+    decode_memory: int = 512 << 20,
     max_files: int = 32,
     topk: int = 5,
     max_queue: int = 1024,
     read_timeout_s: float = 30.0,
+    max_concurrency: int = 64,
+    request_timeout_s: float = 30.0,
+    api_key: str | None = None,
+    allowed_hosts: list[str] | None = None,
+    allow_tiff: bool = False,
 ) -> FastAPI:
-    """An app serving `backend`; the batcher starts and the model warms up in the app's lifespan."""
+    """An app serving `backend`; the batcher starts and the model warms up in the app's lifespan. `max_pixels`
+    (per image) defaults to `default_max_pixels` of the model's input, and `max_request_pixels` to four times that."""
+    max_pixels = max_pixels or default_max_pixels(backend.preprocessing["input_size"])
+    max_request_pixels = max_request_pixels or 4 * max_pixels
+    allowed = (*ALLOWED_TYPES, TIFF) if allow_tiff else ALLOWED_TYPES
     metrics = ServeMetrics()
+    decoder = DecodePool(decode_memory)
     batcher = MicroBatcher(
         backend.predict_batch,
         max_batch_size,
@@ -52,7 +75,16 @@ def create_app(
     info = {
         **describe(backend),
         "topk": topk,
-        "limits": {"max_bytes": max_bytes, "max_pixels": max_pixels, "max_files": max_files},
+        "limits": {
+            "max_bytes": max_bytes,
+            "max_pixels": max_pixels,
+            "max_request_pixels": max_request_pixels,
+            "decode_memory": decode_memory,
+            "max_files": max_files,
+            "max_concurrency": max_concurrency,
+            "request_timeout_s": request_timeout_s,
+            "types": list(allowed),
+        },
         "batching": {"max_batch_size": max_batch_size, "batch_timeout_ms": batch_timeout_ms},
     }
     state = {"ready": False}
@@ -60,8 +92,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
-        warmup = np.zeros((1, *backend.preprocessing["input_size"]), dtype=np.uint8)
-        await asyncio.to_thread(backend.predict_batch, warmup)
+        await asyncio.to_thread(warm_up, backend)
         state["ready"] = True
         log.info("Serving %s (%s): ready", backend.path, backend.name)
         try:
@@ -69,29 +100,43 @@ def create_app(
         finally:
             state["ready"] = False
             await batcher.stop()
+            decoder.shutdown()
 
     app = FastAPI(title="classifier", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # outermost last: metrics see every request; then hosts, the key, and admission before any body is read
+    app.add_middleware(Admission, metrics=metrics, max_concurrency=max_concurrency, timeout_s=request_timeout_s)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
-    def prepare(upload: Upload) -> np.ndarray:
-        image = decode(upload, max_pixels)
-        try:
-            return backend.preprocess(image)
-        except Exception as error:  # noqa: BLE001 - an image the preprocessing cannot convert is the upload's fault
-            raise Refused(422, "undecodable", f"{upload.name} cannot be converted to RGB: {error}") from None
+    def prepare(inspected: Inspected) -> np.ndarray:
+        try:  # a decode error is the upload's (422); a preprocessing error the server's (500)
+            return backend.preprocess(decode(inspected))
+        finally:
+            inspected.image.close()  # its pixels freed now, before the decode pool hands memory back
 
-    async def classify(upload: Upload) -> dict[str, Any]:
+    def refusal(upload: Upload, refused: Refused) -> dict[str, Any]:
+        metrics.refused.labels(refused.reason).inc()
+        return {"file": upload.name, "status": "error", "code": refused.status, "error": refused.message}
+
+    async def classify(item: Inspected | Refused, upload: Upload) -> dict[str, Any]:
         try:
-            probabilities = await batcher.predict(await asyncio.to_thread(prepare, upload))
+            if isinstance(item, Refused):
+                raise item
+            pixels = await decoder.run(item.memory, lambda: prepare(item))
+            probabilities = await batcher.predict(pixels)
         except Refused as refused:
-            metrics.refused.labels(refused.reason).inc()
-            return {"file": upload.name, "status": "error", "code": refused.status, "error": refused.message}
+            return refusal(upload, refused)
         except QueueFull as error:
             metrics.refused.labels("queue_full").inc()
             return {"file": upload.name, "status": "error", "code": 503, "error": str(error)}
+        except BatcherStopped as error:
+            return {"file": upload.name, "status": "error", "code": 503, "error": str(error)}
         except Exception:  # noqa: BLE001 - logged; the client gets a 500 for this file and the server goes on
-            log.exception("Inference failed for %s", upload.name)
-            return {"file": upload.name, "status": "error", "code": 500, "error": "inference failed"}
+            log.exception("Preprocessing or inference failed for %s", upload.name)
+            return {"file": upload.name, "status": "error", "code": 500, "error": "the server failed on this image"}
         order = np.argsort(-probabilities, kind="stable")[:topk]
         top = [{"class": backend.class_names[i], "probability": float(probabilities[i])} for i in order]
         return {"file": upload.name, "status": "ok", "top": top}
@@ -108,20 +153,31 @@ def create_app(
             return JSONResponse({"error": refused.message}, status_code=refused.status)
         except ClientDisconnect:
             return JSONResponse({"error": "the client closed the connection"}, status_code=CLIENT_GONE)
-        results = await until_disconnected(asyncio.gather(*map(classify, uploads)), request.receive)
+        inspected = [inspected_or_refused(upload, max_pixels, allowed) for upload in uploads]
+        pixels = sum(item.pixels for item in inspected if isinstance(item, Inspected))
+        if pixels > max_request_pixels:  # refused whole, before anything is decoded
+            metrics.refused.labels("too_many_pixels").inc()
+            message = f"the request's images hold {pixels} pixels; the limit is {max_request_pixels}"
+            return JSONResponse({"error": message}, status_code=413)
+        work = asyncio.gather(*map(classify, inspected, uploads))
+        results = await until_disconnected(work, request.receive)
         if results is None:
             return JSONResponse({"error": "the client closed the connection"}, status_code=CLIENT_GONE)
         status = results[0].get("code", 200) if len(results) == 1 else 200
         return JSONResponse({"results": results}, status_code=status)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
+    async def health() -> Response:
+        """Liveness: the process answers, and its inference loop runs (a dead one needs a restart)."""
+        if not batcher.alive:
+            return JSONResponse({"status": "failed", "error": repr(batcher.failure)}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: the model is loaded and has run once."""
+        """Readiness: the model is loaded and has run once, and the inference loop runs."""
+        if not batcher.alive:
+            return JSONResponse({"status": "failed", "error": repr(batcher.failure)}, status_code=503)
         if state["ready"]:
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -143,6 +199,21 @@ def create_app(
         return page
 
     return app
+
+
+def warm_up(backend: Backend) -> None:
+    """One image through preprocessing and the model before /ready says so: a model the server cannot preprocess
+    for stops it here, not on every request."""
+    _, height, width = backend.preprocessing["input_size"]
+    image = Image.new("RGB", (width * 2, height + 1), (127, 127, 127))  # resized and cropped, as uploads are
+    backend.predict_batch(np.stack([backend.preprocess(image)]))
+
+
+def inspected_or_refused(upload: Upload, max_pixels: int, allowed: tuple[str, ...]) -> Inspected | Refused:
+    try:
+        return inspect(upload, max_pixels, allowed)
+    except Refused as refused:
+        return refused
 
 
 async def until_disconnected(work: Awaitable, receive: Receive) -> Any:

@@ -3,13 +3,14 @@ imports torch). Both take decoded images and uint8 NCHW batches as numpy arrays.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
-from classifier.deploy.preprocess import file_sha256
+from classifier.deploy.preprocess import PARITY_FILE, file_sha256
 
 
 class Backend(Protocol):
@@ -70,12 +71,22 @@ class OnnxBackend:
         return self.predictor.predict_batch(images)
 
 
-def load_backend(path: str | Path) -> Backend:
-    """The backend for a model file: ONNX Runtime for `.onnx`, PyTorch for anything else (a checkpoint)."""
+def load_backend(path: str | Path, allow_failed_parity: bool = False) -> Backend:
+    """The backend for a model file: ONNX Runtime for `.onnx`, PyTorch for anything else (a checkpoint). An export
+    whose parity.json says it failed its check is refused, unless `allow_failed_parity`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--model {path} does not exist")
-    return OnnxBackend(path) if path.suffix.lower() == ".onnx" else CheckpointBackend(path)
+    if path.suffix.lower() != ".onnx":
+        return CheckpointBackend(path)
+    report = path.with_name(PARITY_FILE)
+    if not allow_failed_parity and report.is_file() and json.loads(report.read_text()).get("passed") is False:
+        failure = json.loads(report.read_text()).get("failure", "see the report")
+        raise ValueError(
+            f"--model {path} failed its parity check ({failure}; {report}): re-export it, or pass "
+            "--allow_failed_parity to serve it anyway"
+        )
+    return OnnxBackend(path)
 
 
 def describe(backend: Backend) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +13,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 class QueueFull(Exception):
     """More images are waiting than the batcher holds: the client should retry later."""
+
+
+class BatcherStopped(Exception):
+    """The inference loop has ended: nothing queued will be computed, and the server is no longer healthy."""
 
 
 @dataclass(eq=False)
@@ -44,26 +51,49 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
+        self._batch: list[_Item] = []  # the batch being computed
+        self.failure: BaseException | None = None  # why the loop ended, when it ended by itself
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="micro-batcher")
+        self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
-        """Called once no request is in flight (uvicorn drains them first); fails any that still wait."""
+        """Called once no request is in flight (uvicorn drains them first); fails any that still wait. A batch still
+        running in the inference thread is left to it: waiting for it here would block the event loop, and with it
+        the shutdown, for as long as a hung model runs."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for item in self._pending:
             item.future.cancel()
         self._pending.clear()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        """False once the inference loop has ended by itself: /health and /ready say so."""
+        return self.failure is None
 
     @property
     def depth(self) -> int:
         return len(self._pending)
 
+    def _ended(self, task: asyncio.Task) -> None:
+        """The loop ended without being stopped: record why, and answer every waiting request with the error."""
+        if task.cancelled():
+            return
+        self.failure = task.exception() or BatcherStopped("the inference loop returned")
+        log.critical("The inference loop ended: %r; /health and /ready now fail", self.failure)
+        for item in [*self._batch, *self._pending]:
+            if not item.future.done():
+                item.future.set_exception(BatcherStopped(f"the inference loop ended: {self.failure!r}"))
+        self._pending.clear()
+
     async def predict(self, image: np.ndarray) -> np.ndarray:
         """The probabilities of one preprocessed uint8 CHW image, computed in the next batch."""
+        if self.failure is not None:
+            raise BatcherStopped(f"the inference loop ended: {self.failure!r}")
         if len(self._pending) >= self.max_queue:
             raise QueueFull(f"{len(self._pending)} images are waiting; try again shortly")
         item = _Item(image, asyncio.get_running_loop().create_future())
@@ -78,31 +108,39 @@ class MicroBatcher:
                 self.on_queue(len(self._pending))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await self._gather_batch()
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
-            self.on_queue(len(self._pending))
-            if not batch:  # every waiting client went away
-                continue
-            started = time.perf_counter()
-            try:
-                probabilities = await loop.run_in_executor(
-                    self._executor, self.predict_batch, np.stack([item.image for item in batch])
-                )
-            except asyncio.CancelledError:  # stopped mid-batch
+            batch = self._batch = []
+            try:  # the whole body: a request's error must never end the loop that every request waits on
+                await self._gather_batch()
+                batch = self._batch = [
+                    self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))
+                ]
+                self.on_queue(len(self._pending))
+                if batch:  # else every waiting client went away
+                    await self._compute(batch)
+            except asyncio.CancelledError:  # stopped, perhaps mid-batch
                 for item in batch:
                     item.future.cancel()
                 raise
             except Exception as error:  # noqa: BLE001 - the batch's requests get the error; the server goes on
+                log.exception("A batch of %d images failed", len(batch))
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
-                continue
-            self.on_batch(len(batch), time.perf_counter() - started)
-            for item, row in zip(batch, probabilities, strict=True):
-                if not item.future.done():
-                    item.future.set_result(row)
+
+    async def _compute(self, batch: list[_Item]) -> None:
+        """One batch through the model, each row to its request; a result of the wrong shape fails the batch."""
+        started = time.perf_counter()
+        probabilities = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.predict_batch, np.stack([item.image for item in batch])
+        )
+        if getattr(probabilities, "ndim", 0) != 2 or len(probabilities) != len(batch):
+            shape = getattr(probabilities, "shape", type(probabilities).__name__)
+            raise ValueError(f"the model returned {shape} for a batch of {len(batch)} images")
+        for item, row in zip(batch, probabilities, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+        self.on_batch(len(batch), time.perf_counter() - started)
 
     async def _gather_batch(self) -> None:
         """Wait for a first image, then for more until the batch is full or the timeout has passed."""

@@ -1,43 +1,19 @@
-"""Reading uploads safely: the body's size is counted while it arrives, the type is read from the bytes, the pixel
-count from the header, and only then is an image decoded. Torch-free."""
+"""Reading uploads safely: the body's size is counted while it arrives, a form's files and fields are capped, and a
+body that does not arrive in time is refused. Torch-free."""
 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-ALLOWED_TYPES = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
-# leading bytes of each allowed type; WebP is RIFF....WEBP, checked apart
-SIGNATURES = (
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
+from classifier.serve.decoding import Refused, Upload
+
 MAX_FORM_FIELDS = 8  # fields that are not files are ignored, but never parsed without end
 RAW_BODY_NAME = "body"
-
-
-class Refused(Exception):
-    """An upload the server will not classify: an HTTP status, a metric reason and a message for the client."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message = status, reason, message
-
-
-@dataclass
-class Upload:
-    name: str
-    data: bytes
 
 
 async def read_uploads(request: Request, max_bytes: int, max_files: int, read_timeout_s: float) -> list[Upload]:
@@ -79,33 +55,3 @@ async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
         if received > max_bytes:
             raise Refused(413, "too_large", f"the request body is over the limit of {max_bytes} bytes")
         yield chunk
-
-
-def sniff(data: bytes) -> str | None:
-    """The image type the bytes start with, whatever the file is called; None for anything else."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((kind for signature, kind in SIGNATURES if data.startswith(signature)), None)
-
-
-def decode(upload: Upload, max_pixels: int, allowed: tuple[str, ...] = ALLOWED_TYPES) -> Image.Image:
-    """The decoded image, once its type and its header's pixel count are known to be within the limits."""
-    kind = sniff(upload.data)
-    if kind not in allowed:
-        raise Refused(
-            415, "unsupported_type", f"{upload.name} is not an image of an allowed type ({', '.join(allowed)})"
-        )
-    try:
-        image = Image.open(io.BytesIO(upload.data), formats=[kind])  # reads the header only
-    except Image.DecompressionBombError:
-        raise Refused(413, "too_many_pixels", f"{upload.name} claims too many pixels to decode safely") from None
-    except Exception as error:  # noqa: BLE001 - any header the decoder rejects is a bad upload, not a server error
-        raise Refused(422, "undecodable", f"{upload.name} cannot be read as {kind}: {error}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise Refused(413, "too_many_pixels", f"{upload.name} is {width}x{height} pixels; the limit is {max_pixels}")
-    try:
-        image.load()
-    except Exception as error:  # noqa: BLE001 - truncated or corrupt data
-        raise Refused(422, "undecodable", f"{upload.name} cannot be decoded: {error}") from None
-    return image

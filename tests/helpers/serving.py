@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import socket
 import struct
 import subprocess
@@ -49,13 +50,21 @@ def free_port() -> int:
 
 
 def start_server(
-    model: Path, *flags: str, env: dict | None = None, timeout_s: float = 120
+    model: Path, *flags: str, env: dict | None = None, timeout_s: float = 120, open_files: int | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`python -m classifier serve` on a free loopback port, once /ready answers; (process, base URL)."""
+    """`python -m classifier serve` on a free loopback port, once /ready answers; (process, base URL). With
+    `open_files`, the server may open that many files at most (`ulimit -n`)."""
     port = free_port()
     command = [sys.executable, "-m", "classifier", "serve", "--model", str(model), "--port", str(port), *flags]
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    process = subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit_files
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -69,6 +78,20 @@ def start_server(
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"the server was not ready within {timeout_s} s: {process.stdout.read()[-3000:]}")
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory now (VmRSS), or at its peak so far (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no {field} in /proc/{pid}/status")
+
+
+def sixteen_bit_png(side: int) -> bytes:
+    """A grey 16-bit PNG of side x side pixels: a few dozen KB that decode to 2 bytes a pixel."""
+    ramp = (np.arange(side, dtype=np.uint32) * 65535 // max(side - 1, 1)).astype(np.uint16)
+    return encoded(Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()), "PNG")
 
 
 def sample(metrics_text: str, name: str, **labels: str) -> float:
