@@ -318,3 +318,22 @@ def test_stopping_never_waits_for_a_hung_batch() -> None:
 
     assert asyncio.run(scenario()) < 1
     assert parser().parse_args(["--model", "m.onnx"]).graceful_timeout_s == 25  # under Kubernetes' 30 s grace
+
+
+def test_a_model_whose_preprocessing_fails_is_never_ready(onnx_model: Path) -> None:
+    """The warm-up runs an image through preprocessing too: a server that cannot preprocess stops at start instead
+    of saying ready and refusing every upload."""
+    backend = load_backend(onnx_model)
+
+    def refuses(image) -> np.ndarray:
+        raise ValueError("no preprocessing for this model")
+
+    backend.preprocess = refuses
+    app = create_app(backend)
+
+    async def start() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(ValueError, match="no preprocessing for this model"):
+        asyncio.run(start())
