@@ -21,6 +21,7 @@ from classifier.core.errors import DataCheckFailed
 from classifier.core.figures import save_figure
 from classifier.data.duplicates import MAX_THRESHOLD
 from classifier.data.file_facts import FileFacts, cache_location, verify_files
+from classifier.data.manifests import manifest_splits, read_manifest
 from classifier.data.splits import Splits, build_splits, partitions
 from classifier.data.workers import available_cores
 from classifier.quality.audit import GATING, Audit, Finding, audit
@@ -61,8 +62,13 @@ def check_data(argv: list[str]) -> Path:
     data = cli.datamodule.hparams
     try:
         splits, split_error = cli.datamodule.splits, None
-    except ValueError as error:  # the split fit would fail on: audit the folder as it is, and say why
-        splits, split_error = build_splits(Path(data.data_dir), data.classes, 0.0, 0.0, data.seed), str(error)
+    except ValueError as error:  # the split fit would fail on: audit the images as they are, and say why
+        if data.manifest:
+            listed = read_manifest(data.manifest, data.manifest_root, data.path_column, data.label_column)
+            splits = manifest_splits(listed, data.classes, 0.0, 0.0, data.seed)
+        else:
+            splits = build_splits(Path(data.data_dir), data.classes, 0.0, 0.0, data.seed)
+        split_error = str(error)
     paths = [splits.root / path for path in splits.paths]
     facts = list(verify_files(paths, splits.root, num_threads=2 * available_cores()).values())
     result = audit(splits, facts, options.near_dup_threshold, data.num_folds)

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDataset, loader
 from classifier.data.device_augment import CropBatch, CropPlanner
-from classifier.data.duplicates import cross_split_copies
-from classifier.data.file_facts import FileFacts, verify_files
+from classifier.data.duplicates import warn_before_fit
+from classifier.data.file_facts import verify_files
 from classifier.data.file_lists import listing, predict_files, readable
+from classifier.data.manifests import manifest_splits, read_manifest
 from classifier.data.ram_cache import fill as fill_cache
 from classifier.data.ram_cache import fits_in_memory
 from classifier.data.samplers import EpochStart, training_sampler
@@ -53,6 +54,10 @@ class ImageFolderDataModule(LightningDataModule):
         num_folds: int | None = None,
         fold: int = 0,
         splits: str | None = None,
+        manifest: str | None = None,
+        manifest_root: str | None = None,
+        path_column: str = "path",
+        label_column: str = "label",
         classes: list[str] | None = None,
         skip_bad_images: bool = False,
         hflip: float = 0.5,
@@ -84,6 +89,11 @@ class ImageFolderDataModule(LightningDataModule):
             splits: A splits.csv (from any run, or written by hand: `path,label,split`, paths relative to data_dir)
                 that fixes which image is in which split, instead of the fractions and seed. Given a checkpoint,
                 `validate`, `test` and a resumed `fit` take the split it was trained on, unless this is set.
+            manifest: A CSV, TSV, Parquet or JSON Lines file listing the images (one row each: path and label, and
+                optionally split, fold and group) instead of class folders; data_dir then becomes its root.
+            manifest_root: Where the manifest's relative paths start; its own folder by default.
+            path_column: The manifest's column of image paths.
+            label_column: The manifest's column of labels.
             classes: Class names in index order; restored from checkpoints so indices never shift.
             skip_bad_images: Skip unreadable files with a warning instead of stopping.
             hflip: Probability of a horizontal flip in training.
@@ -121,13 +131,16 @@ class ImageFolderDataModule(LightningDataModule):
         """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
         hp = self.hparams
         recorded = self._recorded_split()
-        if recorded is None:
-            splits = build_splits(
-                Path(hp.data_dir), hp.classes, hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold
-            )
+        folds = (hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold)
+        if recorded is not None:
+            splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold, bool(hp.manifest))
+            self.unlisted = [] if hp.manifest else splits.unlisted()  # a manifest, not the folder, says what is in
+        elif hp.manifest:
+            listed = read_manifest(hp.manifest, hp.manifest_root, hp.path_column, hp.label_column)
+            splits = manifest_splits(listed, hp.classes, *folds)
+            self.hparams.data_dir = str(splits.root)  # where the split table's paths start, in checkpoints too
         else:
-            splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold)
-            self.unlisted = splits.unlisted()
+            splits = build_splits(Path(hp.data_dir), hp.classes, *folds)
         self.hparams.classes = splits.classes  # so checkpoints carry the class order
         return splits
 
@@ -237,24 +250,9 @@ class ImageFolderDataModule(LightningDataModule):
             kept = [(path, target) for path, target in zip(*subsets[name], strict=True) if path in keep]
             paths, targets = [path for path, _ in kept], [target for _, target in kept]
             self.datasets[name] = self._dataset(name, paths, targets, self._cache(name, paths))
-        if stage == "fit":
-            self._warn_about(checked, set(needed_paths))
+        if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
+            warn_before_fit(self.splits, checked, set(needed_paths))
         self._write_splits_csv()
-
-    def _warn_about(self, checked: dict[Path, FileFacts], trained: set[Path]) -> None:
-        """One line per kind: exact copies across splits, and the test split's bad files, which `test` stops on."""
-        if self.trainer is not None and not self.trainer.is_global_zero:
-            return
-        for match, count in cross_split_copies(self.splits, checked).items():
-            log.warning(
-                "%d images are %s of an image in another split (leakage: scores are inflated). `classifier "
-                "check-data` lists them, and finds near copies too.", count, match
-            )  # fmt: skip
-        bad = {path: facts.reason for path, facts in checked.items() if facts.reason and path not in trained}
-        if bad:
-            log.warning(
-                "%d test images cannot be read; `classifier test` will stop on them:\n%s", len(bad), listing(bad)
-            )
 
     @property
     def gpu_decode(self) -> bool:

@@ -3,6 +3,7 @@ multi-index on perceptual-hash bands (never all pairs), each verified on its thu
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import combinations
@@ -11,7 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from classifier.data.file_facts import THUMB_SIDE, FileFacts
+from classifier.data.file_lists import listing
 from classifier.data.splits import Splits, partitions
+
+log = logging.getLogger(__name__)
 
 BANDS = 4  # 16-bit substrings of the 64-bit hash: a pair within distance t differs by <= t // 4 bits in one of them
 MAX_THRESHOLD = 16  # beyond it the probes per band explode, and most pairs are not copies anyway
@@ -104,3 +108,15 @@ def near_pairs(facts: list[FileFacts], threshold: int, exact: list[Pair]) -> lis
         Pair(int(kept[a]), int(kept[b]), "near", int(d), round(float(r), 2))
         for (a, b), d, r in zip(candidates.tolist(), distances.tolist(), rms.tolist(), strict=True)
     ]
+
+
+def warn_before_fit(splits: Splits, checked: dict[Path, FileFacts], trained: set[Path]) -> None:
+    """One line per kind: exact copies across splits, and the test split's bad files, which `test` stops on."""
+    for match, count in cross_split_copies(splits, checked).items():
+        log.warning(
+            "%d images are %s of an image in another split (leakage: scores are inflated). `classifier "
+            "check-data` lists them, and finds near copies too.", count, match
+        )  # fmt: skip
+    bad = {path: facts.reason for path, facts in checked.items() if facts.reason and path not in trained}
+    if bad:
+        log.warning("%d test images cannot be read; `classifier test` will stop on them:\n%s", len(bad), listing(bad))

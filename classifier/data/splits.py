@@ -150,11 +150,18 @@ def _listing(paths: list[Path]) -> str:
 
 
 def read_splits(
-    text: str, source: str, root: Path, classes: list[str] | None, num_folds: int | None, fold: int
+    text: str,
+    source: str,
+    root: Path,
+    classes: list[str] | None,
+    num_folds: int | None,
+    fold: int,
+    outside_root: bool = False,
 ) -> Splits:
     """The split table written by `Splits.to_csv` (a run's splits.csv, or a checkpoint's copy of it).
 
-    Paths are taken relative to `root`. Under k-fold, the `fold` column decides val (`fold`) and train (the other
+    Paths are taken relative to `root`; absolute paths outside it are refused, unless `outside_root` (a manifest's
+    absolute paths stay as they are). Under k-fold, the `fold` column decides val (`fold`) and train (the other
     folds); the fingerprint column is optional.
     """
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -173,9 +180,9 @@ def read_splits(
     index = {name: i for i, name in enumerate(classes)}
     paths = [Path(row["path"]) for row in rows]
     outside = [path for path in paths if path.is_absolute() and not path.is_relative_to(root.absolute())]
-    if outside:
+    if outside and not outside_root:
         raise ValueError(f"{source} lists images outside --data.data_dir {root}:\n{_listing(outside)}")
-    paths = [path.relative_to(root.absolute()) if path.is_absolute() else path for path in paths]
+    paths = [path.relative_to(root.absolute()) if path.is_relative_to(root.absolute()) else path for path in paths]
     repeated = sorted(path for path, count in Counter(paths).items() if count > 1)
     if repeated:
         raise ValueError(f"{source} lists images more than once:\n{_listing(repeated)}")
@@ -295,7 +302,7 @@ def build_splits(
     pool = np.flatnonzero(split == "train")
     pool_size = len(pool)
     if "test" not in layout and test_fraction > 0:
-        pool, held = _hold_out(pool, labels, round(test_fraction * pool_size), seed, "test", layout["train"], classes)
+        pool, held = hold_out(pool, labels, round(test_fraction * pool_size), seed, "test", layout["train"], classes)
         split[held] = "test"
     if num_folds is not None:
         pool = np.sort(np.concatenate([pool, np.flatnonzero(split == "val")]))
@@ -304,12 +311,12 @@ def build_splits(
             fold_of[pool[val_rows]] = k
         split[pool] = np.where(fold_of[pool] == fold, "val", "train")
     elif "val" not in layout and val_fraction > 0:
-        _, held = _hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"], classes)
+        _, held = hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"], classes)
         split[held] = "val"
     return Splits(data_dir, classes, paths, labels, split.astype(str), fold_of, [""] * len(paths))
 
 
-def _hold_out(
+def hold_out(
     rows: np.ndarray, labels: np.ndarray, size: int, seed: int, name: str, folder: Path, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split `rows` into (kept, held out), `size` held out, stratified by label."""
