@@ -178,3 +178,23 @@ def test_check_data_audits_a_manifest_and_finds_a_copy_under_another_name(
     issues = read_csv(out / "issues.csv")
     (leak,) = [row for row in issues if row["kind"] == "leakage"]
     assert {leak["path"], leak["related"]} == {str(copy), str(root / train["path"])}
+
+
+def test_check_data_reports_a_path_listed_twice_instead_of_stopping(
+    listed: tuple[Path, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    root, rows = listed
+    rows = [{key: row[key] for key in ("path", "label")} for row in rows]
+    other = "7" if rows[0]["label"] != "7" else "8"
+    manifest = write_csv(tmp_path / "twice.csv", [*rows, {**rows[0], "label": other}, dict(rows[1])])
+    options = ["--data.manifest", str(manifest), "--data.manifest_root", str(root)]
+    done = classifier_here("check-data", *options, "--out", str(tmp_path / "audit"), "--strict")
+    assert done.returncode == 1, done.stderr[-2000:]  # a label conflict stops --strict, as copies' conflicts do
+    found = {row["kind"]: row for row in read_csv(tmp_path / "audit" / "issues.csv") if row["kind"] != "split_error"}
+    assert found["label_conflict"]["path"] == str(root / rows[0]["path"])
+    assert (
+        found["label_conflict"]["detail"]
+        == f"manifest row 201 lists it again (row 1), labelled {other} and {rows[0]['label']}"
+    )
+    assert found["duplicate_row"]["path"] == str(root / rows[1]["path"])
+    assert "row 202 lists it again (row 2), with the same label" in found["duplicate_row"]["detail"]

@@ -21,7 +21,7 @@ from classifier.core.errors import DataCheckFailed
 from classifier.core.figures import save_figure
 from classifier.data.duplicates import MAX_THRESHOLD
 from classifier.data.file_facts import FileFacts, cache_location, verify_files
-from classifier.data.manifests import manifest_splits, read_manifest
+from classifier.data.manifests import Repeat, manifest_splits, read_manifest
 from classifier.data.splits import Splits, build_splits, partitions
 from classifier.data.workers import available_cores
 from classifier.quality.audit import GATING, Audit, Finding, audit
@@ -60,12 +60,13 @@ def check_data(argv: list[str]) -> Path:
     with lightning_silenced():
         cli = ParsedCLI(args=fit_args, run=False)
     data = cli.datamodule.hparams
+    repeated: list[Repeat] = []
     try:
         splits, split_error = cli.datamodule.splits, None
     except ValueError as error:  # the split fit would fail on: audit the images as they are, and say why
-        if data.manifest:
-            listed = read_manifest(data.manifest, data.manifest_root, data.path_column, data.label_column)
-            splits = manifest_splits(listed, data.classes, 0.0, 0.0, data.seed)
+        if data.manifest:  # a path listed twice is reported below, not refused
+            listed = read_manifest(data.manifest, data.manifest_root, data.path_column, data.label_column, False)
+            splits, repeated = manifest_splits(listed, data.classes, 0.0, 0.0, data.seed), listed.repeated
         else:
             splits = build_splits(Path(data.data_dir), data.classes, 0.0, 0.0, data.seed)
         split_error = str(error)
@@ -73,7 +74,11 @@ def check_data(argv: list[str]) -> Path:
     facts = list(verify_files(paths, splits.root, num_threads=2 * available_cores()).values())
     result = audit(splits, facts, options.near_dup_threshold, data.num_folds)
     if split_error:
-        result.findings.insert(0, Finding(str(data.data_dir), "split_error", split_error))
+        where = str(data.manifest or data.data_dir)
+        result.findings[:0] = [
+            Finding(where, "split_error", split_error),
+            *(repeat_finding(r, splits.root) for r in repeated),
+        ]
     out = options.out or new_timestamped_dir((logger_root(cli.config.trainer) or Path("lightning_logs")) / "check_data")
     out.mkdir(parents=True, exist_ok=True)
     result.findings += [label_finding(issue) for issue in labels or []]
@@ -84,6 +89,14 @@ def check_data(argv: list[str]) -> Path:
         counts = ", ".join(f"{n} {kind}" for kind, n in failed.items())
         raise DataCheckFailed(f"check-data --strict: {counts}; see {out / 'issues.csv'}")
     return out
+
+
+def repeat_finding(repeat: Repeat, root: Path) -> Finding:
+    """A manifest row listing an image again: a label conflict when the labels differ, else a duplicate row."""
+    where, path = f"manifest row {repeat.row} lists it again (row {repeat.first_row})", str(root / repeat.path)
+    if repeat.label != repeat.first_label:
+        return Finding(path, "label_conflict", f"{where}, labelled {repeat.label} and {repeat.first_label}")
+    return Finding(path, "duplicate_row", f"{where}, with the same label")
 
 
 def label_finding(issue: LabelIssue) -> Finding:

@@ -8,7 +8,7 @@ import csv
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,18 @@ class Manifest:
     split: list[str] | None
     fold: list[int] | None
     group: list[str] | None
+    repeated: list[Repeat] = field(default_factory=list)  # rows that list a path again, when not refused
+
+
+@dataclass
+class Repeat:
+    """A row listing an image listed before: with the same label a duplicate, with another a label conflict."""
+
+    row: int
+    first_row: int
+    path: Path  # as the first row gives it
+    label: str
+    first_label: str
 
 
 def manifest_root(manifest: str | Path, root: str | Path | None = None) -> Path:
@@ -63,10 +75,15 @@ def _records(path: Path) -> Iterator[dict[str, object]]:
 
 
 def read_manifest(
-    manifest: str | Path, root: str | Path | None = None, path_column: str = "path", label_column: str = "label"
+    manifest: str | Path,
+    root: str | Path | None = None,
+    path_column: str = "path",
+    label_column: str = "label",
+    strict: bool = True,
 ) -> Manifest:
     """The manifest's rows, checked; a one-line error naming the row (1 is the first after the header) otherwise:
-    an empty path, a missing file, an empty label, an unknown split, a path listed twice."""
+    an empty path, a missing file, an empty label, an unknown split, a path listed twice. Not `strict` (the audit),
+    a path listed again is left out and recorded in `repeated` instead."""
     source = Path(manifest)
     if not source.is_file():
         raise FileNotFoundError(f"--data.manifest {source} does not exist")
@@ -79,7 +96,7 @@ def read_manifest(
             raise ValueError(
                 f"--data.manifest {source} has no column {column!r} (--data.{option}); it has {', '.join(rows[0])}"
             )
-    paths, labels, seen = [], [], {}
+    paths, labels, seen, repeated, keep = [], [], {}, [], [True] * len(rows)
     for number, row in enumerate(rows, 1):
         text, label = _text(row.get(path_column)), _text(row.get(label_column))
         if not text:
@@ -92,6 +109,10 @@ def read_manifest(
         key = (base / path).absolute()
         if key in seen:
             first, before = seen[key]
+            if not strict:
+                repeated.append(Repeat(number, before, paths[first], label, labels[first]))
+                keep[number - 1] = False
+                continue
             kind = "a duplicate" if labels[first] == label else f"a conflict: labelled {labels[first]!r} and {label!r}"
             raise ValueError(
                 f"--data.manifest {source}, row {number}: {text} is listed again (row {before}), {kind}; "
@@ -109,6 +130,8 @@ def read_manifest(
                 raise ValueError(
                     f"--data.manifest {source}, row {number}: split {value!r} is not one of {', '.join(SPLITS)}"
                 )
+        split = [value for value, kept in zip(split, keep, strict=True) if kept]
+    rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
     folds = _column(rows, "fold", source)
     fold = None
     if folds is not None:
@@ -118,7 +141,7 @@ def read_manifest(
             raise ValueError(
                 f"--data.manifest {source}: the fold column holds a value that is not a number: {error}"
             ) from None
-    return Manifest(base, paths, labels, split, fold, _column(rows, "group", source))
+    return Manifest(base, paths, labels, split, fold, _column(rows, "group", source), repeated)
 
 
 def _text(value: object) -> str:
