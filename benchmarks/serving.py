@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.attacks import attack_while, peak_rss_mb
+from benchmarks.attacks import attack_while
 from classifier.deploy.onnx_predictor import OnnxPredictor
 from classifier.serve.decoding import ALLOWED_TYPES, TIFF, Upload, decode, inspect
 
@@ -218,7 +218,7 @@ def hostile(url: str, process: subprocess.Popen, images: list[bytes], expected: 
     attacked = asyncio.run(attack_while(url, lambda: load(url, images, expected, requests, 8), images[0]))
     under = attacked["well_formed"]
     figures = {"alone": alone, **attacked, "p99_under_attack_over_alone": under["p99_ms"] / alone["p99_ms"]}
-    figures |= {"peak_rss_mb": peak_rss_mb(process.pid), "rss_after_mb": rss_mb(process.pid)}
+    figures |= {"peak_rss_mb": rss_mb(process.pid, "VmHWM"), "rss_after_mb": rss_mb(process.pid)}
     figures |= {"alive": process.poll() is None, "ready_after": httpx.get(f"{url}/ready").status_code == 200}
     log.info(
         "hostile mix: well-formed p99 %.1f ms under attack vs %.1f ms alone (%.2fx), %d of %d refused; peak RSS %.0f "
@@ -234,12 +234,12 @@ def hostile(url: str, process: subprocess.Popen, images: list[bytes], expected: 
     return figures
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process now (VmRSS), or at its peak so far (VmHWM), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    raise RuntimeError(f"no {field} for process {pid}")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from classifier.cli.entry import cli_main, main
 from classifier.core.console import DEBUG_HINT
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.deploy.predictor import Predictor
-from tests.helpers import REPO, read_csv, run_dir, tiny_config
+from tests.helpers import REPO, classifier_here, read_csv, run_dir, tiny_config
 
 HELP = "`classifier fit --help` lists every option."
 BIG = 9500  # 9500 x 9500 = 90,250,000 pixels: over PIL's MAX_IMAGE_PIXELS (89,478,485), under the twice it refuses
@@ -70,16 +70,13 @@ class RunsCode:
         return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-def run_main(entry, args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+def run_main(args: list[str]) -> tuple[int, list[str]]:
     """The command's exit status and the lines it wrote to stderr."""
-    with pytest.raises(SystemExit) as stopped:
-        entry(args)
-    return stopped.value.code, capsys.readouterr().err.splitlines()
+    done = classifier_here(*args)
+    return done.returncode, done.stderr.splitlines()
 
 
-def test_pickles_that_would_run_code_are_refused_by_every_command(
-    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_pickles_that_would_run_code_are_refused_by_every_command(small_digits: Path, tmp_path: Path) -> None:
     marker = tmp_path / "code_ran"
     hostile = {"state_dict": {"net.w": torch.zeros(2)}, "payload": RunsCode(marker)}
     torch.save(hostile, zipped := tmp_path / "hostile.ckpt")
@@ -108,22 +105,22 @@ def test_pickles_that_would_run_code_are_refused_by_every_command(
             ["calibrate", "--ckpt_path", str(path)],
             ["export", "--ckpt_path", str(path), "--output", str(tmp_path / "export")],
         ):
-            assert run_main(main, args, capsys) == (2, [refusal("--ckpt_path", path), DEBUG_HINT]), args
-        assert run_main(main, ["serve", "--model", str(path)], capsys) == (
+            assert run_main(args) == (2, [refusal("--ckpt_path", path), DEBUG_HINT]), args
+        assert run_main(["serve", "--model", str(path)]) == (
             2,
             [refusal("checkpoint", path), DEBUG_HINT],
         )
         with pytest.raises(ValueError) as error:
             Predictor.from_checkpoint(path)
         assert f"error: {error.value}" == refusal("checkpoint", path)
-        status, lines = run_main(main, ["fit", "--config", str(config), "--model.pretrained", str(path)], capsys)
+        status, lines = run_main(["fit", "--config", str(config), "--model.pretrained", str(path)])
         assert (status, lines[-2:]) == (2, [refusal("--model.pretrained", path), DEBUG_HINT])
     assert not marker.exists()
     assert sorted(path.name for path in tmp_path.rglob("*.ckpt")) == ["hostile.ckpt", "legacy.ckpt"]  # none written
 
 
 def test_a_truncated_or_empty_checkpoint_is_one_line(
-    trained_checkpoint: Path, small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    trained_checkpoint: Path, small_digits: Path, tmp_path: Path
 ) -> None:
     data = trained_checkpoint.read_bytes()
     (half := tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
@@ -134,13 +131,13 @@ def test_a_truncated_or_empty_checkpoint_is_one_line(
         ["fit", "--config", str(config), "--ckpt_path", str(half)],
         ["calibrate", "--ckpt_path", str(half)],
     ):
-        status, lines = run_main(main, args, capsys)
+        status, lines = run_main(args)
         assert status == 2 and len(lines) == 2 and lines[1] == DEBUG_HINT
         assert lines[0].startswith(
             f"error: --ckpt_path {half} is not a readable checkpoint ({len(data) // 2} bytes): cut short by an "
             "unfinished save or copy, or not written by torch.save (RuntimeError: PytorchStreamReader failed"
         )
-    status, lines = run_main(main, ["test", "--ckpt_path", str(empty)], capsys)
+    status, lines = run_main(["test", "--ckpt_path", str(empty)])
     assert (status, lines) == (
         2,
         [
@@ -151,7 +148,7 @@ def test_a_truncated_or_empty_checkpoint_is_one_line(
     with pytest.raises(ValueError, match=f"^checkpoint {half} is not a readable checkpoint"):
         Predictor.from_checkpoint(half)
     assert not (tmp_path / "lightning_logs").exists()  # refused before any run folder was made
-    status, lines = run_main(main, ["fit", "--config", str(config), "--model.pretrained", str(half)], capsys)
+    status, lines = run_main(["fit", "--config", str(config), "--model.pretrained", str(half)])
     assert status == 2 and lines[-2].startswith(f"error: --model.pretrained {half} is not a readable checkpoint")
 
 
@@ -324,9 +321,9 @@ def test_odd_files_and_names_in_a_training_folder(tmp_path: Path) -> None:
     assert predicted == {str(new / "-x 1.png"): "ok", str(new / "empty ü.jpg"): "error: empty file (0 bytes)"}
 
 
-def test_class_folder_mistakes_say_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_class_folder_mistakes_say_what_to_do(tmp_path: Path) -> None:
     def fit(data: Path) -> list[str]:
-        status, lines = run_main(main, ["fit", "--config", str(tiny_config(tmp_path, data))], capsys)
+        status, lines = run_main(["fit", "--config", str(tiny_config(tmp_path, data))])
         assert status == 2 and lines[-1] == DEBUG_HINT and "Traceback" not in "\n".join(lines)
         return lines[-2]
 
@@ -353,9 +350,7 @@ def test_class_folder_mistakes_say_what_to_do(tmp_path: Path, capsys: pytest.Cap
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_config_mistakes_end_with_status_2_and_one_line(
-    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_config_mistakes_end_with_status_2_and_one_line(small_digits: Path, tmp_path: Path) -> None:
     config = str(tiny_config(tmp_path, small_digits))
     missing = tmp_path / "my photos"
     cases = {
@@ -381,28 +376,28 @@ def test_config_mistakes_end_with_status_2_and_one_line(
         ],  # fmt: skip
     }
     for flags, expected in cases.items():
-        status, lines = run_main(main, ["fit", "--config", config, *flags], capsys)
+        status, lines = run_main(["fit", "--config", config, *flags])
         assert (status, lines[-2:]) == (2, expected), flags
         assert [line for line in lines if line.startswith("error:")] == expected[:1]
-    status, lines = run_main(main, ["fit", "--config", config, "--model.backbone", "resnet5O"], capsys)
+    status, lines = run_main(["fit", "--config", config, "--model.backbone", "resnet5O"])
     assert status == 2 and lines[-1] == DEBUG_HINT
     assert lines[-2].startswith("error: --model.backbone 'resnet5O' is not a timm model. Did you mean: resnet50")
-    status, lines = run_main(main, ["test", "--ckpt_path", str(tmp_path / "gone.ckpt")], capsys)
+    status, lines = run_main(["test", "--ckpt_path", str(tmp_path / "gone.ckpt")])
     assert (status, lines) == (2, [f"error: --ckpt_path {tmp_path / 'gone.ckpt'} does not exist", DEBUG_HINT])
     assert not (tmp_path / "lightning_logs").exists()
 
 
 def test_debug_shows_the_traceback_of_any_error_and_bugs_always_show_theirs(
-    small_digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    small_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = str(tiny_config(tmp_path, small_digits))
     missing = tmp_path / "my photos"
     for debug in (["--debug"], ["--verbose"]):
-        status, lines = run_main(main, ["fit", *debug, "--config", config, "--data.data_dir", str(missing)], capsys)
+        status, lines = run_main(["fit", *debug, "--config", config, "--data.data_dir", str(missing)])
         assert status == 2 and "Traceback (most recent call last):" in lines
         assert lines[-1] == f"FileNotFoundError: --data.data_dir {missing} does not exist: point it at a folder of " \
             "class subfolders"  # fmt: skip
-    status, lines = run_main(main, ["fit", "--config", config, "--trainer.max_epochs", "ten", "--debug"], capsys)
+    status, lines = run_main(["fit", "--config", config, "--trainer.max_epochs", "ten", "--debug"])
     assert status == 2 and "Traceback (most recent call last):" in lines
     assert 'argparse.ArgumentError: Parser key "trainer.max_epochs":' in lines and lines[-1] == "  Given value: ten"
     assert "CLASSIFIER_DEBUG" not in os.environ  # main set it for the run only
@@ -450,12 +445,12 @@ EXTRA_COMMANDS = [
 
 @pytest.mark.parametrize(("command", "missing", "extra", "importers"), EXTRA_COMMANDS, ids=lambda x: str(x))
 def test_a_command_whose_extra_is_not_installed_names_the_extra(
-    command: str, missing: str, extra: str, importers: tuple[str, ...], trained_checkpoint: Path, monkeypatch, capsys
+    command: str, missing: str, extra: str, importers: tuple[str, ...], trained_checkpoint: Path, monkeypatch
 ) -> None:
     monkeypatch.setitem(sys.modules, missing, None)  # as if not installed: importing it raises ModuleNotFoundError
     for name in importers:  # imported again, without it; the rest of the package stays the one other tests patch
         monkeypatch.delitem(sys.modules, f"classifier.{name}", raising=False)
     args = ["--search", str(REPO / "configs" / "search" / "resnet18.yaml")] if command == "tune" else []
-    code, lines = run_main(main, [command, "--ckpt_path", str(trained_checkpoint), *args], capsys)
+    code, lines = run_main([command, "--ckpt_path", str(trained_checkpoint), *args])
     assert code == 2
     assert lines[0] == f"error: {missing} is not installed: pip install 'classifier[{extra}]'"

@@ -239,7 +239,10 @@ def test_the_documented_torch_free_files_alone_predict_without_torch(
     for name in TORCH_FREE_FILES:
         source, target = REPO / "classifier" / name, copy / "classifier" / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, target) if source.is_dir() else shutil.copy(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy(source, target)
     image = next(small_digits.rglob("*.png"))
     code = (
         "import sys; sys.modules['torch'] = None; import classifier; "

@@ -131,16 +131,16 @@ class ImageFolderDataModule(LightningDataModule):
         """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
         hp = self.hparams
         recorded = self._recorded_split()
-        folds = (hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold)
+        carving = (hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold)
         if recorded is not None:
             splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold, bool(hp.manifest))
             self.unlisted = [] if hp.manifest else splits.unlisted()  # a manifest, not the folder, says what is in
         elif hp.manifest:
             listed = read_manifest(hp.manifest, hp.manifest_root, hp.path_column, hp.label_column)
-            splits = manifest_splits(listed, hp.classes, *folds)
+            splits = manifest_splits(listed, hp.classes, *carving)
             self.hparams.data_dir = str(splits.root)  # where the split table's paths start, in checkpoints too
         else:
-            splits = build_splits(Path(hp.data_dir), hp.classes, *folds)
+            splits = build_splits(Path(hp.data_dir), hp.classes, *carving)
         self.hparams.classes = splits.classes  # so checkpoints carry the class order
         return splits
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from classifier.data.splits import SPLITS, Splits, hold_out
+from classifier.data.splits import SPLITS, Splits, assign_splits
 
 FORMATS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 
@@ -123,7 +122,7 @@ def read_manifest(
             path.relative_to(base.absolute()) if path.is_absolute() and path.is_relative_to(base.absolute()) else path
         )
         labels.append(label)
-    split = _column(rows, "split", source)
+    split = _column(rows, "split")
     if split is not None:
         for number, value in enumerate(split, 1):
             if value not in SPLITS:
@@ -132,7 +131,7 @@ def read_manifest(
                 )
         split = [value for value, kept in zip(split, keep, strict=True) if kept]
     rows = [row for row, kept in zip(rows, keep, strict=True) if kept]
-    folds = _column(rows, "fold", source)
+    folds = _column(rows, "fold")
     fold = None
     if folds is not None:
         try:
@@ -141,14 +140,14 @@ def read_manifest(
             raise ValueError(
                 f"--data.manifest {source}: the fold column holds a value that is not a number: {error}"
             ) from None
-    return Manifest(base, paths, labels, split, fold, _column(rows, "group", source), repeated)
+    return Manifest(base, paths, labels, split, fold, _column(rows, "group"), repeated)
 
 
 def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _column(rows: list[dict], name: str, source: Path) -> list[str] | None:
+def _column(rows: list[dict], name: str) -> list[str] | None:
     return [_text(row.get(name)) for row in rows] if name in rows[0] else None
 
 
@@ -170,52 +169,14 @@ def manifest_splits(
     if unknown:
         raise ValueError(f"the manifest's labels {unknown} are not among the classes {classes}")
     labels = np.array([index[label] for label in manifest.labels], dtype=np.int64)
-    groups = np.array(manifest.group if manifest.group is not None else range(len(labels)), dtype=object)
-    split = np.array(manifest.split if manifest.split is not None else ["train"] * len(labels), dtype=object)
-    fold_of = np.full(len(labels), -1, dtype=np.int64)
-    pool = np.flatnonzero(split == "train")
-    size = len(pool)
-    if manifest.split is None and test_fraction > 0:
-        pool, held = _held_out(pool, labels, groups, test_fraction, size, seed, "test", classes, manifest)
-        split[held] = "test"
-    if num_folds is not None:
-        pool = np.sort(np.concatenate([pool, np.flatnonzero(split == "val")]))
-        if manifest.fold is not None:
-            fold_of[pool] = np.array(manifest.fold)[pool]
-        else:
-            folds = (
-                StratifiedGroupKFold(num_folds, shuffle=True, random_state=seed)
-                if manifest.group
-                else StratifiedKFold(num_folds, shuffle=True, random_state=seed)
-            )
-            for k, (_, val_rows) in enumerate(folds.split(np.zeros(len(pool)), labels[pool], groups[pool])):
-                fold_of[pool[val_rows]] = k
-        split[pool] = np.where(fold_of[pool] == fold, "val", "train")
-    elif manifest.split is None and val_fraction > 0:
-        _, held = _held_out(pool, labels, groups, val_fraction, size, seed, "val", classes, manifest)
-        split[held] = "val"
+    groups = None if manifest.group is None else np.array(manifest.group, dtype=object)
+    given = manifest.split is not None
+    split = np.array(manifest.split if given else ["train"] * len(labels), dtype=object)
+    test, val = (0.0, 0.0) if given else (test_fraction, val_fraction)
+    folds = None if manifest.fold is None else np.array(manifest.fold)
+    fold_of = assign_splits(split, labels, classes, manifest.root, test, val, seed, num_folds, fold, groups, folds)
     _check_groups(manifest, split, fold_of)
     return Splits(manifest.root, classes, manifest.paths, labels, split.astype(str), fold_of, [""] * len(labels))
-
-
-def _held_out(
-    rows: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
-    fraction: float,
-    size: int,
-    seed: int,
-    name: str,
-    classes: list[str],
-    manifest: Manifest,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, held out) of `rows`: `fraction` of `size`, stratified by label; with groups, one fold of a
-    stratified group k-fold of 1/fraction folds, so that no group is on both sides."""
-    if manifest.group is None:
-        return hold_out(rows, labels, round(fraction * size), seed, name, manifest.root, classes)
-    folds = StratifiedGroupKFold(max(2, round(1 / fraction)), shuffle=True, random_state=seed)
-    kept, held = next(folds.split(np.zeros(len(rows)), labels[rows], groups[rows]))
-    return np.sort(rows[kept]), np.sort(rows[held])
 
 
 def _check_groups(manifest: Manifest, split: np.ndarray, fold_of: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from classifier.core.atomic import write_text
 from classifier.core.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
@@ -297,29 +297,70 @@ def build_splits(
     paths = [paths[i] for i in order]
     labels = np.asarray(labels, dtype=np.int64)[order]
     split = np.asarray(origin, dtype=object)[order]
-    fold_of = np.full(len(paths), -1, dtype=np.int64)
 
-    pool = np.flatnonzero(split == "train")
-    pool_size = len(pool)
-    if "test" not in layout and test_fraction > 0:
-        pool, held = hold_out(pool, labels, round(test_fraction * pool_size), seed, "test", layout["train"], classes)
-        split[held] = "test"
-    if num_folds is not None:
-        pool = np.sort(np.concatenate([pool, np.flatnonzero(split == "val")]))
-        folds = StratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed)
-        for k, (_, val_rows) in enumerate(folds.split(np.zeros(len(pool)), labels[pool])):
-            fold_of[pool[val_rows]] = k
-        split[pool] = np.where(fold_of[pool] == fold, "val", "train")
-    elif "val" not in layout and val_fraction > 0:
-        _, held = hold_out(pool, labels, round(val_fraction * pool_size), seed, "val", layout["train"], classes)
-        split[held] = "val"
+    test = test_fraction if "test" not in layout else 0.0
+    val = val_fraction if "val" not in layout else 0.0
+    fold_of = assign_splits(split, labels, classes, layout["train"], test, val, seed, num_folds, fold)
     return Splits(data_dir, classes, paths, labels, split.astype(str), fold_of, [""] * len(paths))
 
 
+def assign_splits(
+    split: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    folder: Path,
+    test_fraction: float,
+    val_fraction: float,
+    seed: int,
+    num_folds: int | None,
+    fold: int,
+    groups: np.ndarray | None = None,
+    given_folds: np.ndarray | None = None,
+) -> np.ndarray:
+    """Carve the test split, then the folds (or the val split), out of the rows `split` marks train, in place;
+    returns each row's fold (-1 outside k-fold and for test rows). Stratified by label; with `groups`, whole groups
+    at a time. Under k-fold, rows already marked val join the folds, which `given_folds` gives when it is known."""
+    fold_of = np.full(len(labels), -1, dtype=np.int64)
+    pool = np.flatnonzero(split == "train")
+    pool_size = len(pool)
+    if test_fraction > 0:
+        pool, held = hold_out(pool, labels, test_fraction, pool_size, seed, "test", folder, classes, groups)
+        split[held] = "test"
+    if num_folds is not None:
+        pool = np.sort(np.concatenate([pool, np.flatnonzero(split == "val")]))
+        if given_folds is not None:
+            fold_of[pool] = given_folds[pool]
+        else:
+            kind = StratifiedKFold if groups is None else StratifiedGroupKFold
+            folds = kind(n_splits=num_folds, shuffle=True, random_state=seed)
+            in_pool = None if groups is None else groups[pool]
+            for k, (_, val_rows) in enumerate(folds.split(np.zeros(len(pool)), labels[pool], in_pool)):
+                fold_of[pool[val_rows]] = k
+        split[pool] = np.where(fold_of[pool] == fold, "val", "train")
+    elif val_fraction > 0:
+        _, held = hold_out(pool, labels, val_fraction, pool_size, seed, "val", folder, classes, groups)
+        split[held] = "val"
+    return fold_of
+
+
 def hold_out(
-    rows: np.ndarray, labels: np.ndarray, size: int, seed: int, name: str, folder: Path, classes: list[str]
+    rows: np.ndarray,
+    labels: np.ndarray,
+    fraction: float,
+    pool_size: int,
+    seed: int,
+    name: str,
+    folder: Path,
+    classes: list[str],
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split `rows` into (kept, held out), `size` held out, stratified by label."""
+    """Split `rows` into (kept, held out): `fraction` of `pool_size` held out, stratified by label; with `groups`,
+    one fold of a stratified group k-fold of 1/fraction folds, so that no group is on both sides."""
+    if groups is not None:
+        folds = StratifiedGroupKFold(max(2, round(1 / fraction)), shuffle=True, random_state=seed)
+        kept, held = next(folds.split(np.zeros(len(rows)), labels[rows], groups[rows]))
+        return np.sort(rows[kept]), np.sort(rows[held])
+    size = round(fraction * pool_size)
     if size == 0:
         return rows, rows[:0]
     counts = np.bincount(labels[rows], minlength=len(classes))

@@ -117,26 +117,26 @@ def create_app(
         finally:
             inspected.image.close()  # its pixels freed now, before the decode pool hands memory back
 
-    def refusal(upload: Upload, refused: Refused) -> dict[str, Any]:
-        metrics.refused.labels(refused.reason).inc()
-        return {"file": upload.name, "status": "error", "code": refused.status, "error": refused.message}
+    def failed(upload: Upload, code: int, message: str) -> dict[str, Any]:
+        return {"file": upload.name, "status": "error", "code": code, "error": message}
 
     async def classify(item: Inspected | Refused, upload: Upload) -> dict[str, Any]:
         try:
-            if isinstance(item, Refused):
+            if isinstance(item, Refused):  # at its header: counted and answered as the refusals below
                 raise item
             pixels = await decoder.run(item.memory, lambda: prepare(item))
             probabilities = await batcher.predict(pixels)
         except Refused as refused:
-            return refusal(upload, refused)
+            metrics.refused.labels(refused.reason).inc()
+            return failed(upload, refused.status, refused.message)
         except QueueFull as error:
             metrics.refused.labels("queue_full").inc()
-            return {"file": upload.name, "status": "error", "code": 503, "error": str(error)}
+            return failed(upload, 503, str(error))
         except BatcherStopped as error:
-            return {"file": upload.name, "status": "error", "code": 503, "error": str(error)}
+            return failed(upload, 503, str(error))
         except Exception:  # noqa: BLE001 - logged; the client gets a 500 for this file and the server goes on
             log.exception("Preprocessing or inference failed for %s", upload.name)
-            return {"file": upload.name, "status": "error", "code": 500, "error": "the server failed on this image"}
+            return failed(upload, 500, "the server failed on this image")
         order = np.argsort(-probabilities, kind="stable")[:topk]
         top = [{"class": backend.class_names[i], "probability": float(probabilities[i])} for i in order]
         return {"file": upload.name, "status": "ok", "top": top}

@@ -80,11 +80,11 @@ def load_backend(path: str | Path, allow_failed_parity: bool = False) -> Backend
     if path.suffix.lower() != ".onnx":
         return CheckpointBackend(path)
     report = path.with_name(PARITY_FILE)
-    if not allow_failed_parity and report.is_file() and json.loads(report.read_text()).get("passed") is False:
-        failure = json.loads(report.read_text()).get("failure", "see the report")
+    parity = json.loads(report.read_text()) if report.is_file() and not allow_failed_parity else {}
+    if parity.get("passed") is False:
         raise ValueError(
-            f"--model {path} failed its parity check ({failure}; {report}): re-export it, or pass "
-            "--allow_failed_parity to serve it anyway"
+            f"--model {path} failed its parity check ({parity.get('failure', 'see the report')}; {report}): "
+            "re-export it, or pass --allow_failed_parity to serve it anyway"
         )
     return OnnxBackend(path)
 

@@ -22,22 +22,26 @@ LINGER_S = 2.0  # after refusing, read and drop what the client still sends, the
 # sends a reset, which makes the client's system discard the answer before it is read
 
 
-@dataclass
-class ConnectionLimits:
-    header_timeout_s: float = 10.0
-    max_header_bytes: int = 16_384
-    max_connections: int | None = None  # default: the file-descriptor limit, less those reserved
-
-
-LIMITS = ConnectionLimits()
-
-
 def default_max_connections() -> int:
     """As many connections as the process may open files for, less a reserve; at most 4096."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 4096
     return max(8, min(4096, soft - RESERVED_DESCRIPTORS))
+
+
+@dataclass
+class ConnectionLimits:
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 16_384
+    max_connections: int | None = None  # None: the file-descriptor limit, less those reserved, read once here
+
+    def __post_init__(self) -> None:
+        if self.max_connections is None:
+            self.max_connections = default_max_connections()
+
+
+LIMITS = ConnectionLimits()
 
 
 def configure(limits: ConnectionLimits) -> None:
@@ -55,7 +59,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > (LIMITS.max_connections or default_max_connections()):
+        if len(self.connections) > LIMITS.max_connections:
             log.warning("%d connections are open, the most allowed: one more refused", len(self.connections) - 1)
             self._refuse("503 Service Unavailable", "retry-after: 1")
             return

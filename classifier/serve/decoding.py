@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import io
 import os
 from collections.abc import Callable
@@ -152,17 +151,16 @@ class DecodePool:
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's malloc_trim): without it, the memory of one large
     decode stays with the process after the image is gone. Elsewhere, nothing to do."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
-def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, from the symbols the process already has loaded (no library search at start-up)."""
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
         return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
-_LIBC = _glibc()
+_MALLOC_TRIM = _malloc_trim()

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.attacks import sixteen_bit_png as sixteen_bit_png  # re-exported: the tests' 16-bit PNGs
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -86,12 +88,6 @@ def rss_bytes(pid: int, field: str = "VmRSS") -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     raise LookupError(f"no {field} in /proc/{pid}/status")
-
-
-def sixteen_bit_png(side: int) -> bytes:
-    """A grey 16-bit PNG of side x side pixels: a few dozen KB that decode to 2 bytes a pixel."""
-    ramp = (np.arange(side, dtype=np.uint32) * 65535 // max(side - 1, 1)).astype(np.uint16)
-    return encoded(Image.fromarray(np.broadcast_to(ramp, (side, side)).copy()), "PNG")
 
 
 def sample(metrics_text: str, name: str, **labels: str) -> float:
