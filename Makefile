@@ -12,7 +12,7 @@ help:  ## List the targets
 install:  ## Create .venv (VENV=...) and install classifier with its test tools and every extra
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,export,serve,mlflow,tune,explain]"
+	$(BIN)/pip install -e ".[dev,export,serve,mlflow,tune,explain,parquet]"
 
 train:  ## Train configs/resnet18.yaml on the bundled digits (CONFIG=... for another)
 	$(BIN)/classifier fit --config $(CONFIG)

@@ -65,7 +65,8 @@ def _records(path: Path) -> Iterator[dict[str, object]]:
         try:
             import pyarrow.parquet as parquet  # optional: only Parquet manifests need it
         except ImportError:
-            raise ImportError(f"--data.manifest {path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            message = f"--data.manifest {path}: reading Parquet needs pyarrow: pip install 'classifier[parquet]'"
+            raise ImportError(message) from None
         yield from parquet.read_table(path).to_pylist()
     else:
         raise ValueError(
