@@ -67,6 +67,9 @@ class ClassifierArgumentParser(LightningArgumentParser):
         self.exit(USAGE_ERROR)
 
 
+SINGLE_LABEL_MONITOR = "val/f1_macro"  # the checkpoint's default monitor; val/map for multi-label data
+
+
 class ClassifierCLI(LightningCLI):
     """LightningCLI for ImageClassifier on ImageFolderDataModule."""
 
@@ -100,7 +103,7 @@ class ClassifierCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/f1_macro",
+                "checkpoint.monitor": SINGLE_LABEL_MONITOR,
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",
             }
@@ -150,9 +153,14 @@ class ClassifierCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """`--checkpoint.every_n_train_steps` and `train_time_interval` write `last.ckpt` inside epochs, to resume
-        long epochs from; `best.ckpt` is still chosen at validations, the only time its monitor changes."""
+        long epochs from; `best.ckpt` is still chosen at validations, the only time its monitor changes. Multi-label
+        data is monitored by val/map where single-label's default, val/f1_macro, is set."""
         config = self.config.get(self.subcommand) or {}
         best = config.get("checkpoint")
+        data = config.get("data") or {}
+        if best and best.monitor == SINGLE_LABEL_MONITOR and (data.get("label_delimiter") or data.get("label_columns")):
+            best.monitor = config.early_stopping.monitor = "val/map"
+            log.info("multi-label data: checkpoints and early stopping monitor val/map (--checkpoint.monitor)")
         if not best or (best.every_n_train_steps is None and best.train_time_interval is None):
             return
         intervals = {"every_n_train_steps": best.every_n_train_steps, "train_time_interval": best.train_time_interval}

@@ -21,10 +21,11 @@ LINKS = (
     ("data.image_size", "model.image_size", "parse"),
     ("data.class_names", "model.class_names", "instantiate"),
     ("data.preprocessing", "model.preprocessing", "instantiate"),
+    ("data.task", "model.task", "instantiate"),
 )
 # settings of evaluation, which a run may change between sessions; every other model and data setting (the batch
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
-EVAL_SETTINGS = frozenset({"model.tta"})
+EVAL_SETTINGS = frozenset({"model.tta", "model.thresholds"})
 EVALUATIONS = ("validate", "test", "predict")
 # what a checkpoint's weights were built for: with another value they cannot load, or would mean another model
 NETWORK_SETTINGS = ("model.backbone", "data.image_size", "data.classes", "model.head_hidden_dims")

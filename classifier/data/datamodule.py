@@ -58,6 +58,8 @@ class ImageFolderDataModule(LightningDataModule):
         manifest_root: str | None = None,
         path_column: str = "path",
         label_column: str = "label",
+        label_delimiter: str | None = None,
+        label_columns: list[str] | None = None,
         classes: list[str] | None = None,
         skip_bad_images: bool = False,
         hflip: float = 0.5,
@@ -94,6 +96,9 @@ class ImageFolderDataModule(LightningDataModule):
             manifest_root: Where the manifest's relative paths start; its own folder by default.
             path_column: The manifest's column of image paths.
             label_column: The manifest's column of labels.
+            label_delimiter: Multi-label: split the label column into a set of labels at this string ("" for none
+                of the classes).
+            label_columns: Multi-label: the manifest's 0/1 columns, one per class, in class order.
             classes: Class names in index order; restored from checkpoints so indices never shift.
             skip_bad_images: Skip unreadable files with a warning instead of stopping.
             hflip: Probability of a horizontal flip in training.
@@ -132,12 +137,18 @@ class ImageFolderDataModule(LightningDataModule):
         hp = self.hparams
         recorded = self._recorded_split()
         carving = (hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold)
+        multilabel = self.task == "multilabel"
+        classes = hp.classes or hp.label_columns
+        if multilabel and not hp.manifest:
+            raise ValueError("--data.label_delimiter and --data.label_columns read a --data.manifest; it is not set")
         if recorded is not None:
-            splits = read_splits(*recorded, Path(hp.data_dir), hp.classes, hp.num_folds, hp.fold, bool(hp.manifest))
+            splits = read_splits(*recorded, Path(hp.data_dir), classes, hp.num_folds, hp.fold, bool(hp.manifest),
+                                 multilabel)  # fmt: skip
             self.unlisted = [] if hp.manifest else splits.unlisted()  # a manifest, not the folder, says what is in
         elif hp.manifest:
-            listed = read_manifest(hp.manifest, hp.manifest_root, hp.path_column, hp.label_column)
-            splits = manifest_splits(listed, hp.classes, *carving)
+            label_options = (hp.label_delimiter, hp.label_columns)
+            listed = read_manifest(hp.manifest, hp.manifest_root, hp.path_column, hp.label_column, True, *label_options)
+            splits = manifest_splits(listed, classes, *carving, multilabel)
             self.hparams.data_dir = str(splits.root)  # where the split table's paths start, in checkpoints too
         else:
             splits = build_splits(Path(hp.data_dir), hp.classes, *carving)
@@ -167,6 +178,12 @@ class ImageFolderDataModule(LightningDataModule):
             )
             return None
         return zlib.decompress(self._checkpoint_split).decode(), self.split_source
+
+    @property
+    def task(self) -> str:
+        """multilabel (each image has a set of labels: --data.label_delimiter or --data.label_columns) or
+        multiclass (one class each); linked to the model's `task`."""
+        return "multilabel" if self.hparams.label_delimiter or self.hparams.label_columns else "multiclass"
 
     @property
     def class_names(self) -> list[str]:
@@ -227,6 +244,9 @@ class ImageFolderDataModule(LightningDataModule):
                 f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
                 "use it with --data.decode cpu or auto, and --data.cache none"
             )
+        if stage == "fit" and self.task == "multilabel" and self.hparams.sampler == "balanced":
+            raise ValueError("--data.sampler balanced draws one class per image; multi-label data takes "
+                             "--model.class_weights auto (positive weights) for rare labels instead")  # fmt: skip
         if stage == "predict":
             paths, self.unreadable = predict_files(self.hparams.predict_dir)
             self.datasets["predict"] = self._dataset("predict", paths, [-1] * len(paths))

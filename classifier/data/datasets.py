@@ -16,14 +16,15 @@ from classifier.data.samplers import Key, seeded, split_key
 
 
 class FileDataset(Dataset):
-    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label.
+    """One sample per file; `paths[row]` and `targets[row]` map each output row back to its file and label (a class
+    index, or multi-label a 0/1 row, kept as a tensor so that batches stack it).
 
     Indexed by a row, or by (row, augmentation seed) from the training sampler.
     """
 
-    def __init__(self, paths: list[Path], targets: list[int]) -> None:
+    def __init__(self, paths: list[Path], targets: list[int] | list[list[int]]) -> None:
         self.paths = paths
-        self.targets = targets
+        self.targets = torch.tensor(targets) if targets and isinstance(targets[0], list) else targets
 
     def __len__(self) -> int:
         return len(self.paths)

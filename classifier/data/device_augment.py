@@ -183,6 +183,6 @@ def collate_crops(samples: list[tuple[Tensor, Tensor, int, int]]) -> CropBatch:
         canvas=canvas,
         jpegs=[data for data, *_ in jpegs],
         plans=torch.stack([plan for _, plan, _, _ in ordered]),
-        targets=torch.tensor([target for _, _, target, _ in ordered]),
+        targets=torch.stack([torch.as_tensor(target) for _, _, target, _ in ordered]),
         rows=torch.tensor([row for *_, row in ordered]),
     )

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.data.splits import SPLITS, Splits, assign_splits
+from classifier.data.splits import LABEL_SEPARATOR, SPLITS, Splits, assign_splits
 
 FORMATS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 
 
 @dataclass
 class Manifest:
-    """The rows of a manifest, checked: each path relative to `root` (or absolute), its label, and the optional
-    columns (None when the manifest has no such column)."""
+    """The rows of a manifest, checked: each path relative to `root` (or absolute), its label (multi-label: its
+    labels, joined by LABEL_SEPARATOR), and the optional columns (None when the manifest has no such column)."""
 
     root: Path
     paths: list[Path]
@@ -80,10 +80,16 @@ def read_manifest(
     path_column: str = "path",
     label_column: str = "label",
     strict: bool = True,
+    label_delimiter: str | None = None,
+    label_columns: list[str] | None = None,
 ) -> Manifest:
     """The manifest's rows, checked; a one-line error naming the row (1 is the first after the header) otherwise:
     an empty path, a missing file, an empty label, an unknown split, a path listed twice. Not `strict` (the audit),
-    a path listed again is left out and recorded in `repeated` instead."""
+    a path listed again is left out and recorded in `repeated` instead.
+
+    Multi-label: `label_delimiter` splits the label column into a set, or `label_columns` reads one 0/1 column per
+    class; an empty set (none of the classes) is a label like any other.
+    """
     source = Path(manifest)
     if not source.is_file():
         raise FileNotFoundError(f"--data.manifest {source} does not exist")
@@ -91,21 +97,26 @@ def read_manifest(
     rows = list(_records(source))
     if not rows:
         raise ValueError(f"--data.manifest {source} lists no images")
-    for column, option in ((path_column, "path_column"), (label_column, "label_column")):
+    needed = [(path_column, "path_column")]
+    needed += [(name, "label_columns") for name in label_columns] if label_columns else [(label_column, "label_column")]
+    for column, option in needed:
         if column not in rows[0]:
             raise ValueError(
                 f"--data.manifest {source} has no column {column!r} (--data.{option}); it has {', '.join(rows[0])}"
             )
+    multilabel = bool(label_delimiter or label_columns)
     paths, labels, seen, repeated, keep = [], [], {}, [], [True] * len(rows)
     for number, row in enumerate(rows, 1):
-        text, label = _text(row.get(path_column)), _text(row.get(label_column))
+        text = _text(row.get(path_column))
         if not text:
             raise ValueError(f"--data.manifest {source}, row {number}: the {path_column!r} column is empty")
         path = Path(text)
         if not os.path.lexists(base / path):
             raise FileNotFoundError(f"--data.manifest {source}, row {number}: {base / path} does not exist")
-        if not label:
-            raise ValueError(f"--data.manifest {source}, row {number}: {text} has no {label_column!r}")
+        where = f"--data.manifest {source}, row {number}"
+        label = _labels(row, label_column, label_delimiter, label_columns, where)
+        if not label and not multilabel:
+            raise ValueError(f"{where}: {text} has no {label_column!r}")
         key = (base / path).absolute()
         if key in seen:
             first, before = seen[key]
@@ -148,6 +159,28 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
+TRUE, FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
+
+
+def _labels(row: dict, column: str, delimiter: str | None, columns: list[str] | None, where: str) -> str:
+    """One row's label; multi-label, its sorted set joined by LABEL_SEPARATOR (a label may not contain it)."""
+    if columns:
+        values = {name: _text(row.get(name)).lower() for name in columns}
+        odd = {name: value for name, value in values.items() if value not in TRUE | FALSE}
+        if odd:
+            name = next(iter(odd))
+            raise ValueError(f"{where}: column {name!r} holds {row.get(name)!r}, not 0 or 1 (--data.label_columns)")
+        names = {name for name, value in values.items() if value in TRUE}
+    elif delimiter:
+        names = {part.strip() for part in _text(row.get(column)).split(delimiter)} - {""}
+    else:
+        return _text(row.get(column))
+    clash = sorted(name for name in names if LABEL_SEPARATOR in name)
+    if clash:
+        raise ValueError(f"{where}: the label {clash[0]!r} holds {LABEL_SEPARATOR!r}, which separates labels")
+    return LABEL_SEPARATOR.join(sorted(names))
+
+
 def _column(rows: list[dict], name: str) -> list[str] | None:
     return [_text(row.get(name)) for row in rows] if name in rows[0] else None
 
@@ -160,16 +193,24 @@ def manifest_splits(
     seed: int = 42,
     num_folds: int | None = None,
     fold: int = 0,
+    multilabel: bool = False,
 ) -> Splits:
     """Every listed image with its split: the manifest's `split` column when it has one, else hold-outs of the given
     fractions, stratified by label; whole groups at a time when it has a `group` column. Under k-fold, its `fold`
-    column when it has one, else stratified (group) folds over all but the test split."""
-    classes = list(classes) if classes else sorted(set(manifest.labels))
+    column when it has one, else stratified (group) folds over all but the test split. `multilabel` reads each
+    label as a set (see `read_manifest`); its classes are those given, else every label met, sorted."""
+    sets = [set(label.split(LABEL_SEPARATOR)) - {""} if multilabel else {label} for label in manifest.labels]
+    classes = list(classes) if classes else sorted(set().union(*sets))
     index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(manifest.labels) - set(index))
+    unknown = sorted(set().union(*sets) - set(index))
     if unknown:
         raise ValueError(f"the manifest's labels {unknown} are not among the classes {classes}")
-    labels = np.array([index[label] for label in manifest.labels], dtype=np.int64)
+    if multilabel:
+        labels = np.zeros((len(sets), len(classes)), dtype=np.int64)
+        for row, names in enumerate(sets):
+            labels[row, [index[name] for name in names]] = 1
+    else:
+        labels = np.array([index[label] for label in manifest.labels], dtype=np.int64)
     groups = None if manifest.group is None else np.array(manifest.group, dtype=object)
     given = manifest.split is not None
     split = np.array(manifest.split if given else ["train"] * len(labels), dtype=object)

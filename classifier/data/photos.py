@@ -57,22 +57,33 @@ def render(label: str, width: int, height: int, rng: np.random.Generator) -> np.
     angle = rng.uniform(-np.pi / 18, np.pi / 18)  # a subject roughly upright, as photographed
     u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
     v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+    image = paint(image, label, u, v, size, rng)
+    image *= lighting(x, y, width, height, rng)[..., None]
+    image += rng.normal(0, rng.uniform(3, 12), image.shape)  # sensor noise
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def paint(
+    image: np.ndarray, label: str, u: np.ndarray, v: np.ndarray, size: float, rng: np.random.Generator
+) -> np.ndarray:
+    """`image` with `label`'s shape of half-size `size` painted in, in its own frame (u, v: pixels from its centre,
+    along its axes), in a colour that stands out from the background, lit unevenly."""
     aspect = rng.uniform(0.85, 1.0)
     if label == "disc":
         inside = size - np.hypot(u, v / aspect)
     elif label == "square":
         inside = size - np.maximum(np.abs(u), np.abs(v) / aspect)
-    else:  # parallel bars across a rectangle
+    elif label == "ring":
+        radius = np.hypot(u, v / aspect)
+        inside = np.minimum(size - radius, radius - 0.55 * size)
+    else:  # stripes: parallel bars across a rectangle
         period = size / rng.integers(2, 5)
         bars = period / 4 - np.abs((u % period) - period / 2)
         inside = np.minimum(size - np.maximum(np.abs(u), np.abs(v) / aspect), bars)
     alpha = np.clip(inside + 0.5, 0, 1)[..., None]  # anti-aliased edge
     colour = contrasting_colour(image.mean(axis=(0, 1)), rng)
     shading = 1 + rng.uniform(-0.25, 0.25) * u / size  # the shape is lit unevenly too
-    image = image * (1 - alpha) + (colour * shading[..., None]) * alpha
-    image *= lighting(x, y, width, height, rng)[..., None]
-    image += rng.normal(0, rng.uniform(3, 12), image.shape)  # sensor noise
-    return np.clip(image, 0, 255).astype(np.uint8)
+    return image * (1 - alpha) + (colour * shading[..., None]) * alpha
 
 
 def background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:

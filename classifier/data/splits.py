@@ -11,21 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from classifier.core.atomic import write_text
 from classifier.core.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
+from classifier.data import stratify
 from classifier.data.file_facts import UNREADABLE, verify_files
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SHOWN_FILES = 20  # files named in an error; the count says how many more
+LABEL_SEPARATOR = ";"  # between the labels of one image in a multi-label split table
 
 
 @dataclass
 class Splits:
-    """One row per image: its path (relative to `root`), class index, split, fold, and content fingerprint."""
+    """One row per image: its path (relative to `root`), class index (multi-label: a 0/1 row, one column per class),
+    split, fold, and content fingerprint."""
 
     root: Path
     classes: list[str]
@@ -35,14 +37,28 @@ class Splits:
     fold: np.ndarray  # -1 outside k-fold and for test rows
     fingerprints: list[str]  # each file's hash (`fingerprints()`) when the split was made; "" until computed
 
-    def subset(self, name: str) -> tuple[list[Path], list[int]]:
-        """Full paths and class indices of one split, in path order."""
+    @property
+    def multilabel(self) -> bool:
+        """Whether each image has a set of labels (a 0/1 row) rather than one class."""
+        return self.labels.ndim == 2
+
+    def subset(self, name: str) -> tuple[list[Path], list[int] | list[list[int]]]:
+        """Full paths and class indices (multi-label: 0/1 rows) of one split, in path order."""
         rows = np.flatnonzero(self.split == name)
         return [self.root / self.paths[i] for i in rows], self.labels[rows].tolist()
 
     def class_counts(self, name: str = "train") -> list[int]:
-        """Images per class in one split, in class-index order."""
-        return np.bincount(self.labels[self.split == name], minlength=len(self.classes)).tolist()
+        """Images per class in one split, in class-index order (multi-label: images carrying each label)."""
+        chosen = self.labels[self.split == name]
+        if self.multilabel:
+            return chosen.sum(axis=0).astype(int).tolist()
+        return np.bincount(chosen, minlength=len(self.classes)).tolist()
+
+    def label_text(self, row: int) -> str:
+        """The row's class name; multi-label, its labels joined by LABEL_SEPARATOR ("" for none)."""
+        if self.multilabel:
+            return LABEL_SEPARATOR.join(self.classes[i] for i in np.flatnonzero(self.labels[row]))
+        return self.classes[self.labels[row]]
 
     def verify(self, name: str, source: str, hashes: dict[Path, str] | None = None) -> None:
         """Check that the files of split `name` are still those recorded in `source`, given the file hash of each
@@ -98,7 +114,7 @@ class Splits:
         writer.writerow(["path", "label", "split", *(["fold"] if with_fold else []), "fingerprint"])
         for i, path in enumerate(self.paths):
             fold = [str(self.fold[i]) if self.fold[i] >= 0 else ""] if with_fold else []
-            writer.writerow([path.as_posix(), self.classes[self.labels[i]], self.split[i], *fold, self.fingerprints[i]])
+            writer.writerow([path.as_posix(), self.label_text(i), self.split[i], *fold, self.fingerprints[i]])
         return text.getvalue()
 
 
@@ -157,12 +173,13 @@ def read_splits(
     num_folds: int | None,
     fold: int,
     outside_root: bool = False,
+    multilabel: bool = False,
 ) -> Splits:
     """The split table written by `Splits.to_csv` (a run's splits.csv, or a checkpoint's copy of it).
 
     Paths are taken relative to `root`; absolute paths outside it are refused, unless `outside_root` (a manifest's
     absolute paths stay as they are). Under k-fold, the `fold` column decides val (`fold`) and train (the other
-    folds); the fingerprint column is optional.
+    folds); the fingerprint column is optional. `multilabel` reads each label as a LABEL_SEPARATOR-joined set.
     """
     rows = list(csv.DictReader(io.StringIO(text)))
     absent = {"path", "label", "split"} - set(rows[0] if rows else ())
@@ -170,8 +187,9 @@ def read_splits(
         raise ValueError(f"{source} is not a split table: it needs the columns path,label,split (missing {absent})")
     if num_folds is not None and "fold" not in rows[0]:
         raise ValueError(f"{source} has no fold column, so it cannot give fold {fold} of --data.num_folds {num_folds}")
-    classes = list(classes) if classes else sorted({row["label"] for row in rows})
-    unknown = {row["label"] for row in rows} - set(classes)
+    sets = [_label_set(row["label"], multilabel) for row in rows]
+    classes = list(classes) if classes else sorted(set().union(*sets))
+    unknown = set().union(*sets) - set(classes)
     if unknown:
         raise ValueError(f"{source} has labels {sorted(unknown)} that are not among the classes {classes}")
     bad = {row["split"] for row in rows} - set(SPLITS)
@@ -194,15 +212,28 @@ def read_splits(
             raise ValueError(f"{source}'s folds {sorted(set(fold_of[held].tolist()))} are not those of "
                              f"--data.num_folds {num_folds}")  # fmt: skip
         split[held] = np.where(fold_of[held] == fold, "val", "train")
+    if multilabel:
+        labels = np.zeros((len(rows), len(classes)), dtype=np.int64)
+        for i, names in enumerate(sets):
+            labels[i, [index[name] for name in names]] = 1
+    else:
+        labels = np.array([index[row["label"]] for row in rows], dtype=np.int64)
     return Splits(
         root,
         classes,
         paths,
-        np.array([index[row["label"]] for row in rows], dtype=np.int64),
+        labels,
         split.astype(str),
         fold_of,
         [row.get("fingerprint") or "" for row in rows],
     )
+
+
+def _label_set(text: str, multilabel: bool) -> set[str]:
+    """A table's label cell: one class, or under multi-label a LABEL_SEPARATOR-joined set (empty: no label)."""
+    if not multilabel:
+        return {text}
+    return {name for name in text.split(LABEL_SEPARATOR) if name}
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
@@ -331,10 +362,8 @@ def assign_splits(
         if given_folds is not None:
             fold_of[pool] = given_folds[pool]
         else:
-            kind = StratifiedKFold if groups is None else StratifiedGroupKFold
-            folds = kind(n_splits=num_folds, shuffle=True, random_state=seed)
             in_pool = None if groups is None else groups[pool]
-            for k, (_, val_rows) in enumerate(folds.split(np.zeros(len(pool)), labels[pool], in_pool)):
+            for k, val_rows in enumerate(stratify.folds(labels[pool], num_folds, seed, in_pool)):
                 fold_of[pool[val_rows]] = k
         split[pool] = np.where(fold_of[pool] == fold, "val", "train")
     elif val_fraction > 0:
@@ -354,17 +383,18 @@ def hold_out(
     classes: list[str],
     groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split `rows` into (kept, held out): `fraction` of `pool_size` held out, stratified by label; with `groups`,
-    one fold of a stratified group k-fold of 1/fraction folds, so that no group is on both sides."""
+    """Split `rows` into (kept, held out): `fraction` of `pool_size` held out, stratified by label (label sets:
+    iteratively); with `groups`, one fold of a stratified group k-fold of 1/fraction folds, so that no group is on
+    both sides."""
     if groups is not None:
-        folds = StratifiedGroupKFold(max(2, round(1 / fraction)), shuffle=True, random_state=seed)
-        kept, held = next(folds.split(np.zeros(len(rows)), labels[rows], groups[rows]))
-        return np.sort(rows[kept]), np.sort(rows[held])
+        held = next(stratify.folds(labels[rows], max(2, round(1 / fraction)), seed, groups[rows]))
+        return np.sort(np.delete(rows, held)), np.sort(rows[held])
     size = round(fraction * pool_size)
     if size == 0:
         return rows, rows[:0]
-    counts = np.bincount(labels[rows], minlength=len(classes))
-    alone = [classes[i] for i in np.flatnonzero(counts == 1)]
+    alone = []  # a label set cannot be split this way; iterative stratification spreads what it can
+    if labels.ndim == 1:
+        alone = [classes[i] for i in np.flatnonzero(np.bincount(labels[rows], minlength=len(classes)) == 1)]
     if alone:
         raise ValueError(
             f"cannot carve a stratified {name} split from {folder}: a class needs 2 images left for it, one to train "
@@ -373,10 +403,10 @@ def hold_out(
             f"--data.{name}_fraction 0)"
         )
     try:
-        kept, held = train_test_split(rows, test_size=size, stratify=labels[rows], random_state=seed)
+        kept, held = stratify.holdout(labels[rows], size, seed)
     except ValueError as error:
         raise ValueError(
             f"cannot carve a stratified {name} split of {size} images from {folder}: {error}. "
             f"Add images to the smallest classes, or change --data.{name}_fraction"
         ) from error
-    return np.sort(kept), np.sort(held)
+    return np.sort(rows[kept]), np.sort(rows[held])

@@ -66,9 +66,9 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_batch(self, images: Tensor) -> Tensor:
-        """Probabilities for a preprocessed uint8 NCHW batch."""
+        """Probabilities for a preprocessed uint8 NCHW batch: over the classes, or per label under multi-label."""
         images = (images.to(self.device).float() - self.mean) / self.std
-        return predict_logits(self.net, images, self.tta).float().softmax(dim=-1).cpu()
+        return self.net.probabilities(predict_logits(self.net, images, self.tta, self.net.multilabel)).cpu()
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""

@@ -1,4 +1,8 @@
-"""Classification losses; each is a small module with `forward(logits, target) -> Tensor`."""
+"""Classification losses; each is a small module with `forward(logits, target) -> Tensor`.
+
+One class per image: cross-entropy or focal over the softmax, targets class indices or probabilities. A set of labels
+per image: binary cross-entropy, focal or asymmetric over one sigmoid per class, targets 0/1 rows or mixed ones.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
+from timm.loss import AsymmetricLossMultiLabel
 from torch import Tensor, nn
+
+LOSSES = {"multiclass": ("ce", "focal"), "multilabel": ("bce", "focal", "asl")}
 
 
 class FocalLoss(nn.Module):
@@ -37,26 +44,78 @@ class FocalLoss(nn.Module):
         return loss / (len(target) if soft else weight[target].sum())
 
 
+class SigmoidLoss(nn.Module):
+    """Per-class sigmoid losses on multi-hot targets (0/1 or mixed), averaged over images and classes.
+
+    `weight` is each class's positive weight (PyTorch's `pos_weight`: a label present counts `weight` times). Label
+    smoothing pulls each target towards 1/2. bce is binary cross-entropy; focal multiplies each term by
+    (1 - p_t)^gamma (Lin et al., 2017; gamma=0 is bce); asl is timm's asymmetric loss (Ridnik et al., 2021), which
+    focuses harder on negatives and discards the easiest of them, for the many absent labels of each image.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["bce", "focal", "asl"] = "bce",
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
+        gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if kind == "asl" and weight is not None:
+            raise ValueError("--model.loss asl weighs labels by itself: use it without --model.class_weights")
+        self.kind = kind
+        self.label_smoothing = label_smoothing
+        self.gamma = gamma
+        self.register_buffer("weight", weight)
+        self.asymmetric = AsymmetricLossMultiLabel() if kind == "asl" else None
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = logits.float()
+        target = target.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+        if self.asymmetric is not None:  # timm's sums over the batch and classes
+            return self.asymmetric(logits, target) / logits.numel()
+        terms = F.binary_cross_entropy_with_logits(logits, target, pos_weight=self.weight, reduction="none")
+        if self.kind == "focal":
+            p = logits.sigmoid()
+            terms = terms * (1 - (p * target + (1 - p) * (1 - target))).pow(self.gamma)
+        return terms.mean()
+
+
 def build_loss(
-    name: Literal["ce", "focal"], num_classes: int, weighted: bool, label_smoothing: float, focal_gamma: float
+    name: Literal["ce", "bce", "focal", "asl"] | None,
+    num_classes: int,
+    weighted: bool,
+    label_smoothing: float,
+    focal_gamma: float,
+    task: str = "multiclass",
 ) -> nn.Module:
-    """The loss module; `weighted` gives it a per-class `weight` buffer that is saved with the checkpoint."""
+    """The loss module (None: ce, or bce for multi-label); `weighted` gives it a per-class `weight` buffer that is
+    saved with the checkpoint."""
+    name = name or LOSSES[task][0]
+    if name not in LOSSES[task]:
+        raise ValueError(f"--model.loss {name} is not a {task} loss; those are: {', '.join(LOSSES[task])}")
     weight = torch.ones(num_classes) if weighted else None
+    if task == "multilabel":
+        return SigmoidLoss(name, weight, label_smoothing, focal_gamma)
     if name == "ce":
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
-    if name == "focal":
-        return FocalLoss(gamma=focal_gamma, weight=weight, label_smoothing=label_smoothing)
-    raise ValueError(f"--model.loss {name!r} is not one of: ce, focal")
+    return FocalLoss(gamma=focal_gamma, weight=weight, label_smoothing=label_smoothing)
 
 
-def inverse_frequency_weights(class_counts: list[int], class_names: list[str]) -> Tensor:
-    """scikit-learn's "balanced" weights, n / (k * count): every class contributes equally to the loss."""
+def inverse_frequency_weights(
+    class_counts: list[int], class_names: list[str], multilabel_images: int | None = None
+) -> Tensor:
+    """scikit-learn's "balanced" weights, n / (k * count): every class contributes equally to the loss. Multi-label
+    (given the number of train images), each label's positive weight, negatives / positives, as PyTorch advises."""
     empty = [name for name, count in zip(class_names, class_counts, strict=True) if count == 0]
     if empty:
         raise ValueError(
             f"--model.class_weights auto needs every class in the train split; {empty} have no train images. "
             "Add images or pass an explicit --model.class_weights list"
         )
+    if multilabel_images is not None:
+        positives = torch.tensor(class_counts, dtype=torch.float)
+        return (multilabel_images - positives) / positives
     labels = np.repeat(np.arange(len(class_counts)), class_counts)
     weights = compute_class_weight("balanced", classes=np.arange(len(class_counts)), y=labels)
     return torch.tensor(weights, dtype=torch.float)

@@ -14,29 +14,15 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassF1Score
+from torchmetrics import CatMetric, MeanMetric
 
 from classifier.model.losses import build_loss, inverse_frequency_weights
+from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
 from classifier.model.net import ClassifierNet
+from classifier.model.thresholds import tune_thresholds
 from classifier.model.tta import TTA, predict_logits
 
 STAGES = ("train", "val", "test")
-
-
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """acc, balanced_acc, f1_macro, f1_weighted, ece and, past 5 classes, top5_acc, named `{prefix}{name}`."""
-    fast = {"validate_args": False}  # argument checks read values back to the host: a sync every step
-    metrics = {
-        "acc": MulticlassAccuracy(num_classes, average="micro", **fast),
-        "balanced_acc": MulticlassAccuracy(num_classes, average="macro", **fast),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro", **fast),
-        "f1_weighted": MulticlassF1Score(num_classes, average="weighted", **fast),
-        "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1", **fast),
-    }
-    if num_classes > 5:
-        metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **fast)
-    return MetricCollection(metrics, prefix=prefix)
 
 
 class ImageClassifier(LightningModule):
@@ -49,7 +35,8 @@ class ImageClassifier(LightningModule):
         pretrained: bool | str = False,
         drop_rate: float = 0.0,
         image_size: int | None = None,
-        loss: Literal["ce", "focal"] = "ce",
+        task: Literal["multiclass", "multilabel"] = "multiclass",
+        loss: Literal["ce", "bce", "focal", "asl"] | None = None,
         label_smoothing: float = 0.0,
         focal_gamma: float = 2.0,
         class_weights: Literal["auto"] | list[float] | None = None,
@@ -70,6 +57,8 @@ class ImageClassifier(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         preprocessing: dict | None = None,
         temperature: float = 1.0,
+        thresholds: list[float] | float | None = None,
+        target_precision: float | None = None,
     ) -> None:
         """
         Args:
@@ -79,10 +68,14 @@ class ImageClassifier(LightningModule):
                 fit starts from scratch; a checkpoint never needs it again.
             drop_rate: Dropout before the classifier head.
             image_size: Input size, for backbones built for one size (linked from the datamodule).
-            loss: ce (cross-entropy) or focal.
-            label_smoothing: Label smoothing of the loss (ce or focal).
+            task: multiclass (one class per image, softmax) or multilabel (a set of labels per image, one sigmoid
+                per class); linked from the datamodule, which knows it from its label options.
+            loss: multiclass: ce (cross-entropy, the default) or focal; multilabel: bce (binary cross-entropy, the
+                default), focal or asl (timm's asymmetric loss).
+            label_smoothing: Label smoothing of the loss (multilabel: each target towards 1/2).
             focal_gamma: Focusing parameter of the focal loss.
-            class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency) or None.
+            class_weights: Per-class loss weights: a list, "auto" (inverse train-split frequency; multilabel, each
+                label's positive weight negatives/positives) or None.
             tta: Test-time augmentation for test and predict: flip, crops (four corners) or flip_crops.
             mixup_alpha: Beta(alpha, alpha) of mixup; 0 turns it off. Batches are mixed on the device.
             cutmix_alpha: Beta(alpha, alpha) of cutmix; 0 turns it off. With both on, each batch picks one.
@@ -108,17 +101,27 @@ class ImageClassifier(LightningModule):
                 datamodule); None resolves the backbone's own.
             temperature: Divides the logits of test and predict: set by `classifier calibrate`, which writes it
                 into a new checkpoint. fit and lr_find train at 1.
+            thresholds: Multilabel: the decision threshold of every label (one number) or of each (a list), instead
+                of those tuned on validation at every validation of a fit and saved with the checkpoint.
+            target_precision: Multilabel: tune each label's threshold to the lowest that reaches this precision on
+                validation, instead of the one that maximises its F1.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.class_names = list(class_names)
         num_classes = len(self.class_names)
-        if isinstance(class_weights, list) and len(class_weights) != num_classes:
-            raise ValueError(f"--model.class_weights has {len(class_weights)} values for {num_classes} classes")
+        for name, value in (("class_weights", class_weights), ("thresholds", thresholds)):
+            if isinstance(value, list) and len(value) != num_classes:
+                raise ValueError(f"--model.{name} has {len(value)} values for {num_classes} classes")
+        self.multilabel = task == "multilabel"
+        if (thresholds is not None or target_precision is not None) and not self.multilabel:
+            raise ValueError("--model.thresholds and --model.target_precision are for multi-label data")
         self.net = ClassifierNet(
-            backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing, temperature
+            backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing, temperature, task
         )
-        self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma)
+        if (given := self._given_thresholds()) is not None:
+            self.net.thresholds.copy_(given)
+        self.criterion = build_loss(loss, num_classes, class_weights is not None, label_smoothing, focal_gamma, task)
         if isinstance(class_weights, list):
             self.criterion.weight.copy_(torch.tensor(class_weights))
         self.mixup = None
@@ -131,8 +134,13 @@ class ImageClassifier(LightningModule):
         self.pretrained_loaded = False
         self.compiled = False
         for stage in STAGES:
-            setattr(self, f"{stage}_metrics", classification_metrics(num_classes, prefix=f"{stage}/"))
+            scores = ranking_metrics if self.multilabel else classification_metrics
+            setattr(self, f"{stage}_metrics", scores(num_classes, prefix=f"{stage}/"))
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            if self.multilabel:
+                setattr(self, f"{stage}_decisions", decision_metrics(num_classes, prefix=f"{stage}/"))
+        if self.multilabel:  # validation's scores and labels, to tune the thresholds on
+            self.val_scores, self.val_truth = CatMetric(nan_strategy="disable"), CatMetric(nan_strategy="disable")
 
     def setup(self, stage: str) -> None:
         """Class weights come from the train split, known only once the datamodule is set up; the memory layout
@@ -144,8 +152,9 @@ class ImageClassifier(LightningModule):
                 "it was calibrated from)"
             )
         if stage == "fit" and self.hparams.class_weights == "auto":
-            counts = self.trainer.datamodule.class_counts
-            self.criterion.weight.copy_(inverse_frequency_weights(counts, self.class_names))
+            datamodule = self.trainer.datamodule
+            images = len(datamodule.splits.subset("train")[0]) if self.multilabel else None
+            self.criterion.weight.copy_(inverse_frequency_weights(datamodule.class_counts, self.class_names, images))
         channels_last = self.hparams.channels_last
         if channels_last is None:
             channels_last = self.trainer.strategy.root_device.type == "cuda"
@@ -165,6 +174,16 @@ class ImageClassifier(LightningModule):
         if self.hparams.pretrained and not self.pretrained_loaded:
             self.net.load_pretrained(self.hparams.pretrained)
             self.pretrained_loaded = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """--model.thresholds wins over the thresholds the checkpoint was tuned to."""
+        if (given := self._given_thresholds()) is not None and "net.thresholds" in checkpoint["state_dict"]:
+            checkpoint["state_dict"]["net.thresholds"] = given
+
+    def _given_thresholds(self) -> Tensor | None:
+        """--model.thresholds, one per class; None when not given."""
+        given = self.hparams.thresholds
+        return None if given is None else torch.as_tensor(given, dtype=torch.float).expand(len(self.class_names))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The network's own arguments, so `Predictor` rebuilds it from the checkpoint without this module."""
@@ -231,23 +250,50 @@ class ImageClassifier(LightningModule):
 
     def predict_logits(self, images: Tensor) -> Tensor:
         """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
-        return predict_logits(self, images, self.hparams.tta)
+        return predict_logits(self, images, self.hparams.tta, self.multilabel)
 
     def _step(self, batch: tuple[Tensor, Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, targets, _ = batch
-        loss_targets = targets
+        loss_targets = targets.float() if self.multilabel else targets
         if stage == "train" and self._mixing():
             images, loss_targets = self._mix(images, targets)  # soft targets for the loss; metrics keep `targets`
         logits = self.predict_logits(images) if stage == "test" else self(images)
         loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         metrics.update(logits, targets)
+        if self.multilabel:
+            self._update_decisions(logits, targets, stage)
         # one value per image weights the epoch mean by batch size; `weight=` would be dropped by nan_strategy
         # "disable" (torchmetrics 1.9), which this metric needs because its NaN check syncs with the host
         mean_loss.update(loss.detach().expand(len(targets)))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
         return loss, logits
+
+    def _update_decisions(self, logits: Tensor, targets: Tensor, stage: str) -> None:
+        """Multi-label: the decisions' metrics, at 0.5 in training and validation (which tunes the thresholds),
+        at the tuned (or given) thresholds in test; validation's scores are kept to tune them on."""
+        probs = self.net.probabilities(logits.detach())
+        thresholds = self.net.thresholds if stage == "test" else 0.5
+        decisions = getattr(self, f"{stage}_decisions")
+        decisions.update((probs >= thresholds).long(), targets)
+        self.log_dict(decisions, on_step=False, on_epoch=True, prog_bar=False)
+        if stage == "val":
+            self.val_scores.update(probs)
+            self.val_truth.update(targets)
+
+    def on_validation_epoch_end(self) -> None:
+        """Multi-label, in a fit: tune each label's threshold on this validation, so each checkpoint carries the
+        thresholds of its own weights (unless --model.thresholds fixes them)."""
+        if not self.multilabel:
+            return
+        tuning = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if tuning and self.hparams.thresholds is None and self.val_scores.update_count:
+            probs, truth = self.val_scores.compute().cpu().numpy(), self.val_truth.compute().cpu().numpy()
+            tuned = tune_thresholds(probs, truth, self.class_names, self.hparams.target_precision)
+            self.net.thresholds.copy_(torch.from_numpy(tuned))
+        self.val_scores.reset()
+        self.val_truth.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self._step(batch, "train")
@@ -261,12 +307,20 @@ class ImageClassifier(LightningModule):
 
     def _mix(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """timm's mixup/cutmix, which pairs image i with image n-1-i; an odd batch's last image stays as it is,
-        with a one-hot target."""
+        with a one-hot (multi-label: its own 0/1) target."""
         if len(images) % 2 == 0:
+            return self._mix_even(images, targets)
+        mixed, soft = self._mix_even(images[:-1], targets[:-1])
+        last = targets[-1:] if self.multilabel else nn.functional.one_hot(targets[-1:], len(self.class_names))
+        return torch.cat([mixed, images[-1:]]), torch.cat([soft, last.to(soft.dtype)])
+
+    def _mix_even(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Multi-label targets are mixed as the images are: timm's one-hot targets take class indices only."""
+        if not self.multilabel:
             return self.mixup(images, targets)
-        mixed, soft = self.mixup(images[:-1], targets[:-1])
-        last = nn.functional.one_hot(targets[-1:], len(self.class_names)).to(soft.dtype)
-        return torch.cat([mixed, images[-1:]]), torch.cat([soft, last])
+        weight = self.mixup._mix_batch(images)  # mixes the pairs in place; cutmix's weight is the kept area
+        targets = targets.float()
+        return images, weight * targets + (1 - weight) * targets.flip(0)
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "val")[1]

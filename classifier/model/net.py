@@ -20,6 +20,7 @@ from classifier.model.backbones import backbone_data_config, backbone_kwargs, cr
 
 # the eval preprocessing a network was trained with; what export and serving need to feed it
 PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+TASKS = ("multiclass", "multilabel")  # one class per image, or a set of them
 
 
 def resolve_preprocessing(backbone: str, image_size: int | None = None, crop_pct: float | None = None) -> dict:
@@ -81,8 +82,12 @@ class ClassifierNet(nn.Module):
         head_hidden_dims: list[int] | None = None,
         preprocessing: dict | None = None,
         temperature: float = 1.0,
+        task: str = "multiclass",
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"the task must be one of {', '.join(TASKS)}, not {task!r}")
+        self.task = task
         self.backbone_name = backbone
         self.class_names = list(class_names)
         self.drop_rate = drop_rate
@@ -95,6 +100,17 @@ class ClassifierNet(nn.Module):
         num_classes = len(self.class_names)
         self.backbone = create_backbone(backbone, self._backbone_outputs, drop_rate, image_size)
         self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
+        if self.multilabel:  # each class's decision threshold: tuned on validation, saved with the weights
+            self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether each class is a yes/no of its own (sigmoid outputs) rather than one of the classes (softmax)."""
+        return self.task == "multilabel"
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities: softmax over the classes, or one sigmoid per class under multi-label."""
+        return logits.float().sigmoid() if self.multilabel else logits.float().softmax(dim=-1)
 
     @property
     def _backbone_outputs(self) -> int:
@@ -119,6 +135,7 @@ class ClassifierNet(nn.Module):
             "head_hidden_dims": self.head_hidden_dims,
             "preprocessing": self.preprocessing,
             "temperature": self.temperature,
+            "task": self.task,
         }
 
     def classifier_parameters(self) -> list[nn.Parameter]:

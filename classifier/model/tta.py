@@ -27,9 +27,14 @@ def tta_views(images: Tensor, tta: TTA | None) -> list[Tensor]:
     return views
 
 
-def predict_logits(model: Callable[[Tensor], Tensor], images: Tensor, tta: TTA | None) -> Tensor:
-    """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss)."""
+def predict_logits(
+    model: Callable[[Tensor], Tensor], images: Tensor, tta: TTA | None, multilabel: bool = False
+) -> Tensor:
+    """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss);
+    multi-label, the logit of the views' mean sigmoid probabilities (the same thing for sigmoid)."""
     views = tta_views(images, tta)
     if len(views) == 1:
         return model(images)
+    if multilabel:
+        return torch.stack([model(view).float().sigmoid() for view in views]).mean(dim=0).logit(eps=1e-7)
     return torch.stack([model(view).float().softmax(dim=-1) for view in views]).mean(dim=0).log()

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, early_stopping
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
-from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassF1Score, MultilabelAveragePrecision
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from classifier.core.atomic import write_json
@@ -97,15 +97,15 @@ def restore_cuda_rng_state(
 
 
 class FitReport(Callback):
-    """Per validation epoch: the confusion matrix image and per-class F1 in TensorBoard. At the end of fit:
-    `training_curves.png` and `summary.json` in the run folder."""
+    """Per validation epoch: the confusion matrix image and per-class F1 (multi-label: per-label average precision)
+    in TensorBoard. At the end of fit: `training_curves.png` and `summary.json` in the run folder."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []  # one row of epoch-level train/ and val/ scalars per epoch
         self.seconds = 0.0  # fit time, validation included, over all sessions of a resumed run
         self.train_images = 0
         self._confusion: MulticlassConfusionMatrix | None = None
-        self._f1: ClasswiseWrapper | None = None  # logs val/f1/<class>
+        self._per_class: ClasswiseWrapper | None = None  # logs val/f1/<class> (multi-label: val/ap/<label>)
         self._started = self._validation_started = self._validation_seconds = 0.0
         self._session_images = 0
         self._epochs: list[tuple[float, int]] = []  # this session's (training seconds, images) per epoch
@@ -125,9 +125,14 @@ class FitReport(Callback):
         self._validation_seconds = 0.0
         self._session_images = 0
         classes = pl_module.class_names
+        if pl_module.multilabel:
+            self._confusion = None
+            ap = MultilabelAveragePrecision(len(classes), average=None, validate_args=False)
+            self._per_class = ClasswiseWrapper(ap, labels=list(classes), prefix="val/ap/").to(pl_module.device)
+            return
         self._confusion = MulticlassConfusionMatrix(len(classes)).to(pl_module.device)
         f1 = MulticlassF1Score(len(classes), average=None, validate_args=False)
-        self._f1 = ClasswiseWrapper(f1, labels=list(classes), prefix="val/f1/").to(pl_module.device)
+        self._per_class = ClasswiseWrapper(f1, labels=list(classes), prefix="val/f1/").to(pl_module.device)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_started, self._epoch_images = time.perf_counter(), 0
@@ -149,17 +154,22 @@ class FitReport(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            if self._confusion is None:  # multi-label: the scores themselves
+                self._per_class.update(outputs, batch[1])
+                return
             predicted = outputs.argmax(dim=-1)
             self._confusion.update(predicted, batch[1])
-            self._f1.update(predicted, batch[1])
+            self._per_class.update(predicted, batch[1])
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
+        pl_module.log_dict(self._per_class.compute(), sync_dist=False)  # already synced
+        self._per_class.reset()
+        if self._confusion is None:
+            return
         matrix = self._confusion.compute().cpu().numpy()  # synced across ranks
         self._confusion.reset()
-        pl_module.log_dict(self._f1.compute(), sync_dist=False)  # already synced
-        self._f1.reset()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -1,0 +1,54 @@
+"""The torchmetrics each stage logs: one class per image (accuracy, F1, calibration) or a set of labels per image
+(average precision, and F1, precision, recall, subset accuracy and Hamming loss at the decision thresholds)."""
+
+from __future__ import annotations
+
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassF1Score,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+    MultilabelHammingDistance,
+    MultilabelPrecision,
+    MultilabelRecall,
+)
+
+FAST = {"validate_args": False}  # argument checks read values back to the host: a sync every step
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """acc, balanced_acc, f1_macro, f1_weighted, ece and, past 5 classes, top5_acc, named `{prefix}{name}`."""
+    metrics = {
+        "acc": MulticlassAccuracy(num_classes, average="micro", **FAST),
+        "balanced_acc": MulticlassAccuracy(num_classes, average="macro", **FAST),
+        "f1_macro": MulticlassF1Score(num_classes, average="macro", **FAST),
+        "f1_weighted": MulticlassF1Score(num_classes, average="weighted", **FAST),
+        "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1", **FAST),
+    }
+    if num_classes > 5:
+        metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **FAST)
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def ranking_metrics(num_labels: int, prefix: str) -> MetricCollection:
+    """map: the mean over labels of each label's average precision, from the scores (no threshold)."""
+    return MetricCollection({"map": MultilabelAveragePrecision(num_labels, average="macro", **FAST)}, prefix=prefix)
+
+
+def decision_metrics(num_labels: int, prefix: str) -> MetricCollection:
+    """Of the 0/1 decisions (scores at their thresholds): f1_micro, f1_macro, precision and recall (macro),
+    subset_acc (every label of the image right) and hamming (the share of wrong labels)."""
+    return MetricCollection(
+        {
+            "f1_micro": MultilabelF1Score(num_labels, average="micro", **FAST),
+            "f1_macro": MultilabelF1Score(num_labels, average="macro", **FAST),
+            "precision": MultilabelPrecision(num_labels, average="macro", **FAST),
+            "recall": MultilabelRecall(num_labels, average="macro", **FAST),
+            "subset_acc": MultilabelExactMatch(num_labels, **FAST),
+            "hamming": MultilabelHammingDistance(num_labels, average="micro", **FAST),
+        },
+        prefix=prefix,
+    )
