@@ -13,8 +13,10 @@ def calibrate(argv: list[str]) -> Path:
     """Parse `classifier calibrate`'s options, fit the temperature, write the checkpoint and report; returns it."""
     parser = argparse.ArgumentParser(
         prog="classifier calibrate",
-        description="Fit a temperature on a checkpoint's frozen validation split (LBFGS on the NLL of its logits) "
-        "and write a checkpoint that carries it, with ECE, NLL and accuracy before and after on validation and test.",
+        description="Fit a temperature on a checkpoint's frozen validation split (LBFGS on the NLL of its logits; "
+        "multi-label: their binary cross-entropy, with each label's threshold moved so that no decision changes) "
+        "and write a checkpoint that carries it, with ECE, NLL and accuracy (multi-label: BCE, per-label ECE and "
+        "Brier score) before and after on validation and test.",
     )
     parser.add_argument("--ckpt_path", type=Path, required=True, help="the checkpoint to calibrate (from fit)")
     parser.add_argument("--output", type=Path, help="where to write it (default: <stem>-calibrated.ckpt beside it)")

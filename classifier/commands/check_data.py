@@ -24,9 +24,15 @@ from classifier.data.file_facts import FileFacts, cache_location, verify_files
 from classifier.data.manifests import Repeat, manifest_splits, read_manifest
 from classifier.data.splits import Splits, build_splits, partitions
 from classifier.data.workers import available_cores
-from classifier.quality.audit import GATING, Audit, Finding, audit
+from classifier.quality.audit import GATING, NO_LABEL, Audit, Finding, audit, label_name
 from classifier.quality.figures import class_counts_figure, image_sizes_figure, near_duplicates_figure
-from classifier.quality.label_issues import LabelIssue, find_label_issues, write_label_issues
+from classifier.quality.label_issues import (
+    LabelIssue,
+    LabelSetIssue,
+    find_label_issues,
+    find_label_set_issues,
+    write_label_issues,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,8 @@ def check_data(argv: list[str]) -> Path:
     )
     parser.add_argument("--splits", help="a run's splits.csv: audit that frozen split")
     parser.add_argument("--near_dup_threshold", type=int, default=10, help="Hamming distance of 64-bit pHashes")
-    parser.add_argument("--oof", type=Path, help="a cv folder's oof_predictions.csv: rank likely label errors")
+    parser.add_argument("--oof", type=Path, help="a cv folder's oof_predictions.csv: rank likely label errors "
+                        "(multi-label: missing and wrong labels, per image and label)")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="exit 1 on leakage, label conflicts or unreadable files")
     parser.add_argument("--out", type=Path, help="the report folder (default: <logs>/check_data/<time>)")
     options, fit_args = parser.parse_known_args(argv)
@@ -54,19 +61,23 @@ def check_data(argv: list[str]) -> Path:
         )
     if options.oof is not None and not options.oof.is_file():
         raise FileNotFoundError(f"--oof {options.oof} does not exist: give a cv folder's oof_predictions.csv")
-    labels = find_label_issues(options.oof) if options.oof else None  # a bad file stops before the long part
     if options.splits:
         fit_args += ["--data.splits", options.splits]
     with lightning_silenced():
         cli = ParsedCLI(args=fit_args, run=False)
-    data = cli.datamodule.hparams
+    data, multilabel = cli.datamodule.hparams, cli.datamodule.task == "multilabel"
+    labels = None  # read before the images: a bad file stops before the long part
+    if options.oof:
+        labels = find_label_set_issues(options.oof) if multilabel else find_label_issues(options.oof)
     repeated: list[Repeat] = []
     try:
         splits, split_error = cli.datamodule.splits, None
     except ValueError as error:  # the split fit would fail on: audit the images as they are, and say why
         if data.manifest:  # a path listed twice is reported below, not refused
-            listed = read_manifest(data.manifest, data.manifest_root, data.path_column, data.label_column, False)
-            splits, repeated = manifest_splits(listed, data.classes, 0.0, 0.0, data.seed), listed.repeated
+            listed = read_manifest(data.manifest, data.manifest_root, data.path_column, data.label_column, False,
+                                   data.label_delimiter, data.label_columns)  # fmt: skip
+            splits = manifest_splits(listed, data.classes, 0.0, 0.0, data.seed, multilabel=multilabel)
+            repeated = listed.repeated
         else:
             splits = build_splits(Path(data.data_dir), data.classes, 0.0, 0.0, data.seed)
         split_error = str(error)
@@ -92,14 +103,21 @@ def check_data(argv: list[str]) -> Path:
 
 
 def repeat_finding(repeat: Repeat, root: Path) -> Finding:
-    """A manifest row listing an image again: a label conflict when the labels differ, else a duplicate row."""
+    """A manifest row listing an image again: a label conflict when the labels (label sets) differ, else a
+    duplicate row."""
     where, path = f"manifest row {repeat.row} lists it again (row {repeat.first_row})", str(root / repeat.path)
     if repeat.label != repeat.first_label:
-        return Finding(path, "label_conflict", f"{where}, labelled {repeat.label} and {repeat.first_label}")
+        named = (repeat.label or NO_LABEL, repeat.first_label or NO_LABEL)
+        return Finding(path, "label_conflict", f"{where}, labelled {named[0]} and {named[1]}")
     return Finding(path, "duplicate_row", f"{where}, with the same label")
 
 
-def label_finding(issue: LabelIssue) -> Finding:
+def label_finding(issue: LabelIssue | LabelSetIssue) -> Finding:
+    """An issues.csv row: the image, its given and predicted class (multi-label: the label and its probability)."""
+    if isinstance(issue, LabelSetIssue):
+        said = f"{issue.label} {'given' if issue.given else 'not given'}"
+        detail = f"{said}, p({issue.label}) {issue.probability:.3f}: a {issue.problem} label?, rank {issue.rank}"
+        return Finding(str(issue.path), "label_issue", detail)
     confidences = f"p(given) {issue.self_confidence:.3f}, p({issue.predicted}) {issue.predicted_confidence:.3f}"
     detail = f"given {issue.given}, predicted {issue.predicted} ({confidences}), rank {issue.rank}"
     return Finding(str(issue.path), "label_issue", detail)
@@ -111,12 +129,12 @@ def write_report(
     facts: list[FileFacts],
     result: Audit,
     options: argparse.Namespace,
-    labels: list[LabelIssue] | None,
+    labels: list[LabelIssue] | list[LabelSetIssue] | None,
 ) -> None:
     """data_report.json, issues.csv, duplicates.csv and the figures; label_issues.csv and .png given --oof."""
     names = [str(splits.root / path) for path in splits.paths]
     parts = partitions(splits)
-    classes = [splits.classes[label] for label in splits.labels]
+    classes = [label_name(splits, row) for row in range(len(splits.paths))]
     crossing = sorted(  # leaks and label conflicts first; near copies before exact ones, the harder to see
         result.pairs,
         key=lambda p: (parts[p.first] == parts[p.second] and classes[p.first] == classes[p.second], p.match != "near"),
@@ -148,9 +166,12 @@ def write_report(
     }
     if labels is not None:
         report["label_issues"] = len(labels)
-        write_label_issues(labels, out)
+        write_label_issues(labels, out, multilabel=splits.multilabel)
     write_json(out / "data_report.json", report)
-    save_figure(class_counts_figure(result.report["class_counts"]), out / "class_counts.png")
+    counts = result.report["class_counts"]
+    if splits.multilabel:
+        counts = {**counts, NO_LABEL: result.report["images_without_label"]}
+    save_figure(class_counts_figure(counts), out / "class_counts.png")
     save_figure(image_sizes_figure(facts), out / "image_sizes.png")
     captions = [f"{part} / {name}" for part, name in zip(parts, classes, strict=True)]
     save_figure(near_duplicates_figure(crossing, names, captions), out / "near_duplicates.png")
@@ -166,6 +187,8 @@ def show(result: Audit, out: Path) -> None:
         "%d images in %d classes (%s); largest over smallest training class: %s",
         report["images"], report["classes"], splits, report["imbalance_ratio"],
     )  # fmt: skip
+    if "images_without_label" in report:  # multi-label: the class counts are of images carrying each label
+        log.info("Images with no label: %s", ", ".join(f"{k} {n}" for k, n in report["images_without_label"].items()))
     kinds = sorted({f.kind for f in result.findings}, key=lambda kind: (kind not in GATING, kind))
     table = Table(title="check-data findings")
     for column in ("finding", "count", "examples"):

@@ -9,6 +9,7 @@ import csv
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from classifier.core.imageio import IMAGE_EXTENSIONS
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.data.file_facts import verify_files
 from classifier.data.file_lists import listing, predict_paths
-from classifier.data.splits import SPLITS
+from classifier.data.splits import LABEL_SEPARATOR, SPLITS
 from classifier.deploy.predictor import Predictor
 from classifier.evaluation.embeddings import (
     PROJECTIONS,
@@ -41,12 +42,14 @@ log = logging.getLogger(__name__)
 
 CAM_COLUMNS = ["path", "label", "prediction", "confidence", "target", "target_probability", "cam_mean", "cam_peak_x",
                "cam_peak_y", "overlay"]  # fmt: skip
+LABEL_CAM_COLUMNS = ["path", "label", "prediction", "target", "target_probability", "threshold", "cam_mean",
+                     "cam_peak_x", "cam_peak_y", "overlay"]  # fmt: skip  # multi-label: one row per map
 TARGETS = ("pred", "true")
 
 
 @dataclass
 class Images:
-    """The images to explain, in path order, with their class indices when known."""
+    """The images to explain, in path order, with their class indices (multi-label: 0/1 rows) when known."""
 
     source: str  # how the titles and the log name them
     paths: list[Path]
@@ -80,7 +83,8 @@ def explain(argv: list[str]) -> Path:
     parser.add_argument(
         "--target",
         default="pred",
-        help="the class each map explains: pred (the prediction), true (the label) or a class name (default pred)",
+        help="the class each map explains: pred (the prediction), true (the label) or a class name (default pred); "
+        "multi-label, a map per predicted (true: given) label, or of the most probable label when there is none",
     )
     parser.add_argument(
         "--layer", default="auto", help="the module to explain (a name of net.named_modules()); auto: a CNN's last "
@@ -139,7 +143,7 @@ def explain_checkpoint(
                 f"--target {target}: give pred, true or one of the checkpoint's classes: {', '.join(classes)}"
             )
     images = (
-        folder_images(Path(predict_dir), classes)
+        folder_images(Path(predict_dir), classes, predictor.net.multilabel)
         if predict_dir
         else split_images(ckpt_path, checkpoint, split or "test", data_dir)
     )
@@ -162,8 +166,9 @@ def explain_checkpoint(
     return folder
 
 
-def folder_images(source: Path, classes: list[str]) -> Images:
-    """--data.predict_dir's images, labelled when each sits in a subfolder named after one of `classes`."""
+def folder_images(source: Path, classes: list[str], multilabel: bool = False) -> Images:
+    """--data.predict_dir's images, labelled when each sits in a subfolder named after one of `classes` (multi-label:
+    with that one label)."""
     paths = readable(predict_paths(source), f"--data.predict_dir {source}")
     labels = None
     if source.is_dir():
@@ -171,6 +176,7 @@ def folder_images(source: Path, classes: list[str]) -> Images:
         parts = [path.relative_to(source).parts for path in paths]
         if all(len(part) > 1 and part[0] in index for part in parts):
             labels = np.array([index[part[0]] for part in parts])
+            labels = np.eye(len(classes), dtype=np.int64)[labels] if multilabel else labels
     return Images(f"--data.predict_dir {source} ({len(paths)} images)", paths, labels)
 
 
@@ -258,6 +264,58 @@ def unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
+@dataclass
+class Reading:
+    """What the checkpoint makes of each image: its probabilities and decision (the class, or under multi-label the
+    labels at or over their thresholds), beside the given labels when known; and how each map of it is described."""
+
+    classes: list[str]
+    probs: np.ndarray
+    labels: np.ndarray | None
+    thresholds: np.ndarray | None  # multi-label only
+
+    @cached_property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1) if self.thresholds is None else self.probs >= self.thresholds
+
+    def said(self, i: int) -> tuple[str, str]:
+        """Image `i`'s label ("" when unknown) and prediction, as text (multi-label: `;`-joined sets)."""
+        if self.thresholds is None:
+            label = "" if self.labels is None else self.classes[self.labels[i]]
+            return label, self.classes[self.predicted[i]]
+        label = "" if self.labels is None else label_set(self.labels[i], self.classes)
+        return label, label_set(self.predicted[i], self.classes)
+
+    def wrong(self, i: int) -> bool:
+        """Whether image `i`'s prediction (multi-label: any label's decision) differs from its known label."""
+        if self.labels is None:
+            return False
+        return bool((self.labels[i] != self.predicted[i]).any())
+
+    def row(self, i: int, k: int, path: Path) -> list:
+        """cams.csv's columns before the map's own, for the map of class `k` on image `i`."""
+        probs, (label, said) = self.probs[i], self.said(i)
+        if self.thresholds is None:
+            best = self.predicted[i]
+            return [str(path), label, said, f"{probs[best]:.7g}", self.classes[k], f"{probs[k]:.7g}"]
+        return [str(path), label, said, self.classes[k], f"{probs[k]:.7g}", f"{self.thresholds[k]:.7g}"]
+
+    def caption(self, i: int, k: int, path: Path) -> str:
+        """The grid's title of the map: the label and its probability under multi-label."""
+        classes, probs, best = self.classes, self.probs, self.predicted[i]
+        if self.thresholds is not None:
+            given = "" if self.labels is None else f"\ntrue {label_set(self.labels[i], classes) or 'none'}"
+            return f"{path.name}\n{classes[k]} {probs[i, k]:.2f}{given}"
+        caption = f"{path.name}\n" + ("" if self.labels is None else f"true {classes[self.labels[i]]} / ")
+        return caption + f"pred {classes[best]} {probs[i, best]:.2f}" + (f"\nmap of {classes[k]}" if k != best else "")
+
+    def mistake(self, i: int, k: int) -> bool:
+        """A wrong prediction (multi-label: a wrong decision on the mapped label), captioned in red."""
+        if self.labels is None or self.thresholds is None:
+            return self.wrong(i)
+        return bool(self.labels[i, k]) != bool(self.predicted[i, k])
+
+
 def write_cams(
     predictor: Predictor,
     images: Images,
@@ -267,46 +325,71 @@ def write_cams(
     layer: str,
     limit: int | None,
 ) -> None:
-    """cams/<stem>.png overlays, cams.csv (worst first) and cam_grid.png for the `limit` worst-ranked images."""
+    """cams/<stem>.png overlays, cams.csv (worst first) and cam_grid.png for the `limit` worst-ranked images; under
+    multi-label, a map per predicted label (cams/<stem>_<label>.png)."""
     from classifier.evaluation.cams import GRID_EXAMPLES, Example, cam_grid_figure, class_activation_maps, overlay
 
-    classes, labels = predictor.class_names, images.labels
-    probs = predictor.predict(images.paths).numpy()
-    predicted = probs.argmax(axis=1)
-    targets = {"pred": predicted, "true": labels}.get(target)
-    if targets is None:
-        targets = np.full(len(probs), classes.index(target))
-    order = worst_first(probs, labels)[:limit]
-    chosen = [images.paths[i] for i in order]
-    names = unique_names(chosen)
+    classes, labels, net = predictor.class_names, images.labels, predictor.net
+    thresholds = net.thresholds.cpu().numpy() if net.multilabel else None
+    reading = Reading(classes, predictor.predict(images.paths).numpy(), labels, thresholds)
+    if thresholds is not None:
+        order = worst_sets_first(reading.probs, labels, thresholds)[:limit]
+        jobs = [(i, k) for i in order for k in mapped_labels(reading, i, target)]
+        names = unique_names([Path(f"{images.paths[i].stem}_{classes[k]}.png") for i, k in jobs])
+    else:
+        targets = {"pred": reading.predicted, "true": labels}.get(target)
+        if targets is None:
+            targets = np.full(len(reading.probs), classes.index(target))
+        order = worst_first(reading.probs, labels)[:limit]
+        jobs = [(i, int(targets[i])) for i in order]
+        names = unique_names([images.paths[i] for i, _ in jobs])
     (folder / "cams").mkdir(exist_ok=True)
     rows, examples = [], []
-    for batch, pixels in batches(predictor, chosen, predictor.batch_size):
-        indices = order[batch.start : batch.stop]
-        maps = class_activation_maps(predictor.net, normalised(predictor, pixels), targets[indices], method, layer)
-        for k, (i, image, cam) in enumerate(zip(indices, pixels, maps, strict=True)):
+    for batch, pixels in batches(predictor, [images.paths[i] for i, _ in jobs], predictor.batch_size):
+        chosen = jobs[batch.start : batch.stop]
+        maps = class_activation_maps(net, normalised(predictor, pixels), [k for _, k in chosen], method, layer)
+        for (i, k), name, image, cam in zip(chosen, names[batch.start : batch.stop], pixels, maps, strict=True):
             shown = overlay(image, cam)
-            name = names[batch.start + k]
             Image.fromarray(shown).save(folder / "cams" / name)
-            label = "" if labels is None else classes[labels[i]]
             peak_y, peak_x = np.unravel_index(cam.argmax(), cam.shape)
-            rows.append([str(images.paths[i]), label, classes[predicted[i]], f"{probs[i, predicted[i]]:.7g}",
-                         classes[targets[i]], f"{probs[i, targets[i]]:.7g}", f"{cam.mean():.4g}", int(peak_x),
-                         int(peak_y), f"cams/{name}"])  # fmt: skip
+            path = images.paths[i]
+            rows.append([*reading.row(i, k, path), f"{cam.mean():.4g}", int(peak_x), int(peak_y), f"cams/{name}"])
             if len(examples) < GRID_EXAMPLES:
-                caption = f"{images.paths[i].name}\n" + (f"true {label} / " if label else "")
-                caption += f"pred {classes[predicted[i]]} {probs[i, predicted[i]]:.2f}"
-                caption += f"\nmap of {classes[targets[i]]}" if targets[i] != predicted[i] else ""
-                mistake = labels is not None and labels[i] != predicted[i]
+                caption, mistake = reading.caption(i, k, path), reading.mistake(i, k)
                 examples.append(Example(image.permute(1, 2, 0).numpy(), shown, caption, mistake))
     with atomic_open(folder / "cams.csv", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(CAM_COLUMNS)
+        writer.writerow(CAM_COLUMNS if thresholds is None else LABEL_CAM_COLUMNS)
         writer.writerows(rows)
     order_said = "mistakes first, by loss" if labels is not None else "least confident first"
     title = f"{method} of {layer} on {images.source}: {order_said}"
     save_figure(cam_grid_figure(examples, title), folder / "cam_grid.png")
-    log.info("%s maps of %s for %d images (%s): %s", method, layer, len(rows), order_said, folder)
+    log.info("%s maps of %s for %d images (%s): %s", method, layer, len(order), order_said, folder)
+
+
+def mapped_labels(reading: Reading, row: int, target: str) -> list[int]:
+    """Multi-label: the labels one image's maps explain: the predicted ones (true: the given ones; or the one named),
+    the most probable label when there are none."""
+    if target in ("pred", "true"):
+        chosen = np.flatnonzero(reading.predicted[row] if target == "pred" else reading.labels[row])
+        return chosen.tolist() or [int(reading.probs[row].argmax())]
+    return [reading.classes.index(target)]
+
+
+def worst_sets_first(probs: np.ndarray, labels: np.ndarray | None, thresholds: np.ndarray) -> np.ndarray:
+    """Multi-label image order: images with a wrong decision first, then the others, each by loss (the mean binary
+    cross-entropy) from the highest; without labels, the image with a probability nearest its threshold first."""
+    if labels is None:
+        return np.argsort(np.abs(probs - thresholds).min(axis=1), kind="stable")
+    clipped = np.clip(probs, 1e-12, 1 - 1e-12)
+    loss = -np.where(labels == 1, np.log(clipped), np.log1p(-clipped)).mean(axis=1)
+    correct = ((probs >= thresholds) == (labels == 1)).all(axis=1)
+    return np.lexsort((-loss, correct))
+
+
+def label_set(row: np.ndarray, classes: list[str]) -> str:
+    """A 0/1 (or boolean) row as its labels, `;`-joined as in splits.csv ("" for none)."""
+    return LABEL_SEPARATOR.join(classes[k] for k in np.flatnonzero(row))
 
 
 def write_embeddings(
@@ -329,20 +412,20 @@ def write_embeddings(
             if side:
                 thumbs.append(thumbnails(pixels, side))
     features_np = torch.cat(features).numpy()
-    predicted = torch.cat(logits).argmax(dim=1).numpy()
+    net, classes = predictor.net, predictor.class_names
+    thresholds = net.thresholds.cpu().numpy() if net.multilabel else None
+    reading = Reading(classes, net.probabilities(torch.cat(logits)).numpy(), labels, thresholds)
     xy = project(features_np, projection, seed)
-    classes = predictor.class_names
-    metadata = [
-        [str(path), "" if labels is None else classes[labels[k]], classes[predicted[k]]] for k, path in enumerate(paths)
-    ]
+    metadata = [[str(path), *reading.said(k)] for k, path in enumerate(paths)]
     np.save(folder / "embeddings.npy", features_np)
     with atomic_open(folder / "embeddings.csv", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "label", "prediction", "x", "y"])
         writer.writerows([*row, f"{x:.7g}", f"{y:.7g}"] for row, (x, y) in zip(metadata, xy, strict=True))
-    mistakes = np.zeros(len(paths), dtype=bool) if labels is None else labels != predicted
+    mistakes = np.array([reading.wrong(k) for k in range(len(paths))], dtype=bool)
     title = f"{'t-SNE' if projection == 'tsne' else 'PCA'} of the penultimate features, {images.source}"
-    colour_by = predicted if labels is None else labels
+    top = reading.probs.argmax(axis=1)  # multi-label: coloured by the most probable label
+    colour_by = top if labels is None or net.multilabel else labels
     save_figure(embedding_figure(xy, colour_by, mistakes, classes, title), folder / "embedding.png")
     write_projector(folder / "projector", features_np, metadata, torch.cat(thumbs) if thumbs else None)
     log.info(

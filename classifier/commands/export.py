@@ -42,7 +42,12 @@ def export(argv: list[str]) -> Path:
         default=CHECK_IMAGES,
         help=f"check parity on at most this many images, a stratified sample (default {CHECK_IMAGES})",
     )
-    parser.add_argument("--softmax", type=boolean, default=True, help="output probabilities (true) or logits")
+    parser.add_argument(
+        "--softmax",
+        type=boolean,
+        default=True,
+        help="output probabilities (true: a softmax, or a multi-label model's sigmoid per label) or logits",
+    )
     parser.add_argument("--max_accuracy_drop", type=float, default=1.0, help="int8's tolerance, in points")
     parser.add_argument("--data_dir", help="where the checkpoint's images are now, if they moved")
     return export_checkpoint(**vars(parser.parse_args(argv)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-from classifier.cli.base import ParsedCLI
+from classifier.cli.base import SINGLE_LABEL_MONITOR, ParsedCLI
 from classifier.core.console import lightning_silenced
 from classifier.tune.report import show_summary
 from classifier.tune.search_space import check_search_space, load_search_space
@@ -28,6 +28,8 @@ from classifier.tune.study import (
 from classifier.tune.trial import check_one_process, logger_place
 
 log = logging.getLogger(__name__)
+
+MULTILABEL_MONITOR = "val/map"  # fit's checkpoint monitor for multi-label data (cli.base), so the study's default
 
 
 def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Path:
@@ -59,8 +61,11 @@ def tune(argv: list[str], pruner: optuna.pruners.BasePruner | None = None) -> Pa
         raise ValueError(f"--trials {options.trials}: 1 or more finished trials are needed")
     with lightning_silenced():
         fit = ParsedCLI(args=fit_args, run=False)
+    multilabel = fit.datamodule.task == "multilabel"
+    if multilabel and fit.config.checkpoint.monitor == SINGLE_LABEL_MONITOR:  # as each trial's fit monitors it
+        fit.config.checkpoint.monitor = fit.config.early_stopping.monitor = MULTILABEL_MONITOR
     metric = options.metric or fit.config.checkpoint.monitor
-    check_metric(metric, fit.datamodule.class_names)
+    check_metric(metric, fit.datamodule.class_names, multilabel)
     direction = objective_direction(fit.config.checkpoint, metric, options.direction)
     space = load_search_space(options.search)
     for config in [fit.config, *check_search_space(space, fit.parser, fit_args, options.search)]:

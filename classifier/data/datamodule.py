@@ -20,12 +20,11 @@ from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDatase
 from classifier.data.device_augment import CropBatch, CropPlanner
 from classifier.data.duplicates import warn_before_fit
 from classifier.data.file_facts import verify_files
-from classifier.data.file_lists import listing, predict_files, readable
-from classifier.data.manifests import manifest_splits, read_manifest
-from classifier.data.ram_cache import fill as fill_cache
-from classifier.data.ram_cache import fits_in_memory
+from classifier.data.file_lists import predict_files, readable
+from classifier.data.ram_cache import cached_split
 from classifier.data.samplers import EpochStart, training_sampler
-from classifier.data.splits import SPLITS, Splits, build_splits, read_splits, write_split_files
+from classifier.data.split_source import make_splits, recorded_split
+from classifier.data.splits import SPLITS, Splits, write_split_files
 from classifier.data.transforms import crop_decode_size, train_transform
 from classifier.data.workers import available_cores, default_num_workers
 from classifier.model.checkpoints import MACHINE_SETTINGS, read_checkpoint
@@ -135,24 +134,13 @@ class ImageFolderDataModule(LightningDataModule):
     def splits(self) -> Splits:
         """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
         hp = self.hparams
-        recorded = self._recorded_split()
-        carving = (hp.val_fraction, hp.test_fraction, hp.seed, hp.num_folds, hp.fold)
-        multilabel = self.task == "multilabel"
-        classes = hp.classes or hp.label_columns
-        if multilabel and not hp.manifest:
-            raise ValueError("--data.label_delimiter and --data.label_columns read a --data.manifest; it is not set")
-        if recorded is not None:
-            splits = read_splits(*recorded, Path(hp.data_dir), classes, hp.num_folds, hp.fold, bool(hp.manifest),
-                                 multilabel)  # fmt: skip
-            self.unlisted = [] if hp.manifest else splits.unlisted()  # a manifest, not the folder, says what is in
-        elif hp.manifest:
-            label_options = (hp.label_delimiter, hp.label_columns)
-            listed = read_manifest(hp.manifest, hp.manifest_root, hp.path_column, hp.label_column, True, *label_options)
-            splits = manifest_splits(listed, classes, *carving, multilabel)
-            self.hparams.data_dir = str(splits.root)  # where the split table's paths start, in checkpoints too
-        else:
-            splits = build_splits(Path(hp.data_dir), hp.classes, *carving)
-        self.hparams.classes = splits.classes  # so checkpoints carry the class order
+        recorded = recorded_split(self.splits_file, self.checkpoint_path, self._checkpoint_split, hp.data_dir)
+        splits = make_splits(hp, recorded, self.task == "multilabel", bool(self.splits_file))
+        if recorded is not None and not hp.manifest:
+            self.unlisted = splits.unlisted()  # a manifest, not the folder, says what is in
+        if hp.manifest and (recorded is None or self.splits_file):
+            hp.data_dir = str(splits.root)  # where the split table's paths start, in checkpoints too
+        hp.classes = splits.classes  # so checkpoints carry the class order
         return splits
 
     @property
@@ -161,23 +149,6 @@ class ImageFolderDataModule(LightningDataModule):
         if self.splits_file:
             return f"--data.splits {self.splits_file}"
         return f"checkpoint {self.checkpoint_path}" if self.checkpoint_path else None
-
-    def _recorded_split(self) -> tuple[str, str] | None:
-        """(split table, where from): --data.splits, or the table the checkpoint was trained on."""
-        if self.splits_file:
-            if not Path(self.splits_file).is_file():
-                raise FileNotFoundError(f"--data.splits {self.splits_file} does not exist")
-            return Path(self.splits_file).read_text(), self.split_source
-        if self.checkpoint_path is None:
-            return None
-        if self._checkpoint_split is None:
-            log.warning(
-                "%s records no split (it predates split tables): the split is made again from %s as it is now",
-                self.checkpoint_path,
-                self.hparams.data_dir,
-            )
-            return None
-        return zlib.decompress(self._checkpoint_split).decode(), self.split_source
 
     @property
     def task(self) -> str:
@@ -333,15 +304,8 @@ class ImageFolderDataModule(LightningDataModule):
         if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
             return None
         copies = self.trainer.num_devices if self.trainer is not None else 1
-        training = name == "train"
-        size = self.decode_size(training)
-        if not fits_in_memory(paths, size, copies, name, enlarge=not training):  # training never enlarges
-            return None
-        interpolation = self.data_config["interpolation"]
-        images, unreadable = fill_cache(paths, size, interpolation, training, num_threads=2 * available_cores())
-        if unreadable:  # checked a moment ago
-            raise ValueError(f"{len(unreadable)} images changed while they were read:\n{listing(unreadable)}")
-        return images
+        size, interpolation = self.decode_size(name == "train"), self.data_config["interpolation"]
+        return cached_split(paths, size, interpolation, name == "train", copies, name, 2 * available_cores())
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None

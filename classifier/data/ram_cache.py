@@ -12,6 +12,7 @@ from PIL import Image
 from torch import Tensor
 
 from classifier.core.imageio import unreadable_reason
+from classifier.data.file_lists import listing
 from classifier.data.images import presize
 
 log = logging.getLogger(__name__)
@@ -86,3 +87,16 @@ def fill(
     megabytes = sum(image.numel() for image in images.values()) / 2**20
     log.info("Cached %d images presized to %s px in RAM: %.0f MiB", len(images), size or "full", megabytes)
     return images, unreadable
+
+
+def cached_split(
+    paths: list[Path], size: int | None, interpolation: str, training: bool, copies: int, name: str, num_threads: int
+) -> dict[Path, Tensor] | None:
+    """A split's checked images presized in RAM (one cache per device: `copies`); None when they would not fit.
+    Training never enlarges; eval keeps its resize."""
+    if not fits_in_memory(paths, size, copies, name, enlarge=not training):
+        return None
+    images, unreadable = fill(paths, size, interpolation, training, num_threads)
+    if unreadable:  # checked a moment before
+        raise ValueError(f"{len(unreadable)} images changed while they were read:\n{listing(unreadable)}")
+    return images

@@ -14,8 +14,8 @@ import numpy as np
 
 from classifier.core.atomic import write_text
 from classifier.core.imageio import IMAGE_EXTENSIONS, is_image_file, list_images
-from classifier.data import stratify
 from classifier.data.file_facts import UNREADABLE, verify_files
+from classifier.data.stratify import stratified_folds, stratified_holdout
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def assign_splits(
             fold_of[pool] = given_folds[pool]
         else:
             in_pool = None if groups is None else groups[pool]
-            for k, val_rows in enumerate(stratify.folds(labels[pool], num_folds, seed, in_pool)):
+            for k, val_rows in enumerate(stratified_folds(labels[pool], num_folds, seed, in_pool)):
                 fold_of[pool[val_rows]] = k
         split[pool] = np.where(fold_of[pool] == fold, "val", "train")
     elif val_fraction > 0:
@@ -387,7 +387,7 @@ def hold_out(
     iteratively); with `groups`, one fold of a stratified group k-fold of 1/fraction folds, so that no group is on
     both sides."""
     if groups is not None:
-        held = next(stratify.folds(labels[rows], max(2, round(1 / fraction)), seed, groups[rows]))
+        held = next(stratified_folds(labels[rows], max(2, round(1 / fraction)), seed, groups[rows]))
         return np.sort(np.delete(rows, held)), np.sort(rows[held])
     size = round(fraction * pool_size)
     if size == 0:
@@ -403,7 +403,7 @@ def hold_out(
             f"--data.{name}_fraction 0)"
         )
     try:
-        kept, held = stratify.holdout(labels[rows], size, seed)
+        kept, held = stratified_holdout(labels[rows], size, seed)
     except ValueError as error:
         raise ValueError(
             f"cannot carve a stratified {name} split of {size} images from {folder}: {error}. "

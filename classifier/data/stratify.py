@@ -14,7 +14,7 @@ from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStrati
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 
-def holdout(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_holdout(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held) positions: `size` of them held out, stratified (without groups)."""
     positions = np.arange(len(labels))
     if labels.ndim == 1:
@@ -24,14 +24,16 @@ def holdout(labels: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.nd
     return next(split.split(np.zeros(len(labels)), labels))
 
 
-def folds(labels: np.ndarray, num_folds: int, seed: int, groups: np.ndarray | None = None) -> Iterator[np.ndarray]:
+def stratified_folds(
+    labels: np.ndarray, num_folds: int, seed: int, groups: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
     """The validation positions of each of `num_folds` stratified folds; whole groups at a time with `groups`."""
     if groups is not None:
         names, unit = np.unique(groups, return_inverse=True)
         if labels.ndim == 2:  # a group carries every label of its images; its images follow it
             per_group = np.zeros((len(names), labels.shape[1]), dtype=labels.dtype)
             np.maximum.at(per_group, unit, labels)
-            for held in folds(per_group, num_folds, seed):
+            for held in stratified_folds(per_group, num_folds, seed):
                 yield np.flatnonzero(np.isin(unit, held))
             return
         kfold = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)

@@ -41,7 +41,8 @@ INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
 
 class ExportedModel(nn.Module):
     """What is exported: uint8 NCHW images in, class probabilities (or logits) out; float conversion, the
-    checkpoint's normalisation, its test-time augmentation and the network inside the graph."""
+    checkpoint's normalisation, its test-time augmentation and the network inside the graph. The probabilities are
+    the network's own: a softmax over the classes, or one sigmoid per label for a multi-label network."""
 
     def __init__(self, net: ClassifierNet, tta: TTA | None = None, softmax: bool = True) -> None:
         super().__init__()
@@ -53,8 +54,8 @@ class ExportedModel(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, images: Tensor) -> Tensor:
-        logits = predict_logits(self.net, (images.float() - self.mean) / self.std, self.tta)
-        return logits.float().softmax(dim=-1) if self.softmax else logits.float()
+        logits = predict_logits(self.net, (images.float() - self.mean) / self.std, self.tta, self.net.multilabel)
+        return self.net.probabilities(logits) if self.softmax else logits.float()
 
 
 def export_net(
@@ -164,7 +165,10 @@ def export_checkpoint(
     checkpoint = read_checkpoint(ckpt_path)
     predictor = Predictor.from_checkpoint(ckpt_path)
     target = Path(output) if output else ckpt_path.parent / "export"
-    source = describe(checkpoint["net"], file_sha256(ckpt_path), run_test_metrics(ckpt_path), model=FILES[format])
+    thresholds = None if predictor.thresholds is None else predictor.thresholds.tolist()
+    source = describe(
+        checkpoint["net"], file_sha256(ckpt_path), run_test_metrics(ckpt_path), thresholds, model=FILES[format]
+    )
     if format == "onnx":  # its consumers preprocess without torch: refuse a crop they would get wrong
         checked(source, f"--ckpt_path {ckpt_path}")
     images = None

@@ -1,7 +1,9 @@
-"""Class probabilities from an exported ONNX model with numpy, Pillow and onnxruntime only: no torch.
+"""Class probabilities, and the labels they decide, from an exported ONNX model with numpy, Pillow and onnxruntime
+only: no torch.
 
 `OnnxPredictor` decodes, resizes and crops as `classifier predict` does (`classifier.core.imageio`,
-`classifier.deploy.preprocess`), so its probabilities are those of the checkpoint the model was exported from.
+`classifier.deploy.preprocess`), so its probabilities are those of the checkpoint the model was exported from, and
+it decides labels as that checkpoint does (the task and thresholds stored with the export).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import numpy as np
 import onnxruntime as ort
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import ImageInput, predict_in_chunks
+from classifier.deploy.inputs import (
+    MULTILABEL,
+    Classification,
+    ImageInput,
+    Thresholds,
+    classify_with,
+    predict_in_chunks,
+    resolve_thresholds,
+)
 from classifier.deploy.preprocess import (
     METADATA_KEY,
     PREPROCESS_FILE,
@@ -29,6 +39,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float32, for models exported with `--softmax false`."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise sigmoid in float32, for multi-label models exported with `--softmax false`."""
+    return (0.5 * (1 + np.tanh(0.5 * logits.astype(np.float64)))).astype(np.float32)  # exp would overflow
+
+
+def probabilities_from_logits(logits: np.ndarray, task: str | None) -> np.ndarray:
+    """What the checkpoint's `net.probabilities` computes: one sigmoid per label (multi-label), else softmax."""
+    return sigmoid(logits) if task == MULTILABEL else softmax(logits)
 
 
 class OnnxPredictor:
@@ -74,6 +94,16 @@ class OnnxPredictor:
     def class_names(self) -> list[str]:
         return list(self.preprocessing["class_names"])
 
+    @property
+    def task(self) -> str:
+        """The task stored at export: multiclass or multilabel; exports older than multi-label are multiclass."""
+        return self.preprocessing.get("task") or "multiclass"
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label: each label's decision threshold, stored at export; None otherwise."""
+        return np.array(self.preprocessing["thresholds"], dtype=np.float64) if self.task == MULTILABEL else None
+
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image (a path, a PIL image or an HWC/HW uint8 array) as the uint8 CHW array the model takes."""
         return to_chw_uint8(resize_and_crop(as_rgb_image(image), self.preprocessing))
@@ -85,7 +115,7 @@ class OnnxPredictor:
             self.session.run(None, {self.input.name: images[i : i + step]})[0] for i in range(0, len(images), step)
         ]
         output = np.concatenate(outputs).astype(np.float32)
-        return softmax(output) if self.preprocessing.get("output") == "logits" else output
+        return probabilities_from_logits(output, self.task) if self.preprocessing.get("output") == "logits" else output
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""
@@ -94,3 +124,12 @@ class OnnxPredictor:
 
     def _predict_chunk(self, images: list[ImageInput]) -> np.ndarray:
         return self.predict_batch(np.stack([self.preprocess(image) for image in images]))
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
+    ) -> Classification | list[Classification]:
+        """The labels each image gets, with every class's probability: multi-label, every label at or over its
+        threshold (the export's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
+        the most probable class. One `Classification` for one image, a list for a sequence."""
+        chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
+        return classify_with(images, self.predict, self.class_names, chosen)

@@ -1,5 +1,7 @@
 """Proof that an exported model computes what its checkpoint does: the same preprocessed pixels through both, at
-several batch sizes, on the checkpoint's frozen test split or on a folder of images."""
+several batch sizes, on the checkpoint's frozen test split or on a folder of images. Both must give the same
+probabilities and the same decisions: the top class, or for a multi-label model the set of labels at or over the
+checkpoint's thresholds."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from classifier.core.imageio import list_images
 from classifier.data.datamodule import ImageFolderDataModule
-from classifier.deploy.onnx_predictor import OnnxPredictor, softmax
+from classifier.deploy.inputs import decide
+from classifier.deploy.onnx_predictor import OnnxPredictor, probabilities_from_logits
 from classifier.deploy.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,27 @@ RANDOM_IMAGES = 32  # images of random pixels, where no real ones are at hand
 CHECK_IMAGES = 2000  # at most, a stratified sample: 50,000 test images at 224 px would hold 7.5 GB
 CALIBRATION_IMAGES = 200
 REFERENCE_BATCH = 64
+# what parity.json calls the share of images decided alike, and the share decided right, per task
+AGREEMENT = {"multiclass": "top1_agreement", "multilabel": "label_set_agreement"}
+ACCURACY = {"multiclass": "accuracy", "multilabel": "subset_accuracy"}
+DECISION = {"multiclass": "top-1", "multilabel": "label set"}  # what a changed decision is, in messages
 
 
 @dataclass
 class CheckImages:
-    """Images to compare on, preprocessed once by the PyTorch `Predictor`, with its probabilities for them."""
+    """Images to compare on, preprocessed once by the PyTorch `Predictor`, with its probabilities for them, and how
+    that checkpoint decides (`thresholds`: a multi-label checkpoint's; None: the top class)."""
 
     source: str
     pixels: np.ndarray  # uint8 NCHW
     reference: np.ndarray  # the checkpoint's probabilities
-    labels: np.ndarray | None  # class indices, when known
+    labels: np.ndarray | None  # class indices (multi-label: 0/1 rows), when known
     paths: list[Path] | None  # None for random pixels
+    thresholds: np.ndarray | None = None
+
+    @property
+    def task(self) -> str:
+        return "multiclass" if self.thresholds is None else "multilabel"
 
 
 def records_split(checkpoint: dict) -> bool:
@@ -54,9 +67,8 @@ def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | N
 def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels: list[int] | None) -> CheckImages:
     """Files preprocessed and classified by the checkpoint's own `Predictor`."""
     pixels = np.stack([predictor.preprocess(path).numpy() for path in paths])
-    return CheckImages(
-        source, pixels, reference(predictor, pixels), None if labels is None else np.array(labels), paths
-    )
+    known = None if labels is None else np.array(labels)
+    return CheckImages(source, pixels, reference(predictor, pixels), known, paths, predictor.thresholds)
 
 
 def reference(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
@@ -68,17 +80,19 @@ def random_images(predictor: Predictor) -> CheckImages:
     """Seeded random pixels: a check of the graph, not of the preprocessing, for when no images are at hand."""
     pixels = np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, *predictor.preprocessing["input_size"]))
     pixels = pixels.astype(np.uint8)
-    return CheckImages(f"{RANDOM_IMAGES} random images", pixels, reference(predictor, pixels), None, None)
+    return CheckImages(
+        f"{RANDOM_IMAGES} random images", pixels, reference(predictor, pixels), None, None, predictor.thresholds
+    )
 
 
-def sample(paths: list[Path], labels: list[int] | None, limit: int) -> tuple[list[Path], list[int] | None]:
-    """At most `limit` of the images, spread evenly over each class (over the whole list without labels), so that a
-    sample keeps the classes' shares; all of them when they are fewer."""
+def sample(paths: list[Path], labels: list | None, limit: int) -> tuple[list[Path], list | None]:
+    """At most `limit` of the images, spread evenly over each class (multi-label: each set of labels; over the whole
+    list without labels), so that a sample keeps their shares; all of them when they are fewer."""
     if len(paths) <= limit:
         return paths, labels
     groups = {0: list(range(len(paths)))} if labels is None else {}
     for index, label in enumerate(labels or []):
-        groups.setdefault(label, []).append(index)
+        groups.setdefault(tuple(label) if isinstance(label, list) else label, []).append(index)
     chosen = []
     for members in groups.values():
         count = max(1, round(limit * len(members) / len(paths)))
@@ -117,6 +131,8 @@ def check_images(
     index = {name: i for i, name in enumerate(predictor.class_names)}
     classes = [path.relative_to(folder).parts[0] if len(path.relative_to(folder).parts) > 1 else "" for path in paths]
     labels = [index[name] for name in classes] if all(name in index for name in classes) else None
+    if predictor.thresholds is not None:  # a folder names one label, not an image's whole set of them
+        labels = None
     chosen, labels = sample(paths, labels, limit)
     return pytorch_images(predictor, f"{folder} ({counted(chosen, paths)})", chosen, labels)
 
@@ -173,17 +189,26 @@ def runner(path: Path, description: dict) -> Callable[[np.ndarray], np.ndarray]:
         with torch.inference_mode():
             chunks = [module(torch.from_numpy(pixels[i : i + size])) for i in range(0, len(pixels), size)]
         output = torch.cat(chunks).numpy()
-        return softmax(output) if description["output"] == "logits" else output
+        logits = description["output"] == "logits"
+        return probabilities_from_logits(output, description.get("task")) if logits else output
 
     return run
 
 
-def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Largest probability difference, top-1 agreement, and accuracy when the labels are known."""
+def agreement(decisions: np.ndarray, others: np.ndarray) -> float:
+    """The share of images decided alike: the same class, or the same set of labels."""
+    same = decisions == others
+    return float((same.all(axis=1) if same.ndim == 2 else same).mean())
+
+
+def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None, thresholds: np.ndarray | None) -> dict:
+    """Largest probability difference, the share of images decided as the checkpoint does (the top class, or the
+    set of labels at or over `thresholds`), and the share decided right when the labels are known."""
+    decisions, task = decide(probs, thresholds), "multiclass" if thresholds is None else "multilabel"
     return {
         "max_abs_diff": float(np.abs(probs - reference).max()),
-        "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
-        "accuracy": None if labels is None else float((probs.argmax(1) == labels).mean()),
+        AGREEMENT[task]: agreement(decisions, decide(reference, thresholds)),
+        ACCURACY[task]: None if labels is None else agreement(decisions, labels),
     }
 
 
@@ -191,21 +216,31 @@ def in_batches(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, size
     return np.concatenate([run(pixels[start : start + size]) for start in range(0, len(pixels), size)])
 
 
+def pytorch_accuracy(images: CheckImages) -> float | None:
+    """The checkpoint's own accuracy (multi-label: subset accuracy) on the images, when their labels are known."""
+    return None if images.labels is None else agreement(decide(images.reference, images.thresholds), images.labels)
+
+
 def describe_images(images: CheckImages) -> dict:
-    accuracy = None if images.labels is None else float((images.reference.argmax(1) == images.labels).mean())
-    return {"images": images.source, "count": len(images.pixels), "pytorch_accuracy": accuracy}
+    report = {"images": images.source, "count": len(images.pixels)}
+    report[f"pytorch_{ACCURACY[images.task]}"] = pytorch_accuracy(images)
+    if images.thresholds is not None:
+        report |= {"task": images.task, "thresholds": images.thresholds.tolist()}
+    return report
 
 
 def check_parity(
     predictor: Predictor, path: Path, description: dict, images: CheckImages, batch_sizes=BATCH_SIZES
 ) -> dict:
-    """parity.json's fp32 part; its `failure` says by how much it missed 100% top-1 and MAX_ABS_DIFF."""
+    """parity.json's fp32 part; its `failure` says by how much it missed MAX_ABS_DIFF and 100% agreement (top-1, or
+    multi-label the same label sets)."""
     run = runner(path, description)
-    by_size = {str(size): compare(images.reference, in_batches(run, images.pixels, size), images.labels)
-               for size in batch_sizes}  # fmt: skip
+    by_size = {str(size): compare(images.reference, in_batches(run, images.pixels, size), images.labels,
+                                  images.thresholds) for size in batch_sizes}  # fmt: skip
     worst = max(result["max_abs_diff"] for result in by_size.values())
-    agreement = min(result["top1_agreement"] for result in by_size.values())
-    report = {**describe_images(images), "tolerance": {"max_abs_diff": MAX_ABS_DIFF, "top1_agreement": 1.0}}
+    agreed = AGREEMENT[images.task]
+    least = min(result[agreed] for result in by_size.values())
+    report = {**describe_images(images), "tolerance": {"max_abs_diff": MAX_ABS_DIFF, agreed: 1.0}}
     report["batch_sizes"] = by_size
     problems = []
     if description["format"] == "onnx" and images.paths is not None:  # the torch-free preprocessing, on the same files
@@ -220,16 +255,17 @@ def check_parity(
             )
     if worst > MAX_ABS_DIFF:
         problems.append(f"probabilities differ by up to {worst:.3g} (tolerance {MAX_ABS_DIFF:g})")
-    if agreement < 1.0:
-        problems.append(f"top-1 agrees on {agreement:.2%} of images, not 100%")
+    if least < 1.0:
+        problems.append(f"{DECISION[images.task]} agrees on {least:.2%} of images, not 100%")
     report["passed"] = not problems
     if problems:
         report["failure"] = "; ".join(problems)
     log.info(
-        "Parity on %s: max |Δp| %.3g, top-1 agreement %.2f%% over batch sizes %s",
+        "Parity on %s: max |Δp| %.3g, %s %.2f%% over batch sizes %s",
         images.source,
         worst,
-        100 * agreement,
+        f"{DECISION[images.task]} agreement",
+        100 * least,
         ", ".join(by_size),
     )
     return report
@@ -238,20 +274,25 @@ def check_parity(
 def check_quantized(
     path: Path, images: CheckImages, calibration: Calibration, max_accuracy_drop: float, batch_size: int = 7
 ) -> dict:
-    """parity.json's int8 part: agreement with the checkpoint and the accuracy change, in points; without labels,
-    the share of images whose top-1 changed bounds the drop."""
+    """parity.json's int8 part: agreement with the checkpoint and the accuracy change (multi-label: subset
+    accuracy), in points; without labels, the share of images whose decision changed bounds the drop."""
     result = compare(images.reference, in_batches(OnnxPredictor(path).predict_batch, images.pixels, batch_size),
-                     images.labels)  # fmt: skip
+                     images.labels, images.thresholds)  # fmt: skip
+    agreed, accuracy = AGREEMENT[images.task], ACCURACY[images.task]
     change = None
     if images.labels is not None:
-        change = 100 * (result["accuracy"] - float((images.reference.argmax(1) == images.labels).mean()))
-    drop = -change if change is not None else 100 * (1 - result["top1_agreement"])
+        change = 100 * (result[accuracy] - pytorch_accuracy(images))
+    drop = -change if change is not None else 100 * (1 - result[agreed])
     report = {"model": path.name, "calibration": calibration.source, **result, "accuracy_change_points": change}
     report["calibrated_on_scored_images"] = calibration.scored
     report |= {"max_accuracy_drop_points": max_accuracy_drop, "passed": drop <= max_accuracy_drop}
     if drop > max_accuracy_drop:
-        measured = "accuracy drops" if images.labels is not None else "top-1 changes on"
+        if images.labels is not None:
+            measured = f"{accuracy.replace('_', ' ')} drops"
+        else:
+            measured = f"{DECISION[images.task]} changes on"
         report["failure"] = f"int8 {measured} {drop:.2f} points (--max_accuracy_drop {max_accuracy_drop:g})"
-    log.info("int8 on %s: top-1 agreement %.2f%%, accuracy change %s points", images.source,
-             100 * result["top1_agreement"], "n/a" if change is None else f"{change:+.2f}")  # fmt: skip
+    log.info("int8 on %s: %s agreement %.2f%%, %s change %s points", images.source, DECISION[images.task],
+             100 * result[agreed], accuracy.replace("_", " "),
+             "n/a" if change is None else f"{change:+.2f}")  # fmt: skip
     return report

@@ -1,4 +1,5 @@
-"""Class probabilities from a checkpoint alone, on any machine: for scripts, export, serving and explanations."""
+"""Class probabilities, and the labels they decide, from a checkpoint alone, on any machine: for scripts, export,
+serving and explanations."""
 
 from __future__ import annotations
 
@@ -6,11 +7,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import ImageInput, predict_in_chunks
+from classifier.deploy.inputs import (
+    Classification,
+    ImageInput,
+    Thresholds,
+    classify_with,
+    predict_in_chunks,
+    resolve_thresholds,
+)
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, eval_transform, normalisation
 from classifier.model.tta import TTA, predict_logits
@@ -56,6 +65,16 @@ class Predictor:
         return self.net.class_names
 
     @property
+    def task(self) -> str:
+        """The network's task: multiclass (one class per image) or multilabel (a set of labels per image)."""
+        return self.net.task
+
+    @property
+    def thresholds(self) -> np.ndarray | None:
+        """Multi-label: each label's decision threshold, as the checkpoint was tuned (float64); None otherwise."""
+        return self.net.thresholds.cpu().double().numpy() if self.net.multilabel else None
+
+    @property
     def preprocessing(self) -> dict:
         """Input size, interpolation, crop_pct, crop_mode, mean and std: what export and serving must reproduce."""
         return self.net.preprocessing
@@ -77,3 +96,12 @@ class Predictor:
 
     def _predict_chunk(self, images: list[ImageInput]) -> Tensor:
         return self.predict_batch(torch.stack([self.preprocess(image) for image in images]))
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
+    ) -> Classification | list[Classification]:
+        """The labels each image gets, with every class's probability: multi-label, every label at or over its
+        threshold (the checkpoint's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
+        the most probable class. One `Classification` for one image, a list for a sequence."""
+        chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
+        return classify_with(images, lambda batch: self.predict(batch).numpy(), self.class_names, chosen)

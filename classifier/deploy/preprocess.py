@@ -22,6 +22,7 @@ PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"  # beside an export: how it compared with its checkpoint
 METADATA_KEY = "classifier.deploy.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
+TASKS = ("multiclass", "multilabel")  # classifier.model.net's, which this torch-free module cannot import
 CROP_MODES = ("center", "squash")  # the eval crops `resize_and_crop` renders; timm's "border" pads, and is refused
 HASH_CHUNK = 1 << 20
 PIL_INTERPOLATION = {
@@ -50,9 +51,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe(net_config: dict, checkpoint_sha256: str, test_metrics: dict | None, **export: Any) -> dict[str, Any]:
-    """preprocess.json: how to feed the model (from a checkpoint's `net` description), where it came from, how it
-    was exported (`export`: format, exporter, opset, output...)."""
+def describe(
+    net_config: dict,
+    checkpoint_sha256: str,
+    test_metrics: dict | None,
+    thresholds: list[float] | None = None,
+    **export: Any,
+) -> dict[str, Any]:
+    """preprocess.json: how to feed the model (from a checkpoint's `net` description), how to read its outputs (the
+    task, and a multi-label model's `thresholds`), where it came from, how it was exported (`export`: format,
+    exporter, opset, output...)."""
     preprocessing = net_config["preprocessing"]
     return {
         "input_size": list(preprocessing["input_size"]),
@@ -66,6 +74,8 @@ def describe(net_config: dict, checkpoint_sha256: str, test_metrics: dict | None
         "layout": "NCHW",
         "dtype": "uint8",
         "class_names": list(net_config["class_names"]),
+        "task": net_config.get("task", "multiclass"),
+        "thresholds": thresholds,
         "temperature": net_config.get("temperature", 1.0),
         "checkpoint_sha256": checkpoint_sha256,
         "test_metrics": test_metrics,
@@ -101,6 +111,11 @@ def checked(description: dict, source: str) -> dict:
             f"{source}: crop_mode {mode!r} has no torch-free implementation ({' and '.join(CROP_MODES)} do); "
             "serve the checkpoint itself, through PyTorch"
         )
+    task, thresholds = description.get("task") or "multiclass", description.get("thresholds")
+    if task not in TASKS:
+        raise ValueError(f"{source}: task {task!r} is none of {', '.join(TASKS)}")
+    if task == TASKS[1] and (not isinstance(thresholds, list) or len(thresholds) != len(description["class_names"])):
+        raise ValueError(f"{source}: a multi-label model needs one threshold per class; re-export it")
     return description
 
 

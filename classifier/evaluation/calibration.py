@@ -1,8 +1,10 @@
 """The engine of `classifier calibrate`: one temperature that makes a checkpoint's probabilities mean what they say.
 
 It is fitted on the frozen validation split the run held out (Guo et al., 2017, "On Calibration of Modern Neural
-Networks"): the logits are computed once, then LBFGS minimises their negative log-likelihood over log T.
-The new checkpoint carries T in its network, so test, predict, `Predictor`, export and serving all use it.
+Networks"): the logits are computed once, then LBFGS minimises their negative log-likelihood over log T: of the
+softmax, or of each label's sigmoid (binary cross-entropy) for a multi-label network, whose thresholds then move with
+T so that every image keeps its labels. The new checkpoint carries T in its network, so test, predict, `Predictor`,
+export and serving all use it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 from torch import Tensor
+from torchmetrics.functional.classification import binary_calibration_error
 
 from classifier.core.atomic import write_json
 from classifier.core.console import print_table
@@ -29,6 +32,11 @@ from classifier.model.module import classification_metrics
 
 log = logging.getLogger(__name__)
 SPLIT_NAMES = {"val": "validation", "test": "test"}
+SHOWN = {  # (report key, column name) of the scores each task's table shows
+    False: (("acc", "accuracy"), ("ece", "ECE"), ("nll", "NLL")),
+    True: (("bce", "BCE"), ("ece", "ECE"), ("brier", "Brier")),
+}
+ECE_BINS = 15
 
 
 def calibrate_checkpoint(
@@ -47,23 +55,36 @@ def calibrate_checkpoint(
     predictor = Predictor.from_checkpoint(ckpt_path, torch_device, tta="none")
     before = predictor.net.temperature  # a checkpoint calibrated before: fitted again from the raw logits
     predictor.net.temperature = 1.0
+    multilabel = predictor.net.multilabel
     logits = {split: split_logits(predictor, datamodule, split) for split in datamodule.datasets}
-    temperature = fit_temperature(*logits["val"])
+    temperature = fit_temperature(*logits["val"], multilabel=multilabel)
     report: dict[str, Any] = {"checkpoint": str(ckpt_path), "output": str(output), "temperature": temperature}
     for split, (raw, targets) in logits.items():
         report[split] = {
             "images": len(targets),
-            "before": scores(raw / before, targets),
-            "after": scores(raw / temperature, targets),
+            "before": scores(raw / before, targets, multilabel),
+            "after": scores(raw / temperature, targets, multilabel),
+        }
+    checkpoint = dict(checkpoint)
+    if multilabel:
+        thresholds = checkpoint["state_dict"]["net.thresholds"]
+        moved = tempered_thresholds(thresholds, before, temperature)
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], "net.thresholds": moved}
+        changes = {
+            split: changed_labels(raw, thresholds, moved, before, temperature) for split, (raw, _) in logits.items()
+        }
+        report["thresholds"] = {
+            "before": dict(zip(predictor.class_names, thresholds.tolist(), strict=True)),
+            "after": dict(zip(predictor.class_names, moved.tolist(), strict=True)),
+            "labels_changed": changes,
         }
     report["seconds"] = time.perf_counter() - started
-    checkpoint = dict(checkpoint)
     checkpoint["net"] = {**checkpoint["net"], "temperature": temperature}
     checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "temperature": temperature}
     checkpoint["calibration"] = report
     save_checkpoint(checkpoint, output)
     write_json(output.with_suffix(".json"), report)
-    show(report)
+    show(report, multilabel)
     if checkpoint["hyper_parameters"].get("tta"):
         log.info(
             "Fitted and scored without test-time augmentation; `classifier test` with --model.tta %s averages the "
@@ -124,8 +145,9 @@ def split_logits(predictor: Predictor, datamodule: ImageFolderDataModule, split:
     return torch.cat(logits), torch.cat(targets)
 
 
-def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> float:
-    """The T > 0 that minimises the NLL of softmax(logits / T): LBFGS over log T, which keeps T positive."""
+def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100, multilabel: bool = False) -> float:
+    """The T > 0 that minimises the NLL of softmax(logits / T), or with `multilabel` the binary cross-entropy of
+    sigmoid(logits / T) against the 0/1 targets: LBFGS over log T, which keeps T positive."""
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [log_t], lr=1.0, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
@@ -133,7 +155,7 @@ def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> flo
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss = nll(logits / log_t.exp(), targets, multilabel)
         loss.backward()
         return loss
 
@@ -144,27 +166,61 @@ def fit_temperature(logits: Tensor, targets: Tensor, max_iter: int = 100) -> flo
     return temperature
 
 
-def scores(logits: Tensor, targets: Tensor) -> dict[str, float]:
-    """Accuracy and ECE as `classifier test` computes them (torchmetrics, 15 bins), and the NLL."""
+def nll(logits: Tensor, targets: Tensor, multilabel: bool) -> Tensor:
+    """The mean negative log-likelihood: of the softmax, or of each label's sigmoid (binary cross-entropy)."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+    return F.cross_entropy(logits, targets)
+
+
+def scores(logits: Tensor, targets: Tensor, multilabel: bool = False) -> dict[str, float]:
+    """Accuracy and ECE as `classifier test` computes them (torchmetrics, 15 bins), and the NLL; multi-label, the
+    binary cross-entropy, the mean over labels of each one's ECE (of its sigmoid) and the Brier score."""
+    if multilabel:
+        probs = logits.sigmoid()
+        per_label = zip(probs.T.contiguous(), targets.T.contiguous(), strict=True)
+        ece = [binary_calibration_error(p, t, n_bins=ECE_BINS) for p, t in per_label]
+        brier = (probs - targets).square().mean()
+        return {"bce": float(nll(logits, targets, True)), "ece": float(torch.stack(ece).mean()), "brier": float(brier)}
     probs = logits.float().softmax(dim=-1)
     metrics = classification_metrics(logits.shape[-1], prefix="")
     computed = metrics(probs, targets)
-    nll = F.cross_entropy(logits, targets)
-    return {"acc": float(computed["acc"]), "ece": float(computed["ece"]), "nll": float(nll)}
+    return {"acc": float(computed["acc"]), "ece": float(computed["ece"]), "nll": float(nll(logits, targets, False))}
 
 
-def show(report: dict[str, Any]) -> None:
+def tempered_thresholds(thresholds: Tensor, before: float, temperature: float) -> Tensor:
+    """Thresholds on sigmoid(raw / temperature) that keep every decision made at `thresholds` on
+    sigmoid(raw / before): the same cut on the raw logit."""
+    raw_cut = torch.special.logit(thresholds.double()) * before
+    return (raw_cut / temperature).sigmoid().to(thresholds.dtype)
+
+
+def changed_labels(raw: Tensor, thresholds: Tensor, moved: Tensor, before: float, temperature: float) -> int:
+    """How many (image, label) decisions the new temperature and thresholds change: none, unless float32 rounding
+    merges them (a temperature so large that every probability is about 1/2)."""
+    kept = (raw / before).float().sigmoid() >= thresholds
+    changed = int(((raw / temperature).float().sigmoid() >= moved).ne(kept).sum())
+    if changed:
+        log.warning(
+            "%d label decisions change with T = %.4g: float32 cannot tell the tempered probabilities apart from their "
+            "thresholds; the model's scores may carry little information (check its val/map)", changed, temperature,
+        )  # fmt: skip
+    return changed
+
+
+def show(report: dict[str, Any], multilabel: bool = False) -> None:
     """Before and after, per split, as a table."""
     fitted_on = f"fitted on {report['val']['images']} validation images"
     table = Table(title=f"Temperature scaling: T = {report['temperature']:.4g}, {fitted_on}")
     table.add_column("split")
     table.add_column("images", justify="right")
-    for metric in ("accuracy", "ECE", "NLL"):
+    shown = SHOWN[multilabel]
+    for _, metric in shown:
         table.add_column(f"{metric} before", justify="right")
         table.add_column(f"{metric} after", justify="right")
     for split, name in SPLIT_NAMES.items():
         if split in report:
             part = report[split]
-            cells = [f"{part[when][key]:.4f}" for key in ("acc", "ece", "nll") for when in ("before", "after")]
+            cells = [f"{part[when][key]:.4f}" for key, _ in shown for when in ("before", "after")]
             table.add_row(name, str(part["images"]), *cells)
     print_table(table)

@@ -14,14 +14,20 @@ from torch import Tensor
 
 from classifier.core.atomic import atomic_open, write_json
 from classifier.core.console import print_table
+from classifier.evaluation.multilabel_reports import label_sets, write_multilabel_report
 from classifier.evaluation.reports import write_evaluation_report
+from classifier.model.thresholds import decisions
 
 log = logging.getLogger(__name__)
 SHOWN_PREDICTIONS = 20
 
 
 class PredictionWriter(Callback):
-    """`predictions.csv` for validate, test and predict; `metrics.json` and the report files for validate and test."""
+    """`predictions.csv` for validate, test and predict; `metrics.json` and the report files for validate and test.
+
+    Probabilities are the network's own (softmax, or one sigmoid per label); a multi-label network's labels are those
+    at or over its thresholds.
+    """
 
     def __init__(self, output: str | None = None, topk: int = 0) -> None:
         """
@@ -33,21 +39,21 @@ class PredictionWriter(Callback):
         self.topk = topk
         self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
 
-    def _collect(self, trainer: Trainer, logits: Tensor, batch: Any) -> None:
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, logits: Tensor, batch: Any) -> None:
         if trainer.sanity_checking:
             return
         _, targets, rows = batch
-        self._outputs.append((rows.cpu(), targets.cpu(), logits.float().softmax(dim=-1).cpu()))
+        self._outputs.append((rows.cpu(), targets.cpu(), pl_module.net.probabilities(logits).cpu()))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.state.fn == "validate":
-            self._collect(trainer, outputs, batch)
+            self._collect(trainer, pl_module, outputs, batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(trainer, outputs, batch)
+        self._collect(trainer, pl_module, outputs, batch)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(trainer, outputs, batch)
+        self._collect(trainer, pl_module, outputs, batch)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -67,19 +73,24 @@ class PredictionWriter(Callback):
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         classes = pl_module.class_names
+        thresholds = pl_module.net.thresholds.cpu() if pl_module.net.multilabel else None
         output = Path(self.output) if self.output else run_dir / "predictions.csv"
         paths = [trainer.datamodule.paths(stage)[row] for row in rows.tolist()]
         if stage == "predict":
             unreadable = trainer.datamodule.unreadable
-            write_predictions(output, paths, None, probs, classes, self.topk, unreadable)
+            write_predictions(output, paths, None, probs, classes, self.topk, unreadable, thresholds)
             log.info("Predictions for %d images (%d unreadable): %s", len(paths), len(unreadable), output)
-            show_predictions(paths, probs, classes, max(1, self.topk))
+            show_predictions(paths, probs, classes, max(1, self.topk), thresholds)
             return
         replaced = (run_dir / "metrics.json").is_file()  # the same checkpoint evaluated again
-        write_predictions(output, paths, targets, probs, classes)
+        write_predictions(output, paths, targets, probs, classes, thresholds=thresholds)
         metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(f"{stage}/")}
         write_json(run_dir / "metrics.json", metrics)
-        report = write_evaluation_report(run_dir, paths, targets.numpy(), probs.numpy(), classes)
+        if thresholds is None:
+            report = write_evaluation_report(run_dir, paths, targets.numpy(), probs.numpy(), classes)
+        else:
+            report = write_multilabel_report(run_dir, paths, targets.numpy(), probs.numpy(), classes,
+                                             thresholds.numpy())  # fmt: skip
         show_classification_report(report, title=f"{stage} split: {len(paths)} images")
         again = " (replacing the earlier run's)" if replaced else ""
         log.info("Predictions, metrics.json and report files%s: %s", again, run_dir)
@@ -93,49 +104,70 @@ def write_predictions(
     classes: list[str],
     topk: int = 0,
     unreadable: dict[Path, str] | None = None,
+    thresholds: Tensor | None = None,
 ) -> None:
-    """One row per image: path, [target,] prediction, confidence, [status, top-K,] then prob_<class> columns."""
-    confidence, predicted = probs.max(dim=-1)
+    """One row per image: path, [target,] prediction, confidence, [status, top-K,] then prob_<class> columns.
+
+    Multi-label (given each label's `thresholds`): path, [target,] labels, [status, top-K,] prob_<class>, where
+    target and labels are `;`-joined sets ("" for none), labels those at or over their thresholds.
+    """
     ranked = probs.argsort(dim=-1, descending=True)[:, :topk].tolist()
     labelled = targets is not None
     status = [] if labelled else ["status"]
+    if thresholds is None:
+        confidence, predicted = probs.max(dim=-1)
+        decided = ["prediction", "confidence"]
+        cells = [[classes[c], f"{p:.7g}"] for c, p in zip(predicted.tolist(), confidence.tolist(), strict=True)]
+        truth = [classes[t] for t in targets.tolist()] if labelled else []
+    else:
+        decided = ["labels"]
+        cells = [[text] for text in label_sets(decisions(probs.numpy(), thresholds.numpy()), classes)]
+        truth = label_sets(targets.numpy(), classes) if labelled else []
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(output, newline="") as file:
         writer = csv.writer(file)
-        header = ["path", *(["target"] if labelled else []), "prediction", "confidence", *status]
+        header = ["path", *(["target"] if labelled else []), *decided, *status]
         writer.writerow(header + [f"top{k + 1}" for k in range(topk)] + [f"prob_{name}" for name in classes])
         for i, path in enumerate(paths):
-            target = [classes[targets[i]]] if labelled else []
+            target = [truth[i]] if labelled else []
             ok = [] if labelled else ["ok"]
             top = [classes[c] for c in ranked[i]]
-            writer.writerow(
-                [str(path), *target, classes[predicted[i]], f"{confidence[i]:.7g}", *ok, *top]
-                + [f"{p:.7g}" for p in probs[i].tolist()]
-            )
+            writer.writerow([str(path), *target, *cells[i], *ok, *top] + [f"{p:.7g}" for p in probs[i].tolist()])
         for path, reason in (unreadable or {}).items():
-            writer.writerow([str(path), "", "", f"error: {reason}"] + [""] * (topk + len(classes)))
+            writer.writerow([str(path), *[""] * len(decided), f"error: {reason}"] + [""] * (topk + len(classes)))
 
 
 def show_classification_report(report: list[dict], title: str) -> None:
+    """The per-class rows, then the averages; a multi-label report also shows each label's threshold."""
+    thresholds = "threshold" in report[0]
     table = Table(title=f"Classification report, {title}")
-    for column in ("class", "precision", "recall", "f1", "support"):
+    for column in ("class", *(["threshold"] if thresholds else []), "precision", "recall", "f1", "support"):
         table.add_column(column, justify="left" if column == "class" else "right")
-    for row in report:
-        if row["class"] == "macro avg":
+    for i, row in enumerate(report):
+        if i == len(report) - 2:  # the two averages
             table.add_section()
-        table.add_row(row["class"], *(f"{row[k]:.4f}" for k in ("precision", "recall", "f1")), str(row["support"]))
+        threshold = [] if not thresholds else ["" if row["threshold"] is None else f"{row['threshold']:.4f}"]
+        scores = (f"{row[k]:.4f}" for k in ("precision", "recall", "f1"))
+        table.add_row(row["class"], *threshold, *scores, str(row["support"]))
     print_table(table)
 
 
-def show_predictions(paths: list[Path], probs: Tensor, classes: list[str], topk: int) -> None:
+def show_predictions(
+    paths: list[Path], probs: Tensor, classes: list[str], topk: int, thresholds: Tensor | None = None
+) -> None:
+    """The first images' top classes; multi-label, first the labels each gets at its thresholds."""
     table = Table(title=f"Predictions (first {min(len(paths), SHOWN_PREDICTIONS)} of {len(paths)})")
     table.add_column("image")
+    if thresholds is not None:
+        table.add_column("labels")
+        shown = probs[:SHOWN_PREDICTIONS]
+        labels = [text or "(none)" for text in label_sets(decisions(shown.numpy(), thresholds.numpy()), classes)]
     for k in range(topk):
-        table.add_column(f"top {k + 1}" if topk > 1 else "prediction")
+        table.add_column(f"top {k + 1}" if topk > 1 else "prediction" if thresholds is None else "most likely")
     values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     for i, path in enumerate(paths[:SHOWN_PREDICTIONS]):
         cells = [f"{classes[c]} ({v:.3f})" for v, c in zip(values[i].tolist(), indices[i].tolist(), strict=True)]
-        table.add_row(path.name, *cells)
+        table.add_row(path.name, *([labels[i]] if thresholds is not None else []), *cells)
     print_table(table)
 
 

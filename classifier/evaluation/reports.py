@@ -143,10 +143,11 @@ def top_losses_figure(
 
 
 def training_curves_figure(history: list[dict[str, float]]) -> Figure:
-    """Loss, accuracy and macro F1 per epoch, train against val."""
+    """Loss, accuracy (multi-label: mAP) and macro F1 per epoch, train against val."""
     figure = Figure(figsize=(15, 4.2), dpi=100, layout="constrained")
     grid = figure.subplots(1, 3)
-    for axes, name in zip(grid, ("loss", "acc", "f1_macro"), strict=True):
+    ranking = "map" if any("val/map" in row for row in history) else "acc"
+    for axes, name in zip(grid, ("loss", ranking, "f1_macro"), strict=True):
         for stage in ("train", "val"):
             points = [(row["epoch"], row[f"{stage}/{name}"]) for row in history if f"{stage}/{name}" in row]
             if points:

@@ -271,10 +271,10 @@ class ImageClassifier(LightningModule):
         return loss, logits
 
     def _update_decisions(self, logits: Tensor, targets: Tensor, stage: str) -> None:
-        """Multi-label: the decisions' metrics, at 0.5 in training and validation (which tunes the thresholds),
-        at the tuned (or given) thresholds in test; validation's scores are kept to tune them on."""
+        """Multi-label: the decisions' metrics, at 0.5 in a fit (whose validations tune the thresholds), at the
+        tuned (or given) thresholds in validate and test; validation's scores are kept to tune them on."""
         probs = self.net.probabilities(logits.detach())
-        thresholds = self.net.thresholds if stage == "test" else 0.5
+        thresholds = 0.5 if self.trainer.state.fn == "fit" else self.net.thresholds
         decisions = getattr(self, f"{stage}_decisions")
         decisions.update((probs >= thresholds).long(), targets)
         self.log_dict(decisions, on_step=False, on_epoch=True, prog_bar=False)

@@ -27,6 +27,7 @@ HUGE_FACTOR = 16  # more than 16 times the median pixel count (and over HUGE_PIX
 HUGE_PIXELS = 4_000_000
 EXTREME_ASPECT = 4.0  # longer side over shorter side
 SMALL_CLASS = 10  # training images under which a class is too small to learn or to score
+NO_LABEL = "(no label)"  # how a multi-label image with an empty label set is named in findings
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def audit(splits: Splits, facts: list[FileFacts], near_dup_threshold: int, num_f
     result.findings += class_findings(splits, num_folds)
     exact = exact_pairs(facts)
     parts = partitions(splits)
-    result.pairs = [oriented(pair, parts) for pair in exact + near_pairs(facts, near_dup_threshold, exact)]
+    result.pairs = [oriented(pair, parts) for pair in exact + near_pairs(facts, names, near_dup_threshold, exact)]
     result.findings += duplicate_findings(splits, names, result.pairs)
     result.report = statistics(splits, facts)
     return result
@@ -108,7 +109,8 @@ def class_findings(splits: Splits, num_folds: int | None) -> list[Finding]:
         for index in np.flatnonzero(np.array(splits.class_counts(name)) == 0):
             found.append(Finding(splits.classes[index], "missing_class", f"no images in the {name} split"))
     trained = splits.class_counts("train")
-    pooled = np.bincount(splits.labels[splits.fold >= 0], minlength=len(splits.classes))
+    folded = splits.labels[splits.fold >= 0]
+    pooled = folded.sum(axis=0) if splits.multilabel else np.bincount(folded, minlength=len(splits.classes))
     for index, name in enumerate(splits.classes):
         if num_folds and pooled[index] < num_folds:
             detail = f"{pooled[index]} images outside test for {num_folds} folds: some folds validate none of it"
@@ -119,14 +121,14 @@ def class_findings(splits: Splits, num_folds: int | None) -> list[Finding]:
 
 
 def duplicate_findings(splits: Splits, names: list[str], pairs: list[Pair]) -> list[Finding]:
-    """Each copy within a class and part is a duplicate; across classes, a label conflict; across parts, leakage
-    (a pair can be both)."""
+    """Each copy within a class and part is a duplicate; across classes (multi-label: label sets), a label conflict;
+    across parts, leakage (a pair can be both)."""
     parts = partitions(splits)
     found = []
     for pair in pairs:
         a, b = pair.first, pair.second
         how = {"bytes": "same bytes", "pixels": "same pixels"}.get(pair.match, f"near copy (distance {pair.distance})")
-        labels = splits.classes[splits.labels[a]], splits.classes[splits.labels[b]]
+        labels = label_name(splits, a), label_name(splits, b)
         if parts[a] != parts[b]:
             found.append(Finding(names[b], "leakage", f"{how} in {parts[b]} as in {parts[a]}", names[a]))
         if labels[0] != labels[1]:
@@ -137,11 +139,23 @@ def duplicate_findings(splits: Splits, names: list[str], pairs: list[Pair]) -> l
     return found
 
 
+def label_name(splits: Splits, row: int) -> str:
+    """The row's class, or under multi-label its label set: `a;b`, or NO_LABEL."""
+    return splits.label_text(row) or NO_LABEL
+
+
 def statistics(splits: Splits, facts: list[FileFacts]) -> dict[str, Any]:
-    """Counts per class and split, imbalance, formats, modes and the spread of sizes and aspect ratios."""
+    """Counts per class and split (multi-label: images carrying each label, and images with none), imbalance,
+    formats, modes and the spread of sizes and aspect ratios."""
     readable = [item for item in facts if item.reason is None]
-    per_split = {name: splits.class_counts(name) for name in ("train", "val", "test") if (splits.split == name).any()}
+    present = [name for name in ("train", "val", "test") if (splits.split == name).any()]
+    per_split = {name: splits.class_counts(name) for name in present}
     counts = {name: {split: per_split[split][i] for split in per_split} for i, name in enumerate(splits.classes)}
+    unlabelled = {}
+    if splits.multilabel:
+        unlabelled = {"images_without_label": {
+            name: int((splits.labels[splits.split == name].sum(axis=1) == 0).sum()) for name in present
+        }}  # fmt: skip
     trained = [n for n in splits.class_counts("train") if n > 0]
     widths = np.array([item.width for item in readable] or [0])
     heights = np.array([item.height for item in readable] or [0])
@@ -152,6 +166,7 @@ def statistics(splits: Splits, facts: list[FileFacts]) -> dict[str, Any]:
         "classes": len(splits.classes),
         "splits": dict(Counter(map(str, splits.split))),
         "class_counts": counts,
+        **unlabelled,
         "imbalance_ratio": round(max(trained) / min(trained), 3) if trained else None,
         "formats": dict(Counter(item.format for item in readable).most_common()),
         "modes": dict(Counter(item.mode for item in readable).most_common()),

@@ -1,4 +1,7 @@
-"""The FastAPI app: `/predict`, `/health`, `/ready`, `/info`, `/metrics` and the try-it page at `/`."""
+"""The FastAPI app: `/predict`, `/health`, `/ready`, `/info`, `/metrics` and the try-it page at `/`.
+
+Each image's answer holds its top-k classes; a multi-label model's also holds its `labels`: every label whose
+probability is at or over the model's threshold for it, with both."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from classifier.deploy.inputs import decide
 from classifier.serve.admission import Admission, ApiKey
 from classifier.serve.backends import Backend, describe
 from classifier.serve.batcher import BatcherStopped, MicroBatcher, QueueFull
@@ -139,11 +143,15 @@ def create_app(
             return failed(upload, 500, "the server failed on this image")
         order = np.argsort(-probabilities, kind="stable")[:topk]
         top = [{"class": backend.class_names[i], "probability": float(probabilities[i])} for i in order]
-        return {"file": upload.name, "status": "ok", "top": top}
+        answer = {"file": upload.name, "status": "ok", "top": top}
+        if backend.thresholds is not None:
+            answer["labels"] = labels(probabilities, backend.class_names, backend.thresholds)
+        return answer
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        """Top-k classes for each file of a multipart upload (field `files`), or for a raw image body."""
+        """Top-k classes (and a multi-label model's labels) for each file of a multipart upload (field `files`), or
+        for a raw image body."""
         if not state["ready"]:
             return JSONResponse({"error": "the model is still loading"}, status_code=503)
         try:
@@ -184,7 +192,8 @@ def create_app(
 
     @app.get("/info")
     async def model_info() -> dict[str, Any]:
-        """Class names, preprocessing, the model file's hash, the backend, test metrics, limits and batching."""
+        """Class names, the task and thresholds, preprocessing, the model file's hash, the backend, test metrics,
+        limits and batching."""
         return info
 
     @app.get("/metrics")
@@ -199,6 +208,16 @@ def create_app(
         return page
 
     return app
+
+
+def labels(probabilities: np.ndarray, class_names: list[str], thresholds: np.ndarray) -> list[dict[str, Any]]:
+    """A multi-label answer's labels, in class order: each label at or over its threshold, with its probability and
+    that threshold (as `OnnxPredictor.classify` and `Predictor.classify` decide)."""
+    (given,) = decide(probabilities[None], thresholds)
+    return [
+        {"label": class_names[i], "probability": float(probabilities[i]), "threshold": float(thresholds[i])}
+        for i in np.flatnonzero(given)
+    ]
 
 
 def warm_up(backend: Backend) -> None:

@@ -19,6 +19,8 @@ class Backend(Protocol):
     class_names: list[str]
     preprocessing: dict
     test_metrics: dict | None
+    task: str  # "multiclass" or "multilabel"
+    thresholds: np.ndarray | None  # a multi-label model's, one per class
 
     def preprocess(self, image: Image.Image) -> np.ndarray: ...
 
@@ -42,6 +44,7 @@ class CheckpointBackend:
         self.class_names = self.predictor.class_names
         self.preprocessing = self.predictor.preprocessing
         self.test_metrics = run_test_metrics(path)
+        self.task, self.thresholds = self.predictor.task, self.predictor.thresholds
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return self.predictor.preprocess(image).numpy()
@@ -63,6 +66,7 @@ class OnnxBackend:
         self.class_names = self.predictor.class_names
         self.preprocessing = self.predictor.preprocessing
         self.test_metrics = self.preprocessing.get("test_metrics")
+        self.task, self.thresholds = self.predictor.task, self.predictor.thresholds
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return self.predictor.preprocess(image)
@@ -90,12 +94,15 @@ def load_backend(path: str | Path, allow_failed_parity: bool = False) -> Backend
 
 
 def describe(backend: Backend) -> dict[str, Any]:
-    """What `/info` says about the model."""
+    """What `/info` says about the model: with its task, and a multi-label model's threshold of each label."""
+    thresholds = backend.thresholds
     return {
         "backend": backend.name,
         "model": backend.path.name,
         "model_sha256": file_sha256(backend.path),
         "class_names": backend.class_names,
+        "task": backend.task,
+        "thresholds": None if thresholds is None else dict(zip(backend.class_names, thresholds.tolist(), strict=True)),
         "preprocessing": backend.preprocessing,
         "test_metrics": backend.test_metrics,
     }

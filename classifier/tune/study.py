@@ -30,7 +30,7 @@ from classifier.cli.base import ParsedCLI
 from classifier.core.config import differences
 from classifier.core.console import debugging
 from classifier.core.errors import TrialsFailed
-from classifier.model.module import classification_metrics
+from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
 from classifier.tune.report import FINISHED, shown, write_outputs
 from classifier.tune.search_space import override_args
 from classifier.tune.trial import TrialCLI, TrialPruning, trial_trainer, trial_value
@@ -140,10 +140,16 @@ def objective_direction(checkpoint: Namespace, metric: str, direction: str | Non
     return direction or mode
 
 
-def check_metric(metric: str, classes: list[str]) -> None:
-    """The metric must be one fit logs at validation: the module's, its loss, or FitReport's per-class F1."""
-    module = classification_metrics(len(classes), prefix="val/").keys()
-    logged = ["val/loss", *module, *(f"val/f1/{name}" for name in classes)]
+def check_metric(metric: str, classes: list[str], multilabel: bool = False) -> None:
+    """The metric must be one fit logs at validation: the module's, its loss, or FitReport's per-class F1 (multi-label:
+    the ranking and decision metrics, and per-label average precision)."""
+    if multilabel:
+        module = [*ranking_metrics(len(classes), "val/").keys(), *decision_metrics(len(classes), "val/").keys()]
+        per_class = [f"val/ap/{name}" for name in classes]
+    else:
+        module = list(classification_metrics(len(classes), prefix="val/").keys())
+        per_class = [f"val/f1/{name}" for name in classes]
+    logged = ["val/loss", *module, *per_class]
     if metric not in logged:
         raise ValueError(f"--metric {metric} is not a metric fit logs at validation; it logs {', '.join(logged)}")
 
