@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,32 +14,22 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from classifier.data.scenes import LABELS, write_scenes
-from tests.helpers import REPO, read_csv, run_dir, tiny_config
+from classifier.data.scenes import LABELS
+from tests.helpers import classifier_process, own_run, read_csv, run_dir, tiny_config
 from tests.helpers.serving import start_server
 
 pytestmark = pytest.mark.slow
 
 
-def classifier(*args: str) -> subprocess.CompletedProcess:
-    """`python -m classifier ARGS`, checked; its output."""
-    done = subprocess.run([sys.executable, "-m", "classifier", *args], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, f"classifier {' '.join(args)} failed:\n{done.stderr[-3000:]}"
-    return done
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """120 scenes; a delimited-manifest fit of 3 epochs and its checkpoint's thresholds."""
-    root = tmp_path_factory.mktemp("multilabel")
-    scenes = write_scenes(root / "scenes", count=120, sizes=(40, 56))
-    data = {"manifest": str(scenes / "labels.csv"), "label_delimiter": ";", "data_dir": None}
-    config = tiny_config(root, scenes, data=data, trainer={"max_epochs": 3})
-    classifier("fit", "--config", str(config))
-    best = run_dir(root, 0) / "checkpoints" / "best.ckpt"
-    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-    thresholds = checkpoint["state_dict"]["net.thresholds"].numpy()
-    return {"root": root, "scenes": scenes, "config": config, "best": best, "thresholds": thresholds}
+def trained(multilabel_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The shared multi-label run (fitted and exported in processes of their own), its run folder copied here for
+    the commands that write into it, and its checkpoint's thresholds."""
+    run = own_run(run_dir(multilabel_run, 0), tmp_path_factory.mktemp("multilabel"))
+    best = run / "checkpoints" / "best.ckpt"
+    thresholds = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]["net.thresholds"].numpy()
+    scenes = multilabel_run / "scenes"
+    return {"shared": multilabel_run, "run": run, "scenes": scenes, "best": best, "thresholds": thresholds}
 
 
 def probabilities(rows: list[dict[str, str]]) -> np.ndarray:
@@ -59,7 +47,7 @@ def assert_labels_over_thresholds(rows: list[dict[str, str]], thresholds: np.nda
 
 
 def test_test_scores_equal_scikit_learn_s_on_the_written_probabilities(trained: dict) -> None:
-    classifier("test", "--ckpt_path", str(trained["best"]))
+    classifier_process("test", "--ckpt_path", str(trained["best"]))
     folder = trained["best"].parents[1] / "test"
     rows = read_csv(folder / "predictions.csv")
     probs = probabilities(rows)
@@ -71,14 +59,15 @@ def test_test_scores_equal_scikit_learn_s_on_the_written_probabilities(trained: 
     assert metrics["test/f1_micro"] == pytest.approx(f1_score(truth, decided, average="micro"), abs=1e-4)
     assert_labels_over_thresholds(rows, trained["thresholds"])
     # the test split is the one the fit recorded
-    recorded = read_csv(run_dir(trained["root"], 0) / "splits.csv")
+    recorded = read_csv(trained["run"] / "splits.csv")
     assert sorted(row["path"] for row in rows) == sorted(
         str(trained["scenes"] / row["path"]) for row in recorded if row["split"] == "test"
     )
 
 
 def test_predict_writes_each_image_s_labels_over_their_thresholds(trained: dict, tmp_path: Path) -> None:
-    classifier("predict", "--ckpt_path", str(trained["best"]), "--data.predict_dir", str(trained["scenes"] / "images"))
+    images = str(trained["scenes"] / "images")
+    classifier_process("predict", "--ckpt_path", str(trained["best"]), "--data.predict_dir", images)
     (written,) = trained["best"].parents[1].glob("predict/*/predictions.csv")
     rows = read_csv(written)
     assert len(rows) == 120
@@ -88,8 +77,7 @@ def test_predict_writes_each_image_s_labels_over_their_thresholds(trained: dict,
 def test_export_passes_parity_and_the_server_answers_the_same_labels(trained: dict, tmp_path: Path) -> None:
     from classifier.deploy.onnx_predictor import OnnxPredictor
 
-    exported = tmp_path / "export"
-    classifier("export", "--ckpt_path", str(trained["best"]), "--output", str(exported))
+    exported = trained["shared"] / "export"  # by `classifier export`, in a process of its own
     parity = json.loads((exported / "parity.json").read_text())
     assert parity["passed"] and parity["task"] == "multilabel"
     assert {size: run["label_set_agreement"] for size, run in parity["batch_sizes"].items()} == dict.fromkeys(
@@ -116,8 +104,8 @@ def test_the_one_hot_manifest_trains_on_the_same_split_and_k_fold_reports_map_pe
 ) -> None:
     one_hot = {"manifest": str(trained["scenes"] / "labels_onehot.csv"), "label_columns": list(LABELS)}
     config = tiny_config(tmp_path, trained["scenes"], data={**one_hot, "data_dir": None}, trainer={"max_epochs": 1})
-    done = classifier("cv", "--config", str(config), "--data.num_folds", "2")
-    recorded = {row["path"]: row for row in read_csv(run_dir(trained["root"], 0) / "splits.csv")}
+    done = classifier_process("cv", "--config", str(config), "--data.num_folds", "2")
+    recorded = {row["path"]: row for row in read_csv(trained["run"] / "splits.csv")}
     for fold in range(2):  # the same label sets, and the same test split, as the delimited manifest's
         for row in read_csv(run_dir(tmp_path, fold) / "splits.csv"):
             assert row["label"] == recorded[row["path"]]["label"]
@@ -127,7 +115,9 @@ def test_the_one_hot_manifest_trains_on_the_same_split_and_k_fold_reports_map_pe
 
 def test_check_data_audits_a_multi_label_manifest(trained: dict, tmp_path: Path) -> None:
     report = tmp_path / "audit"
-    classifier("check-data", "--config", str(trained["config"]), "--out", str(report))
+    data = {"manifest": str(trained["scenes"] / "labels.csv"), "label_delimiter": ";", "data_dir": None}
+    config = tiny_config(tmp_path, trained["scenes"], data=data)
+    classifier_process("check-data", "--config", str(config), "--out", str(report))
     counts = json.loads((report / "data_report.json").read_text())["class_counts"]
     with open(trained["scenes"] / "labels.csv", newline="") as file:
         listed = [row["label"].split(";") for row in csv.DictReader(file)]

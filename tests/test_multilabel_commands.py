@@ -208,7 +208,11 @@ def test_check_data_counts_images_per_label_and_reports_a_copy_with_another_labe
     assert detail == f"same bytes labelled {labels[reported]} and {labels[related]}"
     leaked = part[scenes.given[0]["path"]] != part[scenes.copy]
     assert (("leakage", reported, related) in findings) == leaked
-    assert len(findings) == 1 + leaked
+    rare = {key: detail for key, detail in findings.items() if key[0] == "small_class"}  # stripes: 15% of scenes
+    assert rare == {
+        ("small_class", "stripes", ""): f"{report['class_counts']['stripes']['train']} training images (under 10)"
+    }
+    assert len(findings) == 2 + leaked
 
 
 def test_explain_draws_a_map_per_label_at_the_checkpoints_thresholds(cross_validated: SimpleNamespace) -> None:

@@ -1,5 +1,5 @@
-"""A photo-like multi-label set: each scene shows any of four shapes (disc, square, stripes, ring), or none, for
-trying multi-label training on a CPU and for the tests.
+"""A photo-like multi-label set: each scene shows any of four shapes (disc, ring, square, stripes; from common to
+rare), or none, for trying multi-label training on a CPU and for the tests.
 
 `classifier demo-data scenes DIR` writes `DIR/images/<opaque name>.jpg|png` and two manifests of the same labels:
 `labels.csv` (`path,label`, the labels `;`-joined) and `labels_onehot.csv` (`path` and one 0/1 column per label).
@@ -19,7 +19,7 @@ from PIL import Image
 from classifier.data.photos import background, lighting, paint
 
 LABELS = ("disc", "ring", "square", "stripes")
-PRESENT = 0.45  # each label's chance of being in a scene
+PRESENT = (0.5, 0.35, 0.25, 0.15)  # each label's chance of being in a scene: common to rare, as labels tend to be
 
 
 def write_scenes(root: Path, count: int = 300, seed: int = 0, sizes: tuple[int, int] = (72, 112)) -> Path:
@@ -28,7 +28,7 @@ def write_scenes(root: Path, count: int = 300, seed: int = 0, sizes: tuple[int, 
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        labels = [label for label in LABELS if rng.random() < PRESENT]
+        labels = [label for label, chance in zip(LABELS, PRESENT, strict=True) if rng.random() < chance]
         width, height = (int(side) for side in rng.integers(sizes[0], sizes[1] + 1, size=2))
         pixels = render_scene(labels, width, height, rng)
         name = hashlib.blake2b(f"{seed}-{i}".encode(), digest_size=6).hexdigest()  # says nothing of the labels

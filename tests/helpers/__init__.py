@@ -9,6 +9,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -148,3 +149,15 @@ def classifier_here(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess
     except SystemExit as stopped:
         code = stopped.code if isinstance(stopped.code, int) else int(stopped.code is not None)
     return subprocess.CompletedProcess(["classifier", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def classifier_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m classifier ARGS` in a process of its own, as a user runs it; it must succeed."""
+    done = subprocess.run([sys.executable, "-m", "classifier", *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, f"classifier {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+    return done
+
+
+def own_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder `run` under tmp_path, for a test that writes into it (test, predict, calibrate)."""
+    return Path(shutil.copytree(run, tmp_path / run.name))
