@@ -31,6 +31,7 @@ lint:  ## Check style with ruff, and the package's layers and torch-free modules
 bench:  ## Reproduce the accuracy figures the tests no longer time (docs/performance.md), each beside its target
 	$(BIN)/python -m benchmarks.first_hour
 	$(BIN)/python -m benchmarks.bundled_digits --seeds 42 1 2
+	$(BIN)/python -m benchmarks.multilabel
 
 data:  ## Rewrite the bundled digits under data/digits from scikit-learn
 	$(BIN)/classifier demo-data digits data/digits

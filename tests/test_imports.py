@@ -28,7 +28,7 @@ def test_the_entry_point_and_its_help_load_no_torch() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "classifier.deploy.onnx_predictor"
-    assert "  demo-data   write the bundled digits or a synthetic photo set" in lines
+    assert "  demo-data   write the bundled digits, photos or multi-label scenes" in lines
 
 
 def test_the_public_names_import_from_the_package_root() -> None:

@@ -135,14 +135,27 @@ def test_tuned_thresholds_reach_each_label_s_best_f1_and_a_target_precision() ->
     rng = np.random.default_rng(3)
     targets = (rng.random((200, 3)) < [0.5, 0.2, 0.05]).astype(int)
     probs = np.clip(targets * 0.3 + rng.random((200, 3)) * 0.7, 0, 1)
-    tuned = tune_thresholds(probs, targets, ["a", "b", "c"])
+    tuned = tune_thresholds(probs, targets, ["a", "b", "c"], resamples=0)
     for label in range(3):
         candidates = np.unique(probs[:, label])
         best = max(f1_score(targets[:, label], probs[:, label] >= cut) for cut in candidates)
         assert f1_score(targets[:, label], probs[:, label] >= tuned[label]) == pytest.approx(best)
-    precise = tune_thresholds(probs, targets, ["a", "b", "c"], target_precision=0.9)
+    precise = tune_thresholds(probs, targets, ["a", "b", "c"], target_precision=0.9, resamples=0)
     for label in range(3):
         decided = probs[:, label] >= precise[label]
         assert targets[decided, label].mean() >= 0.9
         lower = probs[:, label][probs[:, label] < precise[label]].max()
         assert targets[probs[:, label] >= lower, label].mean() < 0.9  # the lowest that reaches it
+
+
+def test_small_validation_splits_bag_their_thresholds_over_bootstrap_resamples() -> None:
+    rng = np.random.default_rng(4)
+    targets = (rng.random((120, 2)) < [0.4, 0.15]).astype(int)
+    probs = np.clip(targets * 0.35 + rng.random((120, 2)) * 0.65, 0, 1)
+    draws = np.random.default_rng(7).integers(0, 120, (20, 120))
+    by_resample = [tune_thresholds(probs[rows], targets[rows], ["a", "b"], resamples=0) for rows in draws]
+    bagged = tune_thresholds(probs, targets, ["a", "b"], resamples=20, seed=7)
+    np.testing.assert_array_equal(bagged, np.median(by_resample, axis=0))
+    assert not np.array_equal(bagged, tune_thresholds(probs, targets, ["a", "b"], resamples=0))
+    many = np.tile(probs, (50, 1)), np.tile(targets, (50, 1))  # 6,000 images: one tuning is stable enough
+    np.testing.assert_array_equal(tune_thresholds(*many, ["a", "b"]), tune_thresholds(*many, ["a", "b"], resamples=0))

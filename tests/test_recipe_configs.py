@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from classifier import cli_main
+from classifier.data.scenes import LABELS, write_scenes
 from classifier.model.checkpoints import read_checkpoint
 from tests.helpers import REPO, read_csv
 
@@ -196,3 +197,20 @@ def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights
     assert sorted(run.info.run_name for run in children) == [f"version_{fold}" for fold in range(5)]
     mean = parent.data.metrics["mean/val/f1_macro"]
     assert mean == pytest.approx(summary["mean"]["val/f1_macro"])
+
+
+def test_multilabel_scenes_trains_on_the_demo_scenes_and_monitors_map(tmp_path: Path) -> None:
+    write_scenes(tmp_path / "data" / "scenes", count=60, sizes=(32, 40))  # where the recipe's manifest points
+    classifier(tmp_path, "fit", "--config", str(RECIPES / "multilabel_scenes.yaml"), *OVERRIDES)
+    run = tmp_path / "lightning_logs" / "multilabel_scenes" / "version_0"
+    checkpoint = read_checkpoint(run / "checkpoints" / "best.ckpt")
+    hparams = checkpoint["hyper_parameters"]
+    assert (hparams["task"], hparams["loss"], hparams["class_weights"]) == ("multilabel", "bce", "auto")
+    (monitor,) = [
+        state["monitor"] for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCheckpoint")
+    ]
+    assert monitor == "val/map"
+    positives = checkpoint["state_dict"]["criterion.weight"]  # negatives over positives in the train split
+    train = [row["label"].split(";") for row in read_csv(run / "splits.csv") if row["split"] == "train"]
+    expected = [(len(train) - n) / n for n in (sum(label in labels for labels in train) for label in LABELS)]
+    torch.testing.assert_close(positives, torch.tensor(expected))

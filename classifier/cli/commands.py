@@ -53,7 +53,7 @@ COMMANDS = (
     Command("serve", "classifier.commands.serve:serve", "serve a checkpoint or an ONNX file over HTTP", "serve"),
     Command("runs", "classifier.commands.runs:list_runs", "list the training runs under a folder"),
     Command(
-        "demo-data", "classifier.commands.demo_data:demo_data", "write the bundled digits or a synthetic photo set"
+        "demo-data", "classifier.commands.demo_data:demo_data", "write the bundled digits, photos or multi-label scenes"
     ),
 )
 BY_NAME = {command.name: command for command in COMMANDS}
