@@ -133,3 +133,24 @@ def test_check_data_benchmark_finds_the_planted_copies_and_times_both_runs(
     # the times are figures to print, not claims: their order depends on the machine's load
     assert f["second_fit_data_setup_s"] > 0 and f["first_fit_data_setup_s"] > 0 and f["first_fit_first_step_s"] > 0
     assert "second_audit_vs_first" in stdout
+
+
+@pytest.mark.slow
+def test_multilabel_benchmark_compares_the_tuned_thresholds_with_half(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import multilabel
+
+    measured = []
+    original = multilabel.test_metrics
+    monkeypatch.setattr(multilabel, "test_metrics", lambda *args: measured.append(original(*args)) or measured[-1])
+    monkeypatch.setattr(multilabel, "RUNS", (("tiny", 40, 1),))
+    multilabel.main(["--seed", "2"])
+    stdout = capsys.readouterr().out
+    at_half, tuned = measured  # test at 0.5 first, then at the checkpoint's thresholds
+    assert tuned["test/map"] == at_half["test/map"]  # threshold-free
+    (line,) = [line.split() for line in stdout.splitlines() if line.strip().startswith("f1_macro")]
+    expected = [f"{tuned['test/f1_macro']:.4f}", f"{at_half['test/f1_macro']:.4f}"]
+    assert line[1:3] == expected
+    beats = tuned["test/f1_macro"] > at_half["test/f1_macro"]
+    assert f"tuned thresholds beat 0.5 on test macro F1: {'yes' if beats else 'NO'}" in stdout

@@ -98,14 +98,19 @@ def classifications(
     return results
 
 
-def classify_with(
-    images: ImageInput | Sequence[ImageInput],
-    predict: Callable[[ImageInput | Sequence[ImageInput]], np.ndarray],
-    class_names: list[str],
-    thresholds: np.ndarray | None,
-) -> Classification | list[Classification]:
-    """`classify` of both predictors, from their `predict`: a `Classification` for one image, a list of them for a
-    sequence."""
-    probabilities = np.asarray(predict(images)).reshape(-1, len(class_names))
-    results = classifications(probabilities, class_names, thresholds)
-    return results[0] if is_single(images) else results
+class Classifies:
+    """`classify` for a predictor that has `class_names`, `thresholds` (None but for multi-label) and `predict`."""
+
+    class_names: list[str]
+    thresholds: np.ndarray | None
+
+    def classify(
+        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
+    ) -> Classification | list[Classification]:
+        """The labels each image gets, with every class's probability: multi-label, every label at or over its
+        threshold (the model's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
+        the most probable class. One `Classification` for one image, a list for a sequence."""
+        chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
+        probabilities = np.asarray(self.predict(images)).reshape(-1, len(self.class_names))
+        results = classifications(probabilities, self.class_names, chosen)
+        return results[0] if is_single(images) else results

@@ -16,15 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import (
-    MULTILABEL,
-    Classification,
-    ImageInput,
-    Thresholds,
-    classify_with,
-    predict_in_chunks,
-    resolve_thresholds,
-)
+from classifier.deploy.inputs import MULTILABEL, Classifies, ImageInput, predict_in_chunks
 from classifier.deploy.preprocess import (
     METADATA_KEY,
     PREPROCESS_FILE,
@@ -51,7 +43,7 @@ def probabilities_from_logits(logits: np.ndarray, task: str | None) -> np.ndarra
     return sigmoid(logits) if task == MULTILABEL else softmax(logits)
 
 
-class OnnxPredictor:
+class OnnxPredictor(Classifies):
     """An exported model with the preprocessing it was exported with, on onnxruntime."""
 
     def __init__(
@@ -124,12 +116,3 @@ class OnnxPredictor:
 
     def _predict_chunk(self, images: list[ImageInput]) -> np.ndarray:
         return self.predict_batch(np.stack([self.preprocess(image) for image in images]))
-
-    def classify(
-        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
-    ) -> Classification | list[Classification]:
-        """The labels each image gets, with every class's probability: multi-label, every label at or over its
-        threshold (the export's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
-        the most probable class. One `Classification` for one image, a list for a sequence."""
-        chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
-        return classify_with(images, self.predict, self.class_names, chosen)

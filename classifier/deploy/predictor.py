@@ -12,20 +12,13 @@ import torch
 from torch import Tensor
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import (
-    Classification,
-    ImageInput,
-    Thresholds,
-    classify_with,
-    predict_in_chunks,
-    resolve_thresholds,
-)
+from classifier.deploy.inputs import Classifies, ImageInput, predict_in_chunks
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, eval_transform, normalisation
 from classifier.model.tta import TTA, predict_logits
 
 
-class Predictor:
+class Predictor(Classifies):
     """A trained `ClassifierNet` with the eval transform it was trained for, on one device."""
 
     def __init__(
@@ -96,12 +89,3 @@ class Predictor:
 
     def _predict_chunk(self, images: list[ImageInput]) -> Tensor:
         return self.predict_batch(torch.stack([self.preprocess(image) for image in images]))
-
-    def classify(
-        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
-    ) -> Classification | list[Classification]:
-        """The labels each image gets, with every class's probability: multi-label, every label at or over its
-        threshold (the checkpoint's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
-        the most probable class. One `Classification` for one image, a list for a sequence."""
-        chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
-        return classify_with(images, lambda batch: self.predict(batch).numpy(), self.class_names, chosen)
