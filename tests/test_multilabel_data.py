@@ -17,6 +17,7 @@ from timm.loss import AsymmetricLossMultiLabel
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.data.scenes import LABELS, write_scenes
 from classifier.model.losses import SigmoidLoss
+from classifier.model.module import ImageClassifier
 from classifier.model.thresholds import tune_thresholds
 
 
@@ -159,3 +160,16 @@ def test_small_validation_splits_bag_their_thresholds_over_bootstrap_resamples()
     assert not np.array_equal(bagged, tune_thresholds(probs, targets, ["a", "b"], resamples=0))
     many = np.tile(probs, (50, 1)), np.tile(targets, (50, 1))  # 6,000 images: one tuning is stable enough
     np.testing.assert_array_equal(tune_thresholds(*many, ["a", "b"]), tune_thresholds(*many, ["a", "b"], resamples=0))
+
+
+def test_mixup_mixes_multi_hot_targets_as_it_mixes_the_images() -> None:
+    model = ImageClassifier(["a", "b", "c"], backbone="test_resnet", task="multilabel", mixup_alpha=1.0)
+    images = torch.rand(5, 3, 8, 8)
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]])
+    torch.manual_seed(0)
+    mixed, soft = model._mix(images.clone(), targets)
+    weight = float((mixed[0, 0, 0, 0] - images[3, 0, 0, 0]) / (images[0, 0, 0, 0] - images[3, 0, 0, 0]))
+    torch.testing.assert_close(mixed[:4], weight * images[:4] + (1 - weight) * images[:4].flip(0))
+    expected = weight * targets[:4].float() + (1 - weight) * targets[:4].flip(0).float()
+    torch.testing.assert_close(soft, torch.cat([expected, targets[4:].float()]))  # the odd one out stays as it was
+    assert 0 < weight < 1
