@@ -154,3 +154,23 @@ def test_multilabel_benchmark_compares_the_tuned_thresholds_with_half(
     assert line[1:3] == expected
     beats = tuned["test/f1_macro"] > at_half["test/f1_macro"]
     assert f"tuned thresholds beat 0.5 on test macro F1: {'yes' if beats else 'NO'}" in stdout
+
+
+def test_near_copies_benchmark_finds_every_kind_but_the_limits_and_no_distinct_pair(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    from benchmarks import near_copies
+
+    out = tmp_path / "near.json"
+    near_copies.main(["--digits", "40", "--out", str(out)])
+    figures = json.loads(out.read_text())
+    kinds = figures["kinds"]
+    limits = {name for name in kinds if name.endswith("(limit)")}
+    assert len(kinds) == 11 and len(limits) == 2
+    assert {name: kinds[name]["found"] for name in kinds if name not in limits} == dict.fromkeys(
+        set(kinds) - limits, 1.0
+    )
+    assert all(kind["other_digit_pairs"] == 0 for kind in kinds.values())
+    assert kinds["36 px cropped 5% a side, q85"]["found_before"] == 0.0  # what the crop hashes and alignment add
+    stdout = capsys.readouterr().out
+    assert "36 px cropped 5% a side" in stdout and figures["hashes_ms"] > 0

@@ -9,15 +9,17 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from classifier.cli.entry import cli_main
 from classifier.data.datamodule import ImageFolderDataModule
-from classifier.data.file_facts import CACHE_ENV, verify_files
+from classifier.data.file_facts import BESIDE_DATA, CACHE_ENV, CACHE_FILE, verify_files
 from classifier.data.photos import CLASSES
 from examples.planted_digits import plant as plant_digits
 from tests.helpers import REPO, classifier_here, read_csv, tiny_config, write_photos
@@ -322,17 +324,15 @@ def test_an_unusable_cache_is_warned_about_and_never_fatal(
 ) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "verification-v1.sqlite").write_text("not a database")
+    (tmp_path / "cache" / CACHE_FILE).write_text("not a database")
     paths = sorted(small_digits.rglob("*.png"))
     facts = verify_files(paths)
     assert len(facts) == 200 and all(f.reason is None for f in facts.values())
-    assert "cannot be used" in caplog.text and (tmp_path / "cache" / "verification-v1.sqlite").read_text() == (
-        "not a database"
-    )
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache" / "verification-v1.sqlite"))  # a file, not a folder
+    assert "cannot be used" in caplog.text and (tmp_path / "cache" / CACHE_FILE).read_text() == ("not a database")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache" / CACHE_FILE))  # a file, not a folder
     assert len(verify_files(paths, small_digits)) == 200
     assert "is not a writable folder: the images are checked without a cache" in caplog.text
-    assert not (small_digits / ".classifier-verification.sqlite").exists()  # not beside the data instead
+    assert not (small_digits / BESIDE_DATA).exists()  # not beside the data instead
 
 
 @pytest.mark.slow
@@ -375,3 +375,41 @@ def test_the_readme_example_finds_every_planted_copy_and_conflict(tmp_path: Path
     assert pairs == {frozenset((row["path"], row["original"])) for row in planted}
     conflicts = {row["path"] for row in read_csv(tmp_path / "audit" / "issues.csv") if row["kind"] == "label_conflict"}
     assert len(conflicts) == sum(row["kind"] == "conflict" for row in planted) == 3
+
+
+CLOSE_SCANS = {"1": (1585, 1648, 1076, 1134), "7": (1000,)}  # the 1s: the two closest pairs of distinct scans
+
+
+def small_copies(root: Path) -> dict[str, str]:
+    """Bundled digits rendered at 36 px (bicubic, from the 8x8 scan), each with a copy shrunk to 60% and saved as
+    JPEG quality 50, and one with 10% cut off its left and top (JPEG quality 85): copy -> original, under `root`."""
+    scans = load_digits().images
+    planted = {}
+    for label, indices in CLOSE_SCANS.items():
+        (root / label).mkdir(parents=True)
+        for index in indices:
+            scan = Image.fromarray(np.rint(scans[index] * 255 / 16).astype(np.uint8), "L")
+            original = scan.resize((36, 36), Image.Resampling.BICUBIC)
+            original.save(root / label / f"{index}.png")
+            original.resize((22, 22), Image.Resampling.BICUBIC).save(root / label / f"{index}_small.jpg", quality=50)
+            original.crop((4, 4, 36, 36)).save(root / label / f"{index}_cropped.jpg", quality=85)
+            planted |= {f"{label}/{index}_{kind}.jpg": f"{label}/{index}.png" for kind in ("small", "cropped")}
+    return planted
+
+
+def test_shrunk_and_cropped_copies_of_small_digits_are_found_and_nothing_else(tmp_path: Path) -> None:
+    root = tmp_path / "digits"
+    planted = small_copies(root)
+    rows = [f"{path.relative_to(root).as_posix()},{path.parent.name}\n" for path in sorted(root.rglob("*.*"))]
+    (root / "labels.csv").write_text("path,label\n" + "".join(rows))
+    pairs = set(planted.items()) | {(a, b) for a, b in combinations(planted, 2) if planted[a] == planted[b]}
+    for source in (["--data.data_dir", str(root)], ["--data.manifest", str(root / "labels.csv")]):
+        out = tmp_path / source[0].rsplit(".", 1)[1]
+        done = check_data(*source, "--data.val_fraction", "0", "--data.test_fraction", "0", "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        found = {
+            tuple(sorted(relative(row[key], root) for key in ("path", "related")))
+            for row in read_csv(out / "duplicates.csv")
+        }
+        assert found == {tuple(sorted(pair)) for pair in pairs}
+        assert {row["match"] for row in read_csv(out / "duplicates.csv")} == {"near"}

@@ -1,6 +1,6 @@
 """What each image file is, checked once: readable or why not, its size, mode and EXIF rotation, the hashes of its
-bytes and pixels, and its perceptual hash; kept in a cache keyed by path, size and mtime that `fit`, `cv` and
-`check-data` share, so an unchanged folder is never decoded twice."""
+bytes and pixels, and the perceptual hashes of it and of slight crops of it; kept in a cache keyed by path, size
+and mtime that `fit`, `cv` and `check-data` share, so an unchanged folder is never decoded twice."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,15 @@ from classifier.core.imageio import EXIF_ORIENTATION, open_image, to_rgb, unread
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CLASSIFIER_CACHE_DIR"  # where the cache lives, instead of the user's cache folder
-CACHE_FILE = "verification-v1.sqlite"  # the version changes whenever what a row holds does
-BESIDE_DATA = ".classifier-verification.sqlite"  # the fallback, in the data folder (hidden, so never an image)
+CACHE_FILE = "verification-v2.sqlite"  # the version changes whenever what a row holds does
+BESIDE_DATA = f".classifier-{CACHE_FILE}"  # the fallback, in the data folder (hidden, so never an image)
 UNREADABLE = "unreadable"  # the byte hash of a file that cannot be opened
 TURNED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 CHECK_SIDE = 64  # JPEGs decode at the smallest DCT scale (1/2 to 1/8) that keeps the shorter side this long
-THUMB_SIDE = 16  # the grey thumbnail near-duplicate candidates are verified on
+THUMB_SIDE = 16  # the grey thumbnail that near-copy candidates are first compared on
 HASH_SIDE = 32  # pHash: the DCT of a 32x32 grey image, whose 8x8 lowest frequencies give the 64 bits
+HASHED_SIDE = 2 * HASH_SIDE  # the hashes, thumbnail and near-copy checks all start from one grey copy this size
+CUTS = (0.1, 0.05)  # the crops also hashed cut this share of a side off (see crop_windows)
 PROCESSES_FROM = 2000  # files to check from which starting worker processes (about 0.3 s) pays
 LOCK_TIMEOUT_S = 120.0  # how long a process waits for another one's write to the cache
 QUERIED_PATHS = 500  # paths per SELECT (SQLite allows 999 parameters in older builds)
@@ -49,6 +52,7 @@ class FileFacts:
     file_hash: str  # `<bytes>-<BLAKE2b-64 of the bytes>`, or UNREADABLE
     pixel_hash: str  # `<width>x<height>-<BLAKE2b-64 of the upright RGB pixels as decoded>`; "" when unreadable
     phash: int  # 64-bit perceptual hash, signed (as SQLite stores integers); 0 when unreadable
+    crop_hashes: bytes  # the pHashes of the crops WINDOWS[1:], int64 each; b"" when unreadable
     thumb: bytes  # THUMB_SIDE² grey pixels; b"" when unreadable
 
 
@@ -71,17 +75,64 @@ def dct_rows(side: int, kept: int) -> np.ndarray:
 LOW_DCT = dct_rows(HASH_SIDE, 8)
 
 
-def hashes_of(grey: Image.Image) -> tuple[int, bytes]:
+def crop_windows() -> np.ndarray:
+    """(1 + crops, 4): the whole image, then for each of CUTS the windows (left, top, right, bottom, as shares of
+    the sides) that cut it off the middle (half off each side), off each corner's two sides and off each side."""
+    windows = [(0.0, 0.0, 1.0, 1.0)]
+    for cut in CUTS:
+        half, rest = cut / 2, 1 - cut
+        windows += [(half, half, 1 - half, 1 - half), (0, 0, rest, rest), (cut, 0, 1, rest), (0, cut, rest, 1),
+                    (cut, cut, 1, 1), (cut, 0, 1, 1), (0, 0, rest, 1), (0, cut, 1, 1), (0, 0, 1, rest)]  # fmt: skip
+    return np.array(windows)
+
+
+WINDOWS = crop_windows()
+
+
+def area_rows(length: int, starts: np.ndarray, ends: np.ndarray, cells: int) -> np.ndarray:
+    """(windows, cells, length): the weights that average each window [start, end) of a `length`-pixel line onto
+    `cells` equal cells, each pixel weighted by the share of it a cell covers (the image as flat squares)."""
+    edges = starts[:, None] + (ends - starts)[:, None] * np.arange(cells + 1) / cells
+    low, high = edges[:, :-1, None], edges[:, 1:, None]
+    pixel = np.arange(length)
+    return np.clip(np.minimum(high, pixel + 1) - np.maximum(low, pixel), 0, None) / (high - low)
+
+
+@lru_cache(maxsize=256)
+def whole_rows(length: int, cells: int) -> np.ndarray:
+    return area_rows(length, np.zeros(1), np.full(1, length), cells)[0]
+
+
+def hashed_copy(grey: Image.Image) -> np.ndarray:
+    """The HASHED_SIDE² grey copy (float64) that hashes and checks start from: PIL's BOX where it shrinks both
+    sides, else exact area weights (BOX enlarges by repeating pixels unevenly, which moves edges)."""
+    if min(grey.size) >= HASHED_SIDE:
+        small = grey.resize((HASHED_SIDE, HASHED_SIDE), Image.Resampling.BOX)
+        return np.frombuffer(small.tobytes(), np.uint8).reshape(HASHED_SIDE, HASHED_SIDE).astype(np.float64)
+    pixels = np.asarray(grey, dtype=np.float64)
+    return whole_rows(pixels.shape[0], HASHED_SIDE) @ pixels @ whole_rows(pixels.shape[1], HASHED_SIDE).T
+
+
+def window_rows(windows: np.ndarray, axis: int, length: int, cells: int) -> np.ndarray:
+    """(windows, cells, length): along x (0) or y (1), the averaging of each window's span onto `cells` cells."""
+    return area_rows(length, windows[:, axis] * length, windows[:, axis + 2] * length, cells)
+
+
+HASH_ROWS = [LOW_DCT @ window_rows(WINDOWS, axis, HASHED_SIDE, HASH_SIDE) for axis in (0, 1)]
+
+
+def hashes_of(grey: Image.Image) -> tuple[int, bytes, bytes]:
     """pHash (imagehash's, with an area-averaging resize: the signs, against their median, of the 8x8 lowest DCT
-    frequencies of a 32x32 grey copy; resizing, recompression and small crops flip few of its bits) and the
-    THUMB_SIDE² thumbnail, both from one resize."""
-    small = np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BOX), dtype=np.float64)
-    low = (LOW_DCT @ small @ LOW_DCT.T).ravel()
-    middle = np.sort(low)[31:33].mean()  # np.median's, for 64 values, without its overhead
-    phash = int.from_bytes(np.packbits(low > middle).tobytes(), "big", signed=True)
-    step = HASH_SIDE // THUMB_SIDE
-    thumb = small.reshape(THUMB_SIDE, step, THUMB_SIDE, step).mean(axis=(1, 3))
-    return phash, np.rint(thumb).astype(np.uint8).tobytes()
+    frequencies of a 32x32 grey copy; resizing and recompression flip few of its bits), the pHashes of the crop
+    WINDOWS (a crop moves every frequency, so a cropped copy is found by the hash of the same crop of its original)
+    and the THUMB_SIDE² thumbnail. Averaging and the DCT are linear: each hash is `rows_y @ pixels @ rows_x.T`."""
+    pixels = hashed_copy(grey)
+    low = (HASH_ROWS[1] @ pixels @ HASH_ROWS[0].transpose(0, 2, 1)).reshape(len(WINDOWS), 64)
+    middle = np.sort(low, axis=1)[:, 31:33].mean(axis=1, keepdims=True)  # np.median's, without its overhead
+    codes = np.packbits(low > middle, axis=1).view(">i8").astype(np.int64).ravel()
+    step = HASHED_SIDE // THUMB_SIDE
+    thumb = pixels.reshape(THUMB_SIDE, step, THUMB_SIDE, step).mean(axis=(1, 3))
+    return int(codes[0]), codes[1:].tobytes(), np.rint(thumb).astype(np.uint8).tobytes()
 
 
 def inspect_file(path: Path) -> FileFacts:
@@ -110,12 +161,12 @@ def inspect_file(path: Path) -> FileFacts:
     if orientation in TURNED:
         width, height = height, width
     pixels = f"{rgb.width}x{rgb.height}-{hashlib.blake2b(rgb.tobytes(), digest_size=8).hexdigest()}"
-    phash, thumb = hashes_of(rgb.convert("L"))
-    return FileFacts(None, kind, width, height, mode, orientation, file_hash(data), pixels, phash, thumb)
+    phash, crops, thumb = hashes_of(rgb.convert("L"))
+    return FileFacts(None, kind, width, height, mode, orientation, file_hash(data), pixels, phash, crops, thumb)
 
 
 def unreadable(reason: str, hashed: str) -> FileFacts:
-    return FileFacts(reason, "", 0, 0, "", 1, hashed, "", 0, b"")
+    return FileFacts(reason, "", 0, 0, "", 1, hashed, "", 0, b"", b"")
 
 
 def cache_location(data_dir: Path | None) -> Path | None:
