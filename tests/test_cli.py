@@ -216,4 +216,5 @@ def test_demo_data_writes_the_bundled_digits_and_a_photo_set(tmp_path: Path) -> 
 def test_demo_data_without_a_set_is_one_line(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli_main(["demo-data"])
-    assert exit_.value.code == 2 and "the following arguments are required: {digits,photos,scenes}" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "the following arguments are required: {digits,photos,scenes}" in capsys.readouterr().err
