@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier.data.splits import LABEL_SEPARATOR, SPLITS, Splits, assign_splits
+from classifier.data.splits import LABEL_SEPARATOR, SPLITS, Splits, assign_splits, encode_labels, label_set
 
 FORMATS = (".csv", ".tsv", ".parquet", ".jsonl", ".ndjson")
 
@@ -199,18 +199,12 @@ def manifest_splits(
     fractions, stratified by label; whole groups at a time when it has a `group` column. Under k-fold, its `fold`
     column when it has one, else stratified (group) folds over all but the test split. `multilabel` reads each
     label as a set (see `read_manifest`); its classes are those given, else every label met, sorted."""
-    sets = [set(label.split(LABEL_SEPARATOR)) - {""} if multilabel else {label} for label in manifest.labels]
+    sets = [label_set(label, multilabel) for label in manifest.labels]
     classes = list(classes) if classes else sorted(set().union(*sets))
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set().union(*sets) - set(index))
+    unknown = sorted(set().union(*sets) - set(classes))
     if unknown:
         raise ValueError(f"the manifest's labels {unknown} are not among the classes {classes}")
-    if multilabel:
-        labels = np.zeros((len(sets), len(classes)), dtype=np.int64)
-        for row, names in enumerate(sets):
-            labels[row, [index[name] for name in names]] = 1
-    else:
-        labels = np.array([index[label] for label in manifest.labels], dtype=np.int64)
+    labels = encode_labels(sets, classes, multilabel)
     groups = None if manifest.group is None else np.array(manifest.group, dtype=object)
     given = manifest.split is not None
     split = np.array(manifest.split if given else ["train"] * len(labels), dtype=object)

@@ -187,7 +187,7 @@ def read_splits(
         raise ValueError(f"{source} is not a split table: it needs the columns path,label,split (missing {absent})")
     if num_folds is not None and "fold" not in rows[0]:
         raise ValueError(f"{source} has no fold column, so it cannot give fold {fold} of --data.num_folds {num_folds}")
-    sets = [_label_set(row["label"], multilabel) for row in rows]
+    sets = [label_set(row["label"], multilabel) for row in rows]
     classes = list(classes) if classes else sorted(set().union(*sets))
     unknown = set().union(*sets) - set(classes)
     if unknown:
@@ -195,7 +195,6 @@ def read_splits(
     bad = {row["split"] for row in rows} - set(SPLITS)
     if bad:
         raise ValueError(f"{source} has splits {sorted(bad)}; each row's split must be one of {', '.join(SPLITS)}")
-    index = {name: i for i, name in enumerate(classes)}
     paths = [Path(row["path"]) for row in rows]
     outside = [path for path in paths if path.is_absolute() and not path.is_relative_to(root.absolute())]
     if outside and not outside_root:
@@ -212,28 +211,34 @@ def read_splits(
             raise ValueError(f"{source}'s folds {sorted(set(fold_of[held].tolist()))} are not those of "
                              f"--data.num_folds {num_folds}")  # fmt: skip
         split[held] = np.where(fold_of[held] == fold, "val", "train")
-    if multilabel:
-        labels = np.zeros((len(rows), len(classes)), dtype=np.int64)
-        for i, names in enumerate(sets):
-            labels[i, [index[name] for name in names]] = 1
-    else:
-        labels = np.array([index[row["label"]] for row in rows], dtype=np.int64)
     return Splits(
         root,
         classes,
         paths,
-        labels,
+        encode_labels(sets, classes, multilabel),
         split.astype(str),
         fold_of,
         [row.get("fingerprint") or "" for row in rows],
     )
 
 
-def _label_set(text: str, multilabel: bool) -> set[str]:
-    """A table's label cell: one class, or under multi-label a LABEL_SEPARATOR-joined set (empty: no label)."""
+def label_set(text: str, multilabel: bool) -> set[str]:
+    """A table's or manifest's label: one class, or under multi-label a LABEL_SEPARATOR-joined set (empty: no
+    label)."""
     if not multilabel:
         return {text}
     return {name for name in text.split(LABEL_SEPARATOR) if name}
+
+
+def encode_labels(sets: list[set[str]], classes: list[str], multilabel: bool) -> np.ndarray:
+    """Class indices of one-class sets, or multi-label a 0/1 row per set, one column per class."""
+    index = {name: i for i, name in enumerate(classes)}
+    if not multilabel:
+        return np.array([index[next(iter(names))] for names in sets], dtype=np.int64)
+    labels = np.zeros((len(sets), len(classes)), dtype=np.int64)
+    for row, names in enumerate(sets):
+        labels[row, [index[name] for name in names]] = 1
+    return labels
 
 
 def scan_class_folders(root: Path) -> dict[str, list[Path]]:
