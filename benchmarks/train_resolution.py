@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     args.interpolation = data.data_config["interpolation"]
     boxes = crop_boxes(args.crops, tuple(args.crop_scale), tuple(args.crop_ratio), seed=0)
-    decodes = {"full": None, "draft=scale_size": data.scale_size, "draft=train": data.train_decode_size}
+    decodes = {"full": None, "draft=scale_size": min(data.scale_size), "draft=train": data.train_decode_size}
 
     results = {}
     for name, min_size in decodes.items():

@@ -70,7 +70,7 @@ def batches(module: ImageFolderDataModule, split: str) -> list[tuple[torch.Tenso
     for batch in loader:
         batch = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
         if isinstance(batch, CropBatch):
-            out.append((batch.render(SIZE, jitter=False), batch.targets, batch.rows))
+            out.append((batch.render((SIZE, SIZE), jitter=False), batch.targets, batch.rows))
         else:
             out.append((batch[0].float(), batch[1], batch[2]))
     return out
@@ -111,8 +111,10 @@ def test_device_crops_have_the_cpu_paths_scale_ratio_and_flip_statistics(tmp_pat
     assert cpu["flipped"].mean() == pytest.approx(0.3, abs=0.05)
 
 
-def test_ram_cache_gives_the_file_paths_samples(gradients: Path) -> None:
-    files, cached = datamodule(gradients, decode="cpu"), datamodule(gradients, cache="ram")
+@pytest.mark.parametrize("size", [SIZE, (24, 40), (40, 24)])  # square, wide and tall models
+def test_ram_cache_gives_the_file_paths_samples(gradients: Path, size: int | tuple[int, int]) -> None:
+    files = datamodule(gradients, decode="cpu", image_size=size)
+    cached = datamodule(gradients, cache="ram", image_size=size)
     assert files.datasets["val"].paths == cached.datasets["val"].paths
     for (a, targets_a, rows_a), (b, targets_b, rows_b) in zip(
         batches(files, "val"), batches(cached, "val"), strict=True
@@ -151,7 +153,7 @@ def test_a_batch_the_jpeg_decoder_rejects_is_decoded_image_by_image(
     gradients: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     module, raw, _ = gpu_decode_batch(gradients / "a")
-    expected = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
+    expected = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render((SIZE, SIZE), jitter=False)
 
     def picky(data, **kwargs):  # like nvJPEG meeting a JPEG feature it lacks: whole batches fail
         if isinstance(data, list):
@@ -160,7 +162,7 @@ def test_a_batch_the_jpeg_decoder_rejects_is_decoded_image_by_image(
 
     monkeypatch.setattr("classifier.data.device_augment.decode_jpeg", picky)
     with caplog.at_level(logging.WARNING):
-        rendered = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render(SIZE, jitter=False)
+        rendered = module.transfer_batch_to_device(raw, torch.device("cpu"), 0).render((SIZE, SIZE), jitter=False)
     assert "JPEG decoder rejected a batch (nvjpegDecodeBatched failed" in caplog.text
     torch.testing.assert_close(rendered, expected, atol=0, rtol=0)
 
@@ -186,7 +188,7 @@ def test_big_jpegs_draft_for_training_and_decode_in_full_for_eval(tmp_path: Path
     assert load_rgb(path).size == (1600, 1200)
     assert load_rgb(path, min_size=300).size == (400, 300)  # 1/4 scale: 1/8 would leave 150 < 300
     module = datamodule(tmp_path, decode="cpu", val_fraction=0.0, crop_pct=0.5)  # eval resizes to 64
-    assert module.scale_size == 64 and module.datasets["val"].min_size is None  # eval: the full decode
+    assert module.scale_size == (64, 64) and module.datasets["val"].min_size is None  # eval: the full decode
     assert module.datasets["train"].min_size == module.train_decode_size
     image, _, _ = module.datasets["train"][0]
     assert image.shape == (3, SIZE, SIZE)

@@ -27,7 +27,7 @@ def pictures() -> dict[str, np.ndarray]:
 
 def rendered(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     batch = torch.from_numpy(image).permute(2, 0, 1)[None]
-    return resize_boxes(batch, torch.tensor([[0.0, *box]]), size)[0].permute(1, 2, 0).numpy()
+    return resize_boxes(batch, torch.tensor([[0.0, *box]]), (size, size))[0].permute(1, 2, 0).numpy()
 
 
 def pil(image: np.ndarray, box: tuple[int, int, int, int], size: int, resample: Image.Resampling) -> np.ndarray:

@@ -110,7 +110,7 @@ def test_the_torch_free_resize_and_crop_render_the_eval_transform_pixel_for_pixe
     images = [load_rgb(path) for path in sorted(photos.rglob("*.*"))]
     images += [Image.new("RGB", size, (9, 99, 199)) for size in ((1, 1), (33, 33), (500, 7))]
     for input_size, crop_pct, interpolation in settings:
-        for crop_mode in ("center", "squash"):
+        for crop_mode in ("center", "squash", "border"):
             config = {"input_size": list(input_size), "crop_pct": crop_pct, "crop_mode": crop_mode,
                       "interpolation": interpolation, "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
             transform = eval_transform(config)

@@ -216,22 +216,23 @@ def test_tiff_is_taken_when_allowed(onnx_model: Path) -> None:
 def test_a_model_the_torch_free_path_cannot_preprocess_for_is_refused_by_export_and_serve(
     onnx_model: Path, trained_checkpoint: Path, tmp_path: Path
 ) -> None:
-    """timm's crop_mode "border" pads instead of cropping: the torch-free preprocessing does not, so a server
-    answered every image with 422 while /ready was green. Now neither export nor serve takes such a model."""
+    """A crop_mode the torch-free preprocessing does not know (timm's own transform takes any unknown one as
+    "center") once made a server answer every image with 422 while /ready was green. Now neither export nor serve
+    takes such a model."""
     checkpoint = torch.load(trained_checkpoint, weights_only=True)
-    checkpoint["net"]["preprocessing"]["crop_mode"] = "border"
-    torch.save(checkpoint, border := tmp_path / "border.ckpt")
-    refused = classifier_here("export", "--ckpt_path", str(border), "--output", str(tmp_path / "out"))
-    assert refused.returncode == 2 and "crop_mode 'border' has no torch-free implementation" in refused.stderr
+    checkpoint["net"]["preprocessing"]["crop_mode"] = "zoom"
+    torch.save(checkpoint, zoom := tmp_path / "zoom.ckpt")
+    refused = classifier_here("export", "--ckpt_path", str(zoom), "--output", str(tmp_path / "out"))
+    assert refused.returncode == 2 and "crop_mode 'zoom' is none of timm's center, squash, border" in refused.stderr
     assert not (tmp_path / "out" / "model.onnx").exists()
 
     model = onnx.load(onnx_model)  # as an older version exported it, without refusing
     (entry,) = [prop for prop in model.metadata_props if prop.key == METADATA_KEY]
-    entry.value = json.dumps({**json.loads(entry.value), "crop_mode": "border"})
-    onnx.save(model, tmp_path / "border.onnx")
-    served = classifier_here("serve", "--model", str(tmp_path / "border.onnx"), "--port", "1")
+    entry.value = json.dumps({**json.loads(entry.value), "crop_mode": "zoom"})
+    onnx.save(model, tmp_path / "zoom.onnx")
+    served = classifier_here("serve", "--model", str(tmp_path / "zoom.onnx"), "--port", "1")
     assert served.returncode == 2 and "Traceback" not in served.stderr
-    assert "crop_mode 'border' has no torch-free implementation" in served.stderr
+    assert "crop_mode 'zoom' is none of timm's center, squash, border" in served.stderr
 
 
 async def posted(app, *requests: bytes, timeout_s: float = 20) -> list[httpx.Response]:

@@ -16,6 +16,8 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from classifier.core.geometry import resize_mode, scale_size
+from classifier.core.imageio import list_images
 from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDataset, loader
 from classifier.data.device_augment import CropBatch, CropPlanner
 from classifier.data.duplicates import warn_before_fit
@@ -28,7 +30,7 @@ from classifier.data.splits import SPLITS, Splits, write_split_files
 from classifier.data.transforms import crop_decode_size, train_transform
 from classifier.data.workers import available_cores, default_num_workers
 from classifier.model.checkpoints import MACHINE_SETTINGS, read_checkpoint
-from classifier.model.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing, scale_size
+from classifier.model.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ class ImageFolderDataModule(LightningDataModule):
         self,
         data_dir: str = "data/digits",
         predict_dir: str | None = None,
+        ood_dir: str | None = None,
         backbone: str = "resnet18",
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
+        resize_mode: Literal["crop", "squash", "letterbox"] = "crop",
         crop_pct: float | None = None,
         batch_size: int = 64,
         num_workers: int | None = None,
@@ -76,9 +80,16 @@ class ImageFolderDataModule(LightningDataModule):
             data_dir: Class subfolders, or train/ [val/] [test/] folders of class subfolders.
             predict_dir: What `predict` classifies: a folder (searched recursively), one image, or a .txt file
                 listing image paths (relative ones are taken from the list's folder). No labels needed.
+            ood_dir: `test` also scores this folder (searched recursively) of images of none of the classes against
+                the test split: how well the model tells them apart, and which it marks unknown.
             backbone: timm model name whose data config (size, mean/std, crop) the transforms follow.
-            image_size: Overrides the backbone's input size.
-            crop_pct: Overrides the backbone's eval centre-crop fraction.
+            image_size: Overrides the backbone's input size: one number for a square, or [height, width].
+            resize_mode: How eval fits an image of another shape in: `crop` resizes the shorter side and cuts the
+                centre out (timm's default); `squash` resizes to the size, changing the aspect; `letterbox` fits the
+                whole image inside and pads with the normalisation mean (timm's `border`). Training's random crops
+                keep the mode's geometry: at the model's aspect for crop, at each image's own for squash and
+                letterbox (then squashed, or fitted and padded).
+            crop_pct: Overrides the backbone's eval crop fraction (squash and letterbox: 1, the whole image).
             batch_size: Images per batch on each device.
             num_workers: Loader processes; None takes one per core (under DDP, per core of this process's share)
                 but one, up to 16.
@@ -170,7 +181,8 @@ class ImageFolderDataModule(LightningDataModule):
     def data_config(self) -> dict[str, Any]:
         """The backbone's timm data config with this module's overrides applied. Given a checkpoint, its stored
         interpolation, crop mode, mean and std win, so a newer timm cannot change how a trained model sees images."""
-        config = resolve_preprocessing(self.hparams.backbone, self.hparams.image_size, self.hparams.crop_pct)
+        hp = self.hparams
+        config = resolve_preprocessing(hp.backbone, hp.image_size, hp.crop_pct, hp.resize_mode)
         stored = self._checkpoint_preprocessing
         config.update({key: stored[key] for key in ("interpolation", "crop_mode", "mean", "std") if key in stored})
         return config
@@ -210,6 +222,11 @@ class ImageFolderDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         """Build the datasets the stage needs, after checking that every one of their files decodes."""
+        if self.device_rendered and not self.device_renders_mode:
+            raise ValueError(
+                f"--data.resize_mode {resize_mode(self.data_config['crop_mode'])} renders on the CPU: use it with "
+                "--data.decode cpu or auto, and --data.cache none (the device paths render --data.resize_mode crop)"
+            )
         if stage == "fit" and self.device_rendered and self.hparams.auto_augment:  # eval never augments
             raise ValueError(
                 f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
@@ -222,6 +239,8 @@ class ImageFolderDataModule(LightningDataModule):
             paths, self.unreadable = predict_files(self.hparams.predict_dir)
             self.datasets["predict"] = self._dataset("predict", paths, [-1] * len(paths))
             return
+        if stage == "test" and self.hparams.ood_dir:  # checked before any image is evaluated
+            self.datasets["ood"] = self._ood_dataset(Path(self.hparams.ood_dir))
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         # fit checks the test split too, once into the verification cache: its bad files and copies are found now
         subsets = {name: self.splits.subset(name) for name in (SPLITS if stage == "fit" else needed)}
@@ -248,12 +267,13 @@ class ImageFolderDataModule(LightningDataModule):
     @property
     def gpu_decode(self) -> bool:
         """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device unless an
-        auto_augment policy needs PIL images."""
+        auto_augment policy needs PIL images or the resize mode renders on the CPU."""
         decode = self.hparams.decode
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         if decode == "gpu" and self.trainer is not None and not on_cuda:
             raise ValueError("--data.decode gpu needs a CUDA device; use --data.decode auto or cpu")
-        return decode == "gpu" or (decode == "auto" and on_cuda and not self.hparams.auto_augment)
+        auto = on_cuda and not self.hparams.auto_augment and self.device_renders_mode
+        return decode == "gpu" or (decode == "auto" and auto)
 
     @property
     def device_rendered(self) -> bool:
@@ -261,35 +281,37 @@ class ImageFolderDataModule(LightningDataModule):
         return self.gpu_decode or self.hparams.cache == "ram"
 
     @property
-    def image_pixels(self) -> int:
-        """The side of the square images the model sees."""
-        return self.data_config["input_size"][-1]
+    def input_hw(self) -> tuple[int, int]:
+        """(height, width) of the images the model sees."""
+        _, height, width = self.data_config["input_size"]
+        return height, width
 
     @property
-    def scale_size(self) -> int:
-        """The shorter side eval resizes to before its centre crop (timm's), which eval's RAM cache keeps."""
+    def scale_size(self) -> tuple[int, int]:
+        """(height, width) eval resizes to before its centre crop (timm's), which eval's RAM cache keeps."""
         return scale_size(self.data_config)
 
     @property
     def train_decode_size(self) -> int | None:
         """The shorter side training images keep: enough for the smallest crop the settings allow; None for all."""
         hp = self.hparams
-        return crop_decode_size(self.image_pixels, self.scale_size, hp.crop_scale, hp.crop_ratio)
+        aspect = self.input_hw[1] / self.input_hw[0] if self.data_config["crop_mode"] == "center" else 1.0
+        return crop_decode_size(max(self.input_hw), min(self.scale_size), hp.crop_scale, hp.crop_ratio, aspect)
 
-    def decode_size(self, training: bool) -> int | None:
-        """Training keeps enough pixels for its smallest crop; eval those of its resize."""
+    def decode_size(self, training: bool) -> int | tuple[int, int] | None:
+        """Training keeps enough pixels for its smallest crop (a shorter side); eval those of its resize."""
         return self.train_decode_size if training else self.scale_size
+
+    @property
+    def device_renders_mode(self) -> bool:
+        """Whether the device paths (RAM cache, GPU decode) render this resize mode: `crop` only."""
+        return self.data_config.get("crop_mode", "center") == "center"
 
     def planner(self, training: bool) -> CropPlanner:
         """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
-        if self.data_config.get("crop_mode", "center") != "center":
-            raise ValueError(
-                f"{self.hparams.backbone}'s crop_mode {self.data_config['crop_mode']} needs --data.decode cpu "
-                "and --data.cache none"
-            )
         hp = self.hparams
         return CropPlanner(
-            self.image_pixels,
+            self.input_hw,
             self.scale_size,
             training,
             hp.crop_scale,
@@ -321,6 +343,17 @@ class ImageFolderDataModule(LightningDataModule):
             return ImageDataset(paths, targets, self.transform(training), size if training else None)
         interpolation = self.data_config["interpolation"]
         return DeviceCropDataset(paths, targets, self.planner(training), interpolation, size, cache, self.gpu_decode)
+
+    def _ood_dataset(self, folder: Path) -> FileDataset:
+        """--data.ood_dir's images that decode, as eval sees them; an error naming the option when it holds none."""
+        paths = list_images(folder) if folder.is_dir() else []
+        if not paths:
+            state = "holds no images" if folder.is_dir() else "is not a folder"
+            raise ValueError(f"--data.ood_dir {folder} {state}: give a folder of images of none of the classes")
+        checked = verify_files(paths, num_threads=2 * available_cores())
+        bad = {path: facts.reason for path, facts in checked.items() if facts.reason is not None}
+        paths = readable(paths, bad, self.hparams.skip_bad_images)
+        return self._dataset("ood", paths, [-1] * len(paths))
 
     @cached_property
     def split_csv(self) -> str:
@@ -375,6 +408,10 @@ class ImageFolderDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict")
 
+    def ood_dataloader(self) -> DataLoader:
+        """--data.ood_dir's images, which test scores after its own split (`classifier.evaluation.ood_reports`)."""
+        return self._loader("ood")
+
     def paths(self, stage: str) -> list[Path]:
         """Files of a stage's dataset, in row-index order."""
         return self.datasets[stage].paths
@@ -389,7 +426,7 @@ class ImageFolderDataModule(LightningDataModule):
         """uint8 -> normalised float on the device, rendering device-side crops first; then random erasing."""
         if isinstance(batch, CropBatch):
             jitter = bool(self.hparams.color_jitter) and self.trainer is not None and self.trainer.training
-            images, targets, rows = batch.render(self.image_pixels, jitter), batch.targets, batch.rows
+            images, targets, rows = batch.render(self.input_hw, jitter), batch.targets, batch.rows
         else:
             images, targets, rows = batch
         mean, std = self._normalisation(images.device)

@@ -63,7 +63,7 @@ class DeviceCropDataset(FileDataset):
         targets: list[int],
         planner: CropPlanner,
         interpolation: str,
-        min_size: int | None,
+        min_size: int | tuple[int, int] | None,
         cache: dict[Path, Tensor] | None = None,
         gpu_decode: bool = False,
     ) -> None:

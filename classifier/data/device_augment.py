@@ -19,28 +19,32 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
+from classifier.core.geometry import centre_offsets, crop_resized_size
+
 log = logging.getLogger(__name__)
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
 class CropPlanner:
-    """Draws each sample's plan: timm's random-resized crop, flip and colour jitter, or its eval centre crop."""
+    """Draws each sample's plan: timm's random-resized crop (at the model's aspect), flip and colour jitter, or its
+    eval centre crop (the `crop` resize mode; squash and letterbox render on the CPU)."""
 
     def __init__(
         self,
-        image_size: int,
-        scale_size: int,
+        image_size: tuple[int, int],
+        scale_size: tuple[int, int],
         training: bool,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
         color_jitter: float | None = None,
     ) -> None:
-        self.image_size = image_size
-        self.scale_size = scale_size  # timm's eval resize of the shorter side: floor(image_size / crop_pct)
+        self.image_size = image_size  # (height, width)
+        self.scale_size = scale_size  # timm's eval resize: floor(image_size / crop_pct)
         self.training = training
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        aspect = image_size[1] / image_size[0]  # crops at the model's aspect, as `classifier.data.transforms.ModeCrop`
+        self.scale, self.ratio = tuple(scale), (ratio[0] * aspect, ratio[1] * aspect)
         self.hflip = hflip
         self.jitter = color_jitter or 0.0
 
@@ -57,14 +61,13 @@ class CropPlanner:
         return torch.tensor([left, top, left + crop_w, top + crop_h, flip, *factors], dtype=torch.float32)
 
     def _centre_box(self, height: int, width: int) -> tuple[float, float, float, float]:
-        """timm's eval geometry (Resize(scale_size), CenterCrop(image_size)) as a box in this image's pixels."""
-        short, long = sorted((height, width))
-        resized_long = int(self.scale_size * long / short)  # torchvision's rounding
-        resized_h, resized_w = (self.scale_size, resized_long) if height <= width else (resized_long, self.scale_size)
-        top = int(round((resized_h - self.image_size) / 2.0))
-        left = int(round((resized_w - self.image_size) / 2.0))
+        """timm's eval geometry (its `crop` resize to scale_size, then the centre crop) as a box in this image's
+        pixels."""
+        resized_h, resized_w = crop_resized_size(height, width, self.scale_size)
+        out_h, out_w = self.image_size
+        _, _, left, top = centre_offsets(resized_h, resized_w, out_h, out_w)
         sy, sx = height / resized_h, width / resized_w
-        return left * sx, top * sy, (left + self.image_size) * sx, (top + self.image_size) * sy
+        return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
 
 
 def cut(image: Tensor, plan: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,8 +119,8 @@ class CropBatch:
             rows=self.rows.to(device, non_blocking=True),
         )
 
-    def render(self, size: int, jitter: bool) -> Tensor:
-        """(B, 3, size, size) on the 0-255 scale: each box resized (averaging when shrinking), flipped, jittered."""
+    def render(self, size: tuple[int, int], jitter: bool) -> Tensor:
+        """(B, 3, height, width) on the 0-255 scale: each box resized (averaging when shrinking), flipped, jittered."""
         boxes, count = self.plans[:, :4], len(self.canvas)
         index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)
         index[count:] = 0  # each decoded JPEG is a batch of one of its own
@@ -148,10 +151,11 @@ def decode_jpegs(jpegs: list[Tensor], device: torch.device) -> list[Tensor]:
         return images
 
 
-def resize_boxes(images: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Bilinear resize of each (index, x0, y0, x1, y1) box to size x size; shrinking averages ceil(box/size)^2 samples
-    per output pixel, so it antialiases like PIL's resize. A box of exactly `size` pixels is copied unchanged."""
-    return roi_align(images.float(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+def resize_boxes(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of each (index, x0, y0, x1, y1) box to `size` (height, width); shrinking averages
+    ceil(box/size)^2 samples per output pixel, so it antialiases like PIL's resize. A box of exactly `size` pixels is
+    copied unchanged."""
+    return roi_align(images.float(), boxes, tuple(size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 def color_jitter(images: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor) -> Tensor:

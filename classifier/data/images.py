@@ -13,29 +13,33 @@ import torch
 from PIL import Image
 from timm.data.transforms import str_to_interp_mode
 from torch import Tensor
-from torchvision import transforms
+from torchvision.transforms import functional as F
 
+from classifier.core.geometry import crop_resized_size
 from classifier.core.imageio import EXIF_ORIENTATION, load_rgb
 
 JPEG_EXTENSIONS = (".jpeg", ".jpg")
 
 
-def presize(path: Path, size: int | None, interpolation: str, training: bool = False) -> Tensor:
-    """uint8 CHW with the shorter side resized to `size`: what eval's resize makes, and what the RAM cache holds.
+def presize(path: Path, size: int | tuple[int, int] | None, interpolation: str, training: bool = False) -> Tensor:
+    """uint8 CHW presized: what eval's resize makes, and what the RAM cache holds.
 
-    For eval, exactly timm's eval resize of the full decode. For training, JPEGs decode at a reduced DCT scale
-    first and a smaller image keeps its own size (the random crop resamples it anyway); None keeps every image's
-    own size.
+    For eval, `size` is eval's (height, width) scale and the result exactly timm's `crop` resize of the full decode
+    (`classifier.core.geometry.crop_resized_size`). For training, JPEGs decode at a reduced DCT scale first and the
+    shorter side is resized to `size`, but a smaller image keeps its own size (the random crop resamples it anyway);
+    None keeps every image's own size.
     """
-    image = load_rgb(path, min_size=size if training else None)
-    if size is not None and (not training or min(image.size) > size):
-        image = resize_shorter_side(image, size, interpolation)
+    shorter = min(size) if isinstance(size, tuple) else size
+    image = load_rgb(path, min_size=shorter if training else None)
+    if size is None or (training and min(image.size) <= shorter):
+        return to_tensor(image)
+    height, width = crop_resized_size(image.height, image.width, size if isinstance(size, tuple) else (size, size))
+    return to_tensor(F.resize(image, [height, width], interpolation=str_to_interp_mode(interpolation)))
+
+
+def to_tensor(image: Image.Image) -> Tensor:
+    """An RGB PIL image as a uint8 CHW tensor."""
     return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-
-
-def resize_shorter_side(image: Image.Image, size: int, interpolation: str) -> Image.Image:
-    """torchvision's `Resize(size)`, as timm's eval transform applies it before the centre crop."""
-    return transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))(image)
 
 
 def is_jpeg_name(path: Path) -> bool:

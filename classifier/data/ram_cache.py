@@ -67,7 +67,7 @@ def fits_in_memory(paths: list[Path], size: int | None, copies: int, what: str, 
 
 
 def fill(
-    paths: list[Path], size: int | None, interpolation: str, training: bool, num_threads: int
+    paths: list[Path], size: int | tuple[int, int] | None, interpolation: str, training: bool, num_threads: int
 ) -> tuple[dict[Path, Tensor], dict[Path, str]]:
     """Decode and presize every file in parallel threads (PIL releases the GIL); unreadable files map to why.
 
@@ -90,11 +90,18 @@ def fill(
 
 
 def cached_split(
-    paths: list[Path], size: int | None, interpolation: str, training: bool, copies: int, name: str, num_threads: int
+    paths: list[Path],
+    size: int | tuple[int, int] | None,
+    interpolation: str,
+    training: bool,
+    copies: int,
+    name: str,
+    num_threads: int,
 ) -> dict[Path, Tensor] | None:
     """A split's checked images presized in RAM (one cache per device: `copies`); None when they would not fit.
-    Training never enlarges; eval keeps its resize."""
-    if not fits_in_memory(paths, size, copies, name, enlarge=not training):
+    Training never enlarges (`size`: a shorter side); eval keeps its resize (`size`: its (height, width) scale)."""
+    shorter = min(size) if isinstance(size, tuple) else size
+    if not fits_in_memory(paths, shorter, copies, name, enlarge=not training):
         return None
     images, unreadable = fill(paths, size, interpolation, training, num_threads)
     if unreadable:  # checked a moment before

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,13 @@ import numpy as np
 from PIL import Image
 
 from classifier.core.atomic import write_text
+from classifier.core.geometry import RESIZE_MODES, centre_offsets, pad_fill, resize_mode, resized_size, scale_size
 
 PREPROCESS_FILE = "preprocess.json"
 PARITY_FILE = "parity.json"  # beside an export: how it compared with its checkpoint
 METADATA_KEY = "classifier.deploy.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
 TASKS = ("multiclass", "multilabel")  # classifier.model.net's, which this torch-free module cannot import
-CROP_MODES = ("center", "squash")  # the eval crops `resize_and_crop` renders; timm's "border" pads, and is refused
 HASH_CHUNK = 1 << 20
 PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -33,13 +32,6 @@ PIL_INTERPOLATION = {
     "hamming": Image.Resampling.HAMMING,
     "lanczos": Image.Resampling.LANCZOS,
 }
-
-
-def resize_size(preprocessing: dict) -> list[int]:
-    """(height, width) that eval resizes to before its crop: timm's `floor(input size / crop_pct)`."""
-    _, height, width = preprocessing["input_size"]
-    crop_pct = preprocessing.get("crop_pct") or 0.875
-    return [math.floor(height / crop_pct), math.floor(width / crop_pct)]
 
 
 def file_sha256(path: Path) -> str:
@@ -64,10 +56,11 @@ def describe(
     preprocessing = net_config["preprocessing"]
     return {
         "input_size": list(preprocessing["input_size"]),
-        "resize_size": resize_size(preprocessing),
+        "resize_size": list(scale_size(preprocessing)),
         "interpolation": preprocessing["interpolation"],
         "crop_pct": preprocessing["crop_pct"],
         "crop_mode": preprocessing.get("crop_mode", "center"),
+        "resize_mode": resize_mode(preprocessing.get("crop_mode")),
         "mean": list(preprocessing["mean"]),
         "std": list(preprocessing["std"]),
         "channel_order": CHANNEL_ORDER,
@@ -106,11 +99,8 @@ def checked(description: dict, source: str) -> dict:
     if missing:
         raise ValueError(f"{source} lacks the preprocessing keys {', '.join(missing)}: was it written by classifier?")
     mode = description.get("crop_mode") or "center"
-    if mode not in CROP_MODES:
-        raise ValueError(
-            f"{source}: crop_mode {mode!r} has no torch-free implementation ({' and '.join(CROP_MODES)} do); "
-            "serve the checkpoint itself, through PyTorch"
-        )
+    if mode not in RESIZE_MODES.values():
+        raise ValueError(f"{source}: crop_mode {mode!r} is none of timm's {', '.join(RESIZE_MODES.values())}")
     task, thresholds = description.get("task") or "multiclass", description.get("thresholds")
     if task not in TASKS:
         raise ValueError(f"{source}: task {task!r} is none of {', '.join(TASKS)}")
@@ -120,43 +110,24 @@ def checked(description: dict, source: str) -> dict:
 
 
 def resize_and_crop(image: Image.Image, preprocessing: dict) -> Image.Image:
-    """The eval resize and crop of `classifier.model.net.eval_transform`, pixel for pixel, on an RGB PIL image."""
+    """The eval resize and crop (or pad) of `classifier.model.net.eval_transform`, pixel for pixel, on an RGB PIL
+    image, in each resize mode (`classifier.core.geometry`)."""
     _, height, width = preprocessing["input_size"]
-    scale = resize_size(preprocessing)
-    mode = preprocessing.get("crop_mode") or "center"
-    if mode == "squash":
-        size = scale
-    elif mode == "center" and scale[0] == scale[1]:
-        size = _shorter_side(image.height, image.width, scale[0])
-    elif mode == "center":
-        ratio = min(image.height / scale[0], image.width / scale[1])  # timm's ResizeKeepRatio
-        size = [round(image.height / ratio), round(image.width / ratio)]
-    else:
-        raise ValueError(f"crop_mode {mode!r} has no torch-free implementation ({' and '.join(CROP_MODES)} do)")
-    if size != [image.height, image.width]:  # torchvision leaves an image of the right size alone
+    size = resized_size(image.height, image.width, preprocessing)
+    if size != (image.height, image.width):  # torchvision leaves an image of the right size alone
         image = image.resize((size[1], size[0]), PIL_INTERPOLATION[preprocessing["interpolation"]])
-    return _center_crop(image, height, width)
+    letterbox = (preprocessing.get("crop_mode") or "center") == "border"
+    return _center_crop(image, height, width, pad_fill(preprocessing) if letterbox else (0, 0, 0))
 
 
-def _shorter_side(height: int, width: int, size: int) -> list[int]:
-    """torchvision's `Resize(size)` output (height, width): the shorter side to `size`, the longer truncated."""
-    short, long = (width, height) if width <= height else (height, width)
-    longer = int(size * long / short)
-    return [longer, size] if width <= height else [size, longer]
-
-
-def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """torchvision's `center_crop`: zero padding where the image is smaller, then the rounded centre window."""
+def _center_crop(image: Image.Image, height: int, width: int, fill: tuple[int, int, int]) -> Image.Image:
+    """torchvision's `center_crop` (timm's `center_crop_or_pad`): padding with `fill` where the image is smaller,
+    then the rounded centre window."""
+    pad_left, pad_top, left, top = centre_offsets(image.height, image.width, height, width)
     if height > image.height or width > image.width:
-        left = (width - image.width) // 2 if width > image.width else 0
-        top = (height - image.height) // 2 if height > image.height else 0
-        right = (width - image.width + 1) // 2 if width > image.width else 0
-        bottom = (height - image.height + 1) // 2 if height > image.height else 0
-        padded = Image.new(image.mode, (image.width + left + right, image.height + top + bottom))
-        padded.paste(image, (left, top))
+        padded = Image.new(image.mode, (max(width, image.width), max(height, image.height)), fill)
+        padded.paste(image, (pad_left, pad_top))
         image = padded
-    top = int(round((image.height - height) / 2.0))
-    left = int(round((image.width - width) / 2.0))
     return image.crop((left, top, left + width, top + height))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import timm
 from torch import nn
 
+from classifier.core.geometry import image_hw
 from classifier.model.checkpoints import loading
 
 log = logging.getLogger(__name__)
@@ -31,16 +32,20 @@ def backbone_data_config(name: str) -> dict[str, Any]:
     return timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
 
 
-def backbone_kwargs(name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | None = None) -> dict:
+def backbone_kwargs(
+    name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | list[int] | None = None
+) -> dict:
     """timm's `create_model` arguments for our head size, dropout and, for fixed-size models, input size."""
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_rate": drop_rate}
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if image_size and pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
-        kwargs["img_size"] = image_size  # ViT-style models build position embeddings for one size
+        kwargs["img_size"] = image_hw(image_size)  # ViT-style models build position embeddings for one size
     return kwargs
 
 
-def create_backbone(name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | None = None) -> nn.Module:
+def create_backbone(
+    name: str, num_classes: int, drop_rate: float = 0.0, image_size: int | list[int] | None = None
+) -> nn.Module:
     """A timm model with a fresh `num_classes` head and random weights; `load_pretrained` fills it for a fit."""
     check_backbone_name(name)
     return timm.create_model(name, **backbone_kwargs(name, num_classes, drop_rate, image_size))

@@ -34,7 +34,7 @@ class ImageClassifier(LightningModule):
         backbone: str = "resnet18",
         pretrained: bool | str = False,
         drop_rate: float = 0.0,
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         task: Literal["multiclass", "multilabel"] = "multiclass",
         loss: Literal["ce", "bce", "focal", "asl"] | None = None,
         label_smoothing: float = 0.0,

@@ -7,15 +7,16 @@ test, predict, export or serve it. Pretrained weights are loaded into it at the 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.data.transforms import ResizeKeepRatio
 from torch import Tensor, nn
 
+from classifier.core.geometry import RESIZE_MODES, image_hw
 from classifier.model.backbones import backbone_data_config, backbone_kwargs, create_backbone, load_pretrained
 
 # the eval preprocessing a network was trained with; what export and serving need to feed it
@@ -23,29 +24,52 @@ PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "m
 TASKS = ("multiclass", "multilabel")  # one class per image, or a set of them
 
 
-def resolve_preprocessing(backbone: str, image_size: int | None = None, crop_pct: float | None = None) -> dict:
-    """The backbone's timm data config with our overrides, as plain data (lists, not tuples)."""
+def resolve_preprocessing(
+    backbone: str,
+    image_size: int | list[int] | tuple[int, int] | None = None,
+    crop_pct: float | None = None,
+    resize_mode: str | None = None,
+) -> dict:
+    """The backbone's timm data config with our overrides, as plain data (lists, not tuples). `squash` and
+    `letterbox` keep the whole image in view: their crop_pct is 1 unless `crop_pct` says otherwise."""
     config = backbone_data_config(backbone)
     if image_size:
-        config["input_size"] = (3, image_size, image_size)
+        config["input_size"] = (3, *image_hw(image_size))
+    if resize_mode is not None:
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"--data.resize_mode {resize_mode!r}: choose one of {', '.join(RESIZE_MODES)}")
+        config["crop_mode"] = RESIZE_MODES[resize_mode]
+        config["crop_pct"] = 1.0 if resize_mode != "crop" else config.get("crop_pct")
     if crop_pct:
         config["crop_pct"] = crop_pct
     config.setdefault("crop_mode", "center")
     return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
 
-def scale_size(preprocessing: dict) -> int:
-    """The shorter side eval resizes to before its centre crop (timm's `floor(size / crop_pct)`)."""
-    return math.floor(preprocessing["input_size"][-1] / preprocessing["crop_pct"])
-
-
 def eval_transform(preprocessing: dict) -> Callable[[Image.Image], Tensor]:
-    """The one eval transform: timm's PIL resize (antialiased) and centre crop, to a uint8 CHW tensor.
+    """The one eval transform: timm's PIL resize (antialiased) and centre crop, squash or letterbox (padded with the
+    mean), to a uint8 CHW tensor.
 
-    validate, test, predict, `Predictor` and the RAM cache all render exactly this, whatever the hardware.
+    validate, test, predict, `Predictor` and the RAM cache all render exactly this, whatever the hardware; the
+    torch-free `classifier.deploy.preprocess.resize_and_crop` renders the same pixels.
     """
-    config = {key: preprocessing[key] for key in ("interpolation", "crop_pct", "crop_mode")}
-    return create_transform(input_size=tuple(preprocessing["input_size"]), **config, normalize=False)
+    config = {key: preprocessing[key] for key in ("interpolation", "crop_pct", "crop_mode", "mean")}
+    transform = create_transform(input_size=tuple(preprocessing["input_size"]), **config, normalize=False)
+    if preprocessing["crop_mode"] == "border":
+        transform.transforms[0] = LetterboxFit(transform.transforms[0].size, preprocessing["interpolation"])
+    return transform
+
+
+class LetterboxFit(ResizeKeepRatio):
+    """timm's letterbox resize (ResizeKeepRatio, longest side), except that an image far wider or taller than the
+    model keeps one pixel on its shorter side rather than none."""
+
+    def __init__(self, size: tuple[int, int], interpolation: str) -> None:
+        super().__init__(size, longest=1.0, interpolation=interpolation)
+
+    @staticmethod
+    def get_params(*args: Any, **kwargs: Any) -> list[int]:
+        return [max(1, side) for side in ResizeKeepRatio.get_params(*args, **kwargs)]
 
 
 def normalisation(preprocessing: dict, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
@@ -71,6 +95,8 @@ class ClassifierNet(nn.Module):
 
     `temperature` divides the logits (temperature scaling, fitted by `classifier calibrate`), so that every consumer
     of the network (test, predict, `Predictor`, export, serving) gets calibrated probabilities with no code of its own.
+    `rejection` ({"score": "energy" or "msp", "threshold": float, "keep": float}, also fitted by `calibrate`) says
+    below which `classifier.model.ood.ood_score` an image is unknown.
     """
 
     def __init__(
@@ -78,11 +104,12 @@ class ClassifierNet(nn.Module):
         backbone: str,
         class_names: list[str],
         drop_rate: float = 0.0,
-        image_size: int | None = None,
+        image_size: int | list[int] | None = None,
         head_hidden_dims: list[int] | None = None,
         preprocessing: dict | None = None,
         temperature: float = 1.0,
         task: str = "multiclass",
+        rejection: dict | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -97,6 +124,7 @@ class ClassifierNet(nn.Module):
         if not temperature > 0:
             raise ValueError(f"the temperature must be positive, not {temperature}")
         self.temperature = float(temperature)
+        self.rejection = dict(rejection) if rejection else None  # {"score", "threshold", "keep"}: see model.ood
         num_classes = len(self.class_names)
         self.backbone = create_backbone(backbone, self._backbone_outputs, drop_rate, image_size)
         self.head = mlp_head(self.backbone.num_features, head_hidden_dims, num_classes, drop_rate)
@@ -136,6 +164,7 @@ class ClassifierNet(nn.Module):
             "preprocessing": self.preprocessing,
             "temperature": self.temperature,
             "task": self.task,
+            "rejection": self.rejection,
         }
 
     def classifier_parameters(self) -> list[nn.Parameter]:
