@@ -1,7 +1,8 @@
 """What each `--data.resize_mode` costs or saves on wide images, as a user runs it.
 
 The data: the bundled digits (real 8x8 scans), each scaled to 24 px and placed at a random place along a 24 x 72
-strip of noise, so that two thirds of them sit where a centre crop of the strip cannot see. `configs/resnet18.yaml`
+strip of noise: a square centre crop keeps the strip's middle third, where half of the digits are not centred and
+nearly all are cut. `configs/resnet18.yaml`
 is fitted on them for a few epochs at a square 32 px with each mode, and at 32 x 96 (the strips' own aspect) with
 letterbox, then tested. The square `crop` (today's default) is the reference each other run's test accuracy is
 divided by: squash and letterbox see every digit, crop only the middle third of the strips.

@@ -181,3 +181,22 @@ def test_near_copies_benchmark_finds_every_kind_but_the_limits_and_no_distinct_p
     assert kinds["36 px cropped 5% a side, q85"]["found_before"] == 0.0  # what the crop hashes and alignment add
     stdout = capsys.readouterr().out
     assert "36 px cropped 5% a side" in stdout and figures["hashes_ms"] > 0
+
+
+def test_resize_modes_benchmark_puts_half_the_digits_mostly_where_a_centre_crop_cannot_see(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks import resize_modes
+    from tests.helpers import REPO, digit_subset
+
+    digits = digit_subset(REPO / "data" / "digits", tmp_path / "digits", 15)
+    strips = resize_modes.write_strips(digits, tmp_path / "strips", seed=0)
+    outside = []
+    for path in sorted(digits.rglob("*.png")):
+        strip = np.asarray(Image.open(strips / path.parent.name / path.name))
+        assert strip.shape == (24, 72)
+        scan = np.asarray(Image.open(path).convert("L").resize((24, 24), Image.Resampling.NEAREST))
+        left = next(x for x in range(49) if (strip[:, x : x + 24] == np.maximum(strip[:, x : x + 24], scan)).all())
+        outside.append(not 24 <= left + 12 < 48)  # its centre outside the middle third, all a square crop keeps
+    assert np.mean(outside) == pytest.approx(1 / 2, abs=0.1)
