@@ -26,7 +26,7 @@ from classifier.cli.entry import cli_main
 from classifier.data.digits import write_digits
 from classifier.data.file_facts import CACHE_ENV
 from classifier.data.scenes import write_scenes
-from tests.helpers import classifier_process, digit_subset, run_dir, tiny_config
+from tests.helpers import classifier_process, digit_subset, run_dir, tiny_config, write_photos
 from tests.helpers.faults import digits_config, last_of, read_sample_log, run
 
 
@@ -116,3 +116,27 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         classifier_process("export", "--ckpt_path", str(best), "--output", str(folder / "export"))
 
     return built_once(tmp_path_factory, "multilabel", build)
+
+
+@pytest.fixture(scope="session")
+def unknown_run(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one digits model that says "unknown": best.ckpt of 5 epochs of `test_resnet` at 32 px on all the digits,
+    calibrated (temperature and energy threshold) by `classifier calibrate` in a process of its own
+    (`best-calibrated.ckpt` and `.json`), its ONNX export (`export/`, parity checked on 60 test digits), and a
+    folder `mixed/` of 10 digits and 12 photo-like shapes (`shape_*`), the unknowns. Read only."""
+
+    def build(folder: Path) -> None:
+        config = tiny_config(folder, digits_dir, trainer={"max_epochs": 5}, data={"batch_size": 64})
+        cli_main(["fit", "--config", str(config), "--model.optimizer.lr", "0.01"])
+        best = run_dir(folder, 0) / "checkpoints" / "best.ckpt"
+        classifier_process("calibrate", "--ckpt_path", str(best), "--data.num_workers", "0")
+        calibrated = best.with_name("best-calibrated.ckpt")
+        cli_main(["export", "--ckpt_path", str(calibrated), "--output", str(folder / "export"), "--check_images", "60"])
+        mixed = folder / "mixed"
+        mixed.mkdir()
+        for digit in range(10):
+            shutil.copy(sorted((digits_dir / str(digit)).iterdir())[-1], mixed / f"digit_{digit}.png")
+        for path in write_photos(folder / "shapes", per_class=4, seed=3, sizes=(40, 90)).rglob("*.*"):
+            shutil.copy(path, mixed / f"shape_{path.name}")
+
+    return built_once(tmp_path_factory, "unknown", build)

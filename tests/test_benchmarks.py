@@ -200,3 +200,30 @@ def test_resize_modes_benchmark_puts_half_the_digits_mostly_where_a_centre_crop_
         left = next(x for x in range(49) if (strip[:, x : x + 24] == np.maximum(strip[:, x : x + 24], scan)).all())
         outside.append(not 24 <= left + 12 < 48)  # its centre outside the middle third, all a square crop keeps
     assert np.mean(outside) == pytest.approx(1 / 2, abs=0.1)
+
+
+@pytest.mark.slow
+def test_ood_benchmark_prints_energy_beside_msp(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import ood
+
+    def here(*args: str) -> None:  # the benchmark's commands in this process: their own would import for 5 s each
+        done = classifier_here(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.setattr(ood, "classifier", here)
+    monkeypatch.setattr(ood, "PHOTOS_PER_CLASS", 3)
+    tiny = ("--model.backbone", "test_resnet", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    monkeypatch.setattr(ood, "RECIPE", (*ood.RECIPE, *tiny))
+    out = tmp_path / "ood.json"
+    ood.main(["--seed", "3", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    energy, msp = figures["scores"]["energy"], figures["scores"]["msp"]
+    assert (energy["ood/images_test"], energy["ood/images_ood"]) == (270, 9) == (msp["ood/images_test"], 9)
+    assert energy["ood/threshold"] != msp["ood/threshold"]  # each calibrated on its own score
+    for name, key, _, _ in ood.ROWS:
+        (line,) = [line for line in stdout.splitlines() if line.strip().startswith(name)]
+        ratio = energy[key] / max(msp[key], 1e-12)
+        assert line.split()[len(name.split()) :][:3] == [f"{energy[key]:.4f}", f"{msp[key]:.4f}", f"{ratio:.3f}"]

@@ -160,7 +160,7 @@ def test_letterbox_digits_fit_test_export_and_serve_at_32_by_48(
     report = json.loads((tmp_path / "export" / "parity.json").read_text())
     assert report["passed"] and report["preprocessing_mismatches"] == 0
 
-    explained = classifier_here("explain", "--ckpt_path", str(best), "--predict_dir", str(shapes[0].parent),
+    explained = classifier_here("explain", "--ckpt_path", str(best), "--data.predict_dir", str(shapes[0].parent),
                                 "--out", str(tmp_path / "explain"))  # fmt: skip
     assert explained.returncode == 0, explained.stderr[-3000:]
     cams = read_csv(tmp_path / "explain" / "cams.csv")

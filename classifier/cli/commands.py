@@ -46,7 +46,7 @@ COMMANDS = (
     Command("tune", "classifier.commands.tune:tune", "search fit's options with Optuna", "tune"),
     Command("check-data", "classifier.commands.check_data:check_data", "audit the data before a run"),
     Command("explain", "classifier.commands.explain:explain", "class activation maps and embeddings", "explain"),
-    Command("calibrate", "classifier.commands.calibrate:calibrate", "fit a temperature that calibrates a checkpoint"),
+    Command("calibrate", "classifier.commands.calibrate:calibrate", "fit a temperature and an unknown threshold"),
     Command(
         "export", "classifier.commands.export:export", "export a checkpoint to ONNX & co., parity checked", "export"
     ),

@@ -25,7 +25,7 @@ LINKS = (
 )
 # settings of evaluation, which a run may change between sessions; every other model and data setting (the batch
 # size too: it sets the steps per epoch and the schedule) defines the run that `--ckpt_path last` finds
-EVAL_SETTINGS = frozenset({"model.tta", "model.thresholds"})
+EVAL_SETTINGS = frozenset({"model.tta", "model.thresholds", "model.reject"})
 EVALUATIONS = ("validate", "test", "predict")
 # what a checkpoint's weights were built for: with another value they cannot load, or would mean another model
 NETWORK_SETTINGS = ("model.backbone", "data.image_size", "data.classes", "model.head_hidden_dims")

@@ -32,6 +32,13 @@ def size(text: str) -> int:
     return int(float(match[1]) * UNITS[match[2] and match[2].lower()])
 
 
+def boolean(value: str) -> bool:
+    """`true` or `false`, as the other commands spell them (their parsers import torch; this one may not)."""
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
+    return value.lower() == "true"
+
+
 def positive(kind: type) -> Any:
     def parse(text: str) -> int | float:
         try:
@@ -122,6 +129,12 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--allow_tiff", action="store_true", help="accept TIFF uploads (off: a wide decoder to expose)")
     parser.add_argument(
+        "--reject",
+        type=boolean,
+        default=True,
+        help="answer unknown for images under the model's rejection threshold, if calibrated with one (default true)",
+    )
+    parser.add_argument(
         "--graceful_timeout_s",
         type=positive(float),
         default=25.0,
@@ -157,7 +170,7 @@ def serve(argv: list[str]) -> None:
     settings = app_settings(args)
     limits = {name: getattr(args, name) for name in CONNECTION_SETTINGS}
     configure(ConnectionLimits(**limits))
-    backend = load_backend(args.model, args.allow_failed_parity)
+    backend = load_backend(args.model, args.allow_failed_parity, args.reject)
     common = {"host": args.host, "port": args.port, "timeout_graceful_shutdown": args.graceful_timeout_s}
     common |= {"http": GuardedH11Protocol, "h11_max_incomplete_event_size": args.max_header_bytes}
     if args.workers == 1:
@@ -165,7 +178,8 @@ def serve(argv: list[str]) -> None:
         return
     del backend  # each worker process loads its own
     os.environ[SETTINGS_ENV] = json.dumps(
-        {"model": args.model, "allow_failed_parity": args.allow_failed_parity, "connections": limits, **settings}
+        {"model": args.model, "allow_failed_parity": args.allow_failed_parity, "reject": args.reject}
+        | {"connections": limits, **settings}
     )
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=args.workers, **common)
 
@@ -174,5 +188,5 @@ def app_from_environment() -> FastAPI:
     """The app of one of `--workers N` processes, from the settings the command put in the environment."""
     settings = json.loads(os.environ[SETTINGS_ENV])
     configure(ConnectionLimits(**settings.pop("connections")))
-    backend = load_backend(settings.pop("model"), settings.pop("allow_failed_parity"))
+    backend = load_backend(settings.pop("model"), settings.pop("allow_failed_parity"), settings.pop("reject"))
     return create_app(backend, **settings)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from classifier.core.atomic import PARTIAL_SUFFIX, replace_folder, write_json
 from classifier.core.errors import ParityError
+from classifier.deploy.onnx_predictor import SCORE_OUTPUT
 from classifier.deploy.parity import (
     BATCH_SIZES,
     CHECK_IMAGES,
@@ -25,7 +26,7 @@ from classifier.deploy.parity import (
     check_parity,
     check_quantized,
 )
-from classifier.deploy.predictor import Predictor
+from classifier.deploy.predictor import Predictor, scored_logits
 from classifier.deploy.preprocess import METADATA_KEY, PARITY_FILE, checked, describe, file_sha256, write_preprocess
 from classifier.deploy.run_metrics import run_test_metrics
 from classifier.model.checkpoints import read_checkpoint
@@ -42,20 +43,29 @@ INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
 class ExportedModel(nn.Module):
     """What is exported: uint8 NCHW images in, class probabilities (or logits) out; float conversion, the
     checkpoint's normalisation, its test-time augmentation and the network inside the graph. The probabilities are
-    the network's own: a softmax over the classes, or one sigmoid per label for a multi-label network."""
+    the network's own: a softmax over the classes, or one sigmoid per label for a multi-label network.
 
-    def __init__(self, net: ClassifierNet, tta: TTA | None = None, softmax: bool = True) -> None:
+    With `scores` (ONNX's, for a network calibrated with a rejection), a second output: each image's
+    `classifier.model.ood.ood_score` of the rejection's kind, which a torch-free consumer compares with the threshold
+    in preprocess.json."""
+
+    def __init__(self, net: ClassifierNet, tta: TTA | None = None, softmax: bool = True, scores: bool = False) -> None:
         super().__init__()
         self.net = net
         self.tta = tta
         self.softmax = softmax
+        self.scores = scores
         mean, std = normalisation(net.preprocessing)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
-    def forward(self, images: Tensor) -> Tensor:
-        logits = predict_logits(self.net, (images.float() - self.mean) / self.std, self.tta, self.net.multilabel)
-        return self.net.probabilities(logits) if self.softmax else logits.float()
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        images = (images.float() - self.mean) / self.std
+        if not self.scores:
+            logits = predict_logits(self.net, images, self.tta, self.net.multilabel)
+            return self.net.probabilities(logits) if self.softmax else logits.float()
+        logits, scores = scored_logits(self.net, images, self.tta)
+        return self.net.probabilities(logits) if self.softmax else logits.float(), scores
 
 
 def export_net(
@@ -70,7 +80,9 @@ def export_net(
 ) -> dict:
     """Write `net` (in eval mode, whatever its mode now) to `path` as `format`, with `description` (preprocess.json)
     inside the file; returns the description with the exporter that was used."""
-    model = ExportedModel(copy.deepcopy(net), tta, softmax)  # a copy: the caller's network keeps its mode
+    # a copy: the caller's network keeps its mode; the ONNX graph of a network that rejects also outputs the scores,
+    # which torch-free consumers need; without a rejection, it stays one output, as exports always were
+    model = ExportedModel(copy.deepcopy(net), tta, softmax, scores=format == "onnx" and net.rejection is not None)
     model.eval().requires_grad_(False)
 
     _, height, width = net.preprocessing["input_size"]
@@ -100,16 +112,17 @@ def export_net(
     return description
 
 
-def _export_onnx(model: nn.Module, example: Tensor, path: Path, dynamic_batch: bool, opset: int) -> str:
+def _export_onnx(model: ExportedModel, example: Tensor, path: Path, dynamic_batch: bool, opset: int) -> str:
     """torch.onnx's dynamo exporter, else its TorchScript-based one; returns which one wrote the file."""
-    names = {"input_names": [INPUT], "output_names": [OUTPUT], "opset_version": opset, "verbose": False}
+    outputs = [OUTPUT, SCORE_OUTPUT] if model.scores else [OUTPUT]
+    names = {"input_names": [INPUT], "output_names": outputs, "opset_version": opset, "verbose": False}
     try:
         batch = {0: torch.export.Dim("batch", max=4096)} if dynamic_batch else None
         torch.onnx.export(model, (example,), path, dynamo=True, dynamic_shapes=(batch,), external_data=False, **names)
         exporter = "dynamo"
     except Exception as error:  # noqa: BLE001 - any failure of the new exporter means: try the old one
         log.warning("The dynamo ONNX exporter failed (%s); using the TorchScript-based one", str(error)[:300])
-        axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
+        axes = {name: {0: "batch"} for name in (INPUT, *outputs)} if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its deprecation warning: the log line says which exporter ran
             torch.onnx.export(model, (example,), path, dynamo=False, dynamic_axes=axes, **names)

@@ -1,5 +1,5 @@
 """What both predictors accept as images, the one loop that feeds them in chunks, and what `classify` decides from
-their probabilities; torch-free, for ONNX's sake."""
+their probabilities and scores; torch-free, for ONNX's sake."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ ImageInput = str | Path | Image.Image | np.ndarray
 Probabilities = TypeVar("Probabilities")  # a torch tensor or a numpy array
 Thresholds = float | Sequence[float] | Mapping[str, float]  # one for every label, one per label, or some by name
 MULTILABEL = "multilabel"
+UNKNOWN = "unknown"  # what predictions.csv, serving and `Classification.prediction` say of a rejected image
+Scored = tuple[np.ndarray, np.ndarray | None]  # (N, C) probabilities, (N,) scores (None: the model has none)
 
 
 def predict_in_chunks(
@@ -39,14 +41,45 @@ def is_single(images: ImageInput | Sequence[ImageInput]) -> bool:
     return isinstance(images, (str, Path, Image.Image, np.ndarray))
 
 
+def join_scored(parts: list[Scored]) -> Scored:
+    """Chunks of (probabilities, scores) as one: the scores are None if any chunk has none."""
+    probabilities = np.concatenate([part[0] for part in parts])
+    scores = [part[1] for part in parts]
+    return probabilities, None if any(score is None for score in scores) else np.concatenate(scores)
+
+
+def score_kind(rejection: Mapping | None) -> str:
+    """The `classifier.model.ood` score a network is judged by: its rejection's, else energy."""
+    return rejection["score"] if rejection else "energy"
+
+
 @dataclass(frozen=True)
 class Classification:
-    """One image's decision: the labels given (multi-label: every label at or over its threshold, in class order;
-    single-label: the most probable class), every class's probability, and the thresholds used (multi-label only)."""
+    """One image's decision.
+
+    `labels`: the labels given (multi-label: every label at or over its threshold, in class order; single-label:
+    the most probable class), none when the image is `unknown`. `probabilities`: every class's, also for an unknown
+    image. `thresholds`: the labels' (multi-label only). `unknown`: the model's rejection (fitted by `classifier
+    calibrate`) says the image is none of its classes: its `score` is below the threshold (multi-label: and no label
+    reaches its own). `score`: how much the image looks like the training images (`classifier.model.ood`, higher
+    is more familiar) that the rejection compares; None for a model without one (or an ONNX export older than it).
+    """
 
     labels: list[str]
     probabilities: dict[str, float]
     thresholds: dict[str, float] | None = None
+    unknown: bool = False
+    score: float | None = None
+
+    @property
+    def prediction(self) -> str:
+        """The decision as predictions.csv writes it: "unknown", or the labels `;`-joined (single-label: the class)."""
+        return UNKNOWN if self.unknown else ";".join(self.labels)
+
+    @property
+    def probability(self) -> float:
+        """The most probable class's probability: the given class's, for a single-label model's known image."""
+        return max(self.probabilities.values())
 
 
 def resolve_thresholds(
@@ -82,35 +115,55 @@ def decide(probabilities: np.ndarray, thresholds: np.ndarray | None) -> np.ndarr
     return (np.asarray(probabilities, dtype=np.float64) >= thresholds).astype(np.int64)
 
 
+def rejected(decisions: np.ndarray, scores: np.ndarray | None, rejection: Mapping | None) -> np.ndarray:
+    """(N,) bools: which images are unknown, from `decide`'s decisions and their scores: a score below the rejection
+    threshold (a tie is known); multi-label, only for images given no label. All False without a rejection."""
+    if rejection is None or scores is None:
+        return np.zeros(len(decisions), dtype=bool)
+    low = np.asarray(scores) < rejection["threshold"]
+    return low & ~decisions.any(axis=-1) if decisions.ndim == 2 else low
+
+
 def classifications(
-    probabilities: np.ndarray, class_names: list[str], thresholds: np.ndarray | None
+    probabilities: np.ndarray,
+    class_names: list[str],
+    thresholds: np.ndarray | None,
+    scores: np.ndarray | None = None,
+    rejection: Mapping | None = None,
 ) -> list[Classification]:
-    """One `Classification` per row of (N, C) probabilities."""
+    """One `Classification` per row of (N, C) probabilities (and of (N,) scores, unknown below `rejection`'s
+    threshold)."""
     chosen = decide(probabilities, thresholds)
+    unknown = rejected(chosen, scores, rejection)
+    given_thresholds = None if thresholds is None else dict(zip(class_names, thresholds.tolist(), strict=True))
     results = []
-    for row, decision in zip(probabilities, chosen, strict=True):
+    for i, (row, decision) in enumerate(zip(probabilities, chosen, strict=True)):
         given = dict(zip(class_names, row.tolist(), strict=True))
-        if thresholds is None:
-            results.append(Classification([class_names[decision]], given))
-        else:
-            labels = [class_names[i] for i in np.flatnonzero(decision)]
-            results.append(Classification(labels, given, dict(zip(class_names, thresholds.tolist(), strict=True))))
+        labels = [class_names[decision]] if thresholds is None else [class_names[j] for j in np.flatnonzero(decision)]
+        score = None if scores is None else float(scores[i])
+        results.append(Classification([] if unknown[i] else labels, given, given_thresholds, bool(unknown[i]), score))
     return results
 
 
 class Classifies:
-    """`classify` for a predictor that has `class_names`, `thresholds` (None but for multi-label) and `predict`."""
+    """`classify` for a predictor that has `class_names`, `thresholds` (None but for multi-label), `rejection` (None
+    unless calibrated with one) and `predict_scored`."""
 
     class_names: list[str]
     thresholds: np.ndarray | None
+    rejection: dict | None
+    predict_scored: Callable[[list[ImageInput]], Scored]  # (N, C) probabilities and (N,) scores of a list of images
 
     def classify(
-        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None
+        self, images: ImageInput | Sequence[ImageInput], thresholds: Thresholds | None = None, reject: bool = True
     ) -> Classification | list[Classification]:
-        """The labels each image gets, with every class's probability: multi-label, every label at or over its
-        threshold (the model's, or `thresholds`: one for all, one per label, or {label: threshold}); single-label,
-        the most probable class. One `Classification` for one image, a list for a sequence."""
+        """The labels each image gets, with every class's probability and the image's score: multi-label, every
+        label at or over its threshold (the model's, or `thresholds`: one for all, one per label, or {label:
+        threshold}); single-label, the most probable class; none, and `unknown`, for an image the model's rejection
+        says is none of its classes (`reject=False`: never). One `Classification` for one image, a list for a
+        sequence."""
         chosen = resolve_thresholds(self.class_names, self.thresholds, thresholds)
-        probabilities = np.asarray(self.predict(images)).reshape(-1, len(self.class_names))
-        results = classifications(probabilities, self.class_names, chosen)
+        probabilities, scores = self.predict_scored([images] if is_single(images) else list(images))
+        rejection = self.rejection if reject else None
+        results = classifications(probabilities, self.class_names, chosen, scores, rejection)
         return results[0] if is_single(images) else results

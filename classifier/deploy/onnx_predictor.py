@@ -3,7 +3,8 @@ only: no torch.
 
 `OnnxPredictor` decodes, resizes and crops as `classifier predict` does (`classifier.core.imageio`,
 `classifier.deploy.preprocess`), so its probabilities are those of the checkpoint the model was exported from, and
-it decides labels as that checkpoint does (the task and thresholds stored with the export).
+it decides labels as that checkpoint does (the task, thresholds and rejection stored with the export; the graph's
+`ood_score` output is the score the rejection compares, so no logits are needed).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import MULTILABEL, Classifies, ImageInput, predict_in_chunks
+from classifier.deploy.inputs import MULTILABEL, Classifies, ImageInput, Scored, join_scored, predict_in_chunks
 from classifier.deploy.preprocess import (
     METADATA_KEY,
     PREPROCESS_FILE,
@@ -25,6 +26,8 @@ from classifier.deploy.preprocess import (
     resize_and_crop,
     to_chw_uint8,
 )
+
+SCORE_OUTPUT = "ood_score"  # the graph's second output (`classifier.deploy.export`), (N,) scores; older exports lack it
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -68,6 +71,8 @@ class OnnxPredictor(Classifies):
             raise ValueError(f"{self.path} takes {self.input.type} {self.input.shape}, not uint8 NCHW images")
         batch = self.input.shape[0]
         self.fixed_batch = batch if isinstance(batch, int) else None  # exported with --dynamic_batch false
+        outputs = [output.name for output in self.session.get_outputs()]
+        self.outputs = [outputs[0], *([SCORE_OUTPUT] if SCORE_OUTPUT in outputs[1:] else [])]
 
     def _read_preprocessing(self) -> dict:
         """The model's own metadata, else a preprocess.json beside it."""
@@ -96,18 +101,30 @@ class OnnxPredictor(Classifies):
         """Multi-label: each label's decision threshold, stored at export; None otherwise."""
         return np.array(self.preprocessing["thresholds"], dtype=np.float64) if self.task == MULTILABEL else None
 
+    @property
+    def rejection(self) -> dict | None:
+        """{"score", "threshold", "keep"} stored at export, when the checkpoint was calibrated with a rejection and the
+        graph has its score (an older export has neither, and cannot reject)."""
+        return self.preprocessing.get("rejection") if SCORE_OUTPUT in self.outputs else None
+
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One image (a path, a PIL image or an HWC/HW uint8 array) as the uint8 CHW array the model takes."""
         return to_chw_uint8(resize_and_crop(as_rgb_image(image), self.preprocessing))
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         """float32 (N, classes) probabilities for a preprocessed uint8 NCHW batch."""
+        return self.scored_batch(images)[0]
+
+    def scored_batch(self, images: np.ndarray) -> Scored:
+        """`predict_batch`'s probabilities and the graph's float32 (N,) scores (None from an export without them)."""
         step = self.fixed_batch or len(images)
-        outputs = [
-            self.session.run(None, {self.input.name: images[i : i + step]})[0] for i in range(0, len(images), step)
-        ]
-        output = np.concatenate(outputs).astype(np.float32)
-        return probabilities_from_logits(output, self.task) if self.preprocessing.get("output") == "logits" else output
+        feeds = [{self.input.name: images[i : i + step]} for i in range(0, len(images), step)]
+        runs = [self.session.run(self.outputs, feed) for feed in feeds]
+        output = np.concatenate([run[0] for run in runs]).astype(np.float32)
+        scores = np.concatenate([run[1] for run in runs]).astype(np.float32) if len(self.outputs) > 1 else None
+        if self.preprocessing.get("output") == "logits":
+            output = probabilities_from_logits(output, self.task)
+        return output, scores
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
         """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""
@@ -116,3 +133,11 @@ class OnnxPredictor(Classifies):
 
     def _predict_chunk(self, images: list[ImageInput]) -> np.ndarray:
         return self.predict_batch(np.stack([self.preprocess(image) for image in images]))
+
+    def predict_scored(self, images: list[ImageInput]) -> Scored:
+        """(N, C) probabilities and (N,) scores (None from an export without them) of a list of images."""
+        empty = (np.zeros((0, len(self.class_names)), dtype=np.float32), np.zeros(0, dtype=np.float32))
+        return predict_in_chunks(images, self.batch_size, self._scored_chunk, join_scored, empty)
+
+    def _scored_chunk(self, images: list[ImageInput]) -> Scored:
+        return self.scored_batch(np.stack([self.preprocess(image) for image in images]))

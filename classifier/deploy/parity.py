@@ -1,7 +1,8 @@
 """Proof that an exported model computes what its checkpoint does: the same preprocessed pixels through both, at
 several batch sizes, on the checkpoint's frozen test split or on a folder of images. Both must give the same
 probabilities and the same decisions: the top class, or for a multi-label model the set of labels at or over the
-checkpoint's thresholds."""
+checkpoint's thresholds; and, for an ONNX graph of a checkpoint with a rejection, the same OOD scores (its second
+output), which the rejection compares."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from classifier.core.imageio import list_images
 from classifier.data.datamodule import ImageFolderDataModule
-from classifier.deploy.inputs import decide
+from classifier.deploy.inputs import Scored, decide
 from classifier.deploy.onnx_predictor import OnnxPredictor, probabilities_from_logits
 from classifier.deploy.predictor import Predictor
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 2, 7)
 MAX_ABS_DIFF = 1e-4  # fp32's tolerance on each probability
+MAX_SCORE_DIFF = 1e-4  # ... and on each OOD score, relative to the largest score's size when that is over 1
 RANDOM_IMAGES = 32  # images of random pixels, where no real ones are at hand
 CHECK_IMAGES = 2000  # at most, a stratified sample: 50,000 test images at 224 px would hold 7.5 GB
 CALIBRATION_IMAGES = 200
@@ -36,8 +38,8 @@ DECISION = {"multiclass": "top-1", "multilabel": "label set"}  # what a changed 
 
 @dataclass
 class CheckImages:
-    """Images to compare on, preprocessed once by the PyTorch `Predictor`, with its probabilities for them, and how
-    that checkpoint decides (`thresholds`: a multi-label checkpoint's; None: the top class)."""
+    """Images to compare on, preprocessed once by the PyTorch `Predictor`, with its probabilities and OOD scores for
+    them, and how that checkpoint decides (`thresholds`: a multi-label checkpoint's; None: the top class)."""
 
     source: str
     pixels: np.ndarray  # uint8 NCHW
@@ -45,6 +47,7 @@ class CheckImages:
     labels: np.ndarray | None  # class indices (multi-label: 0/1 rows), when known
     paths: list[Path] | None  # None for random pixels
     thresholds: np.ndarray | None = None
+    scores: np.ndarray | None = None  # the checkpoint's OOD scores
 
     @property
     def task(self) -> str:
@@ -68,21 +71,28 @@ def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels:
     """Files preprocessed and classified by the checkpoint's own `Predictor`."""
     pixels = np.stack([predictor.preprocess(path).numpy() for path in paths])
     known = None if labels is None else np.array(labels)
-    return CheckImages(source, pixels, reference(predictor, pixels), known, paths, predictor.thresholds)
+    probabilities, scores = reference(predictor, pixels)
+    return CheckImages(source, pixels, probabilities, known, paths, predictor.thresholds, scores)
 
 
-def reference(predictor: Predictor, pixels: np.ndarray) -> np.ndarray:
-    """The checkpoint's probabilities for uint8 NCHW pixels."""
-    return in_batches(lambda chunk: predictor.predict_batch(torch.from_numpy(chunk)).numpy(), pixels, REFERENCE_BATCH)
+def reference(predictor: Predictor, pixels: np.ndarray) -> Scored:
+    """The checkpoint's probabilities for uint8 NCHW pixels, and its OOD scores when it rejects (None otherwise)."""
+    chunks = [
+        torch.from_numpy(pixels[start : start + REFERENCE_BATCH]) for start in range(0, len(pixels), REFERENCE_BATCH)
+    ]
+    if predictor.rejection is None:
+        return torch.cat([predictor.predict_batch(chunk) for chunk in chunks]).numpy(), None
+    probabilities, scores = zip(*(predictor.scored_batch(chunk) for chunk in chunks), strict=True)
+    return torch.cat(probabilities).numpy(), torch.cat(scores).numpy()
 
 
 def random_images(predictor: Predictor) -> CheckImages:
     """Seeded random pixels: a check of the graph, not of the preprocessing, for when no images are at hand."""
     pixels = np.random.default_rng(0).integers(0, 256, (RANDOM_IMAGES, *predictor.preprocessing["input_size"]))
     pixels = pixels.astype(np.uint8)
-    return CheckImages(
-        f"{RANDOM_IMAGES} random images", pixels, reference(predictor, pixels), None, None, predictor.thresholds
-    )
+    probabilities, scores = reference(predictor, pixels)
+    source = f"{RANDOM_IMAGES} random images"
+    return CheckImages(source, pixels, probabilities, None, None, predictor.thresholds, scores)
 
 
 def sample(paths: list[Path], labels: list | None, limit: int) -> tuple[list[Path], list | None]:
@@ -212,6 +222,17 @@ def compare(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None,
     }
 
 
+def score_difference(path: Path, description: dict, images: CheckImages) -> float | None:
+    """The largest difference between the ONNX graph's `ood_score` output and the checkpoint's scores, relative to
+    their size when over 1 (at one batch size: the probabilities check the batching); None where there are none to
+    compare: only ONNX graphs output scores, and only those of a checkpoint with a rejection."""
+    if description["format"] != "onnx" or images.scores is None:
+        return None
+    onnx = OnnxPredictor(path)
+    scores = in_batches(lambda chunk: onnx.scored_batch(chunk)[1], images.pixels, max(BATCH_SIZES))
+    return float(np.abs(scores - images.scores).max() / max(1.0, float(np.abs(images.scores).max())))
+
+
 def in_batches(run: Callable[[np.ndarray], np.ndarray], pixels: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([run(pixels[start : start + size]) for start in range(0, len(pixels), size)])
 
@@ -233,7 +254,7 @@ def check_parity(
     predictor: Predictor, path: Path, description: dict, images: CheckImages, batch_sizes=BATCH_SIZES
 ) -> dict:
     """parity.json's fp32 part; its `failure` says by how much it missed MAX_ABS_DIFF and 100% agreement (top-1, or
-    multi-label the same label sets)."""
+    multi-label the same label sets), and for ONNX, whose graph outputs the OOD scores, MAX_SCORE_DIFF."""
     run = runner(path, description)
     by_size = {str(size): compare(images.reference, in_batches(run, images.pixels, size), images.labels,
                                   images.thresholds) for size in batch_sizes}  # fmt: skip
@@ -242,6 +263,10 @@ def check_parity(
     least = min(result[agreed] for result in by_size.values())
     report = {**describe_images(images), "tolerance": {"max_abs_diff": MAX_ABS_DIFF, agreed: 1.0}}
     report["batch_sizes"] = by_size
+    score_diff = score_difference(path, description, images)
+    if score_diff is not None:
+        report["tolerance"]["max_score_diff"] = MAX_SCORE_DIFF
+        report["max_score_diff"] = score_diff
     problems = []
     if description["format"] == "onnx" and images.paths is not None:  # the torch-free preprocessing, on the same files
         onnx = OnnxPredictor(path)
@@ -255,17 +280,20 @@ def check_parity(
             )
     if worst > MAX_ABS_DIFF:
         problems.append(f"probabilities differ by up to {worst:.3g} (tolerance {MAX_ABS_DIFF:g})")
+    if score_diff is not None and score_diff > MAX_SCORE_DIFF:
+        problems.append(f"OOD scores differ by up to {score_diff:.3g} (tolerance {MAX_SCORE_DIFF:g}, relative)")
     if least < 1.0:
         problems.append(f"{DECISION[images.task]} agrees on {least:.2%} of images, not 100%")
     report["passed"] = not problems
     if problems:
         report["failure"] = "; ".join(problems)
     log.info(
-        "Parity on %s: max |Δp| %.3g, %s %.2f%% over batch sizes %s",
+        "Parity on %s: max |Δp| %.3g, %s %.2f%%%s over batch sizes %s",
         images.source,
         worst,
         f"{DECISION[images.task]} agreement",
         100 * least,
+        "" if score_diff is None else f", max |Δscore| {score_diff:.3g}",
         ", ".join(by_size),
     )
     return report

@@ -1,5 +1,5 @@
-"""Class probabilities, and the labels they decide, from a checkpoint alone, on any machine: for scripts, export,
-serving and explanations."""
+"""Class probabilities, the scores that say how familiar an image is, and the labels they decide, from a checkpoint
+alone, on any machine: for scripts, export, serving and explanations."""
 
 from __future__ import annotations
 
@@ -12,10 +12,20 @@ import torch
 from torch import Tensor
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import Classifies, ImageInput, predict_in_chunks
+from classifier.deploy.inputs import Classifies, ImageInput, Scored, join_scored, predict_in_chunks, score_kind
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, eval_transform, normalisation
+from classifier.model.ood import ood_score
 from classifier.model.tta import TTA, predict_logits
+
+
+def scored_logits(net: ClassifierNet, images: Tensor, tta: TTA | None) -> tuple[Tensor, Tensor]:
+    """The logits of normalised images (with `tta`, the views' combined ones) and each image's OOD score, of its
+    rejection's kind (energy without one), from the image itself: the view `classifier calibrate` fitted the
+    threshold on (an extra forward pass under TTA, whose combined logits are log-probabilities)."""
+    logits = predict_logits(net, images, tta, net.multilabel)
+    plain = logits if tta is None else net(images)
+    return logits, ood_score(plain, score_kind(net.rejection), net.multilabel)
 
 
 class Predictor(Classifies):
@@ -68,6 +78,11 @@ class Predictor(Classifies):
         return self.net.thresholds.cpu().double().numpy() if self.net.multilabel else None
 
     @property
+    def rejection(self) -> dict | None:
+        """{"score", "threshold", "keep"} of a checkpoint calibrated with a rejection: below it, an image is unknown."""
+        return self.net.rejection
+
+    @property
     def preprocessing(self) -> dict:
         """Input size, interpolation, crop_pct, crop_mode, mean and std: what export and serving must reproduce."""
         return self.net.preprocessing
@@ -82,6 +97,12 @@ class Predictor(Classifies):
         images = (images.to(self.device).float() - self.mean) / self.std
         return self.net.probabilities(predict_logits(self.net, images, self.tta, self.net.multilabel)).cpu()
 
+    @torch.inference_mode()
+    def scored_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """`predict_batch`'s probabilities, and each image's (N,) OOD score (`scored_logits`)."""
+        logits, scores = scored_logits(self.net, (images.to(self.device).float() - self.mean) / self.std, self.tta)
+        return self.net.probabilities(logits).cpu(), scores.cpu()
+
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:
         """(N, classes) probabilities for a sequence of images, or (classes,) for one image."""
         empty = torch.zeros(0, len(self.class_names))
@@ -89,3 +110,16 @@ class Predictor(Classifies):
 
     def _predict_chunk(self, images: list[ImageInput]) -> Tensor:
         return self.predict_batch(torch.stack([self.preprocess(image) for image in images]))
+
+    def predict_scored(self, images: list[ImageInput]) -> Scored:
+        """(N, C) probabilities and (N,) scores (None without a rejection) of a list of images, as numpy arrays: what
+        `classify` decides from."""
+        empty = (np.zeros((0, len(self.class_names)), dtype=np.float32), np.zeros(0, dtype=np.float32))
+        return predict_in_chunks(images, self.batch_size, self._scored_chunk, join_scored, empty)
+
+    def _scored_chunk(self, images: list[ImageInput]) -> Scored:
+        batch = torch.stack([self.preprocess(image) for image in images])
+        if self.rejection is None:  # no threshold to compare a score with: none computed, as OnnxPredictor's
+            return self.predict_batch(batch).numpy(), None
+        probabilities, scores = self.scored_batch(batch)
+        return probabilities.numpy(), scores.numpy()

@@ -23,6 +23,7 @@ PARITY_FILE = "parity.json"  # beside an export: how it compared with its checkp
 METADATA_KEY = "classifier.deploy.preprocess"  # the ONNX metadata_props key holding the same JSON
 CHANNEL_ORDER = "RGB"
 TASKS = ("multiclass", "multilabel")  # classifier.model.net's, which this torch-free module cannot import
+OOD_SCORES = ("energy", "msp")  # classifier.model.ood's, likewise
 HASH_CHUNK = 1 << 20
 PIL_INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
@@ -51,8 +52,8 @@ def describe(
     **export: Any,
 ) -> dict[str, Any]:
     """preprocess.json: how to feed the model (from a checkpoint's `net` description), how to read its outputs (the
-    task, and a multi-label model's `thresholds`), where it came from, how it was exported (`export`: format,
-    exporter, opset, output...)."""
+    task, a multi-label model's `thresholds`, the `rejection` that marks images unknown by the `ood_score` output),
+    where it came from, how it was exported (`export`: format, exporter, opset, output...)."""
     preprocessing = net_config["preprocessing"]
     return {
         "input_size": list(preprocessing["input_size"]),
@@ -70,6 +71,7 @@ def describe(
         "task": net_config.get("task", "multiclass"),
         "thresholds": thresholds,
         "temperature": net_config.get("temperature", 1.0),
+        "rejection": net_config.get("rejection"),
         "checkpoint_sha256": checkpoint_sha256,
         "test_metrics": test_metrics,
         **export,
@@ -106,6 +108,13 @@ def checked(description: dict, source: str) -> dict:
         raise ValueError(f"{source}: task {task!r} is none of {', '.join(TASKS)}")
     if task == TASKS[1] and (not isinstance(thresholds, list) or len(thresholds) != len(description["class_names"])):
         raise ValueError(f"{source}: a multi-label model needs one threshold per class; re-export it")
+    rejection = description.get("rejection")
+    if rejection is not None and (
+        not isinstance(rejection, dict)
+        or rejection.get("score") not in OOD_SCORES
+        or not isinstance(rejection.get("threshold"), (int, float))
+    ):
+        raise ValueError(f"{source}: rejection {rejection!r} needs a score ({' or '.join(OOD_SCORES)}) and a threshold")
     return description
 
 

@@ -5,6 +5,11 @@ Networks"): the logits are computed once, then LBFGS minimises their negative lo
 softmax, or of each label's sigmoid (binary cross-entropy) for a multi-label network, whose thresholds then move with
 T so that every image keeps its labels. The new checkpoint carries T in its network, so test, predict, `Predictor`,
 export and serving all use it.
+
+Then, on the same validation images' calibrated logits, the rejection threshold (unless `reject` is off): the
+`classifier.model.ood` score (energy, or msp) under which an image is unknown, the value that keeps `keep` of them
+(numpy's `quantile(scores, 1 - keep, method="lower")`: one of their scores, so at least that share, and every tie,
+scores at or above it, and stays known). It travels in the network as the temperature does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.table import Table
@@ -25,10 +31,12 @@ from torchmetrics.functional.classification import binary_calibration_error
 from classifier.core.atomic import write_json
 from classifier.core.console import print_table
 from classifier.data.datamodule import ImageFolderDataModule
+from classifier.deploy.inputs import decide, rejected
 from classifier.deploy.predictor import Predictor
 from classifier.model.checkpoints import read_checkpoint, save_checkpoint
 from classifier.model.devices import device_of
 from classifier.model.module import classification_metrics
+from classifier.model.ood import OOD_SCORES, ood_score
 
 log = logging.getLogger(__name__)
 SPLIT_NAMES = {"val": "validation", "test": "test"}
@@ -45,9 +53,14 @@ def calibrate_checkpoint(
     data_dir: str | None = None,
     num_workers: int | None = None,
     device: str = "cpu",
+    reject: bool = True,
+    keep: float = 0.95,
+    score: str = "energy",
 ) -> Path:
-    """Fit T on the checkpoint's validation logits; write `output` and its `.json` report beside it."""
+    """Fit T, then the rejection threshold of `score` that keeps `keep` of the images (unless not `reject`), on the
+    checkpoint's validation logits; write `output` and its `.json` report beside it."""
     started = time.perf_counter()
+    check_rejection(score, keep)
     torch_device = device_of(device)
     checkpoint = read_checkpoint(ckpt_path)
     check_writable(output, ckpt_path)
@@ -78,24 +91,74 @@ def calibrate_checkpoint(
             "after": dict(zip(predictor.class_names, moved.tolist(), strict=True)),
             "labels_changed": changes,
         }
+    rejection = None
+    if reject:  # a recalibrated checkpoint's earlier threshold belongs to its earlier temperature: fitted again too
+        labels_at = checkpoint["state_dict"]["net.thresholds"] if multilabel else None
+        rejection, report["rejection"] = rejection_threshold(logits, temperature, score, keep, labels_at)
     report["seconds"] = time.perf_counter() - started
-    checkpoint["net"] = {**checkpoint["net"], "temperature": temperature}
-    checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "temperature": temperature}
+    fitted = {"temperature": temperature, "rejection": rejection}
+    checkpoint["net"] = {**checkpoint["net"], **fitted}
+    checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), **fitted}
     checkpoint["calibration"] = report
     save_checkpoint(checkpoint, output)
     write_json(output.with_suffix(".json"), report)
     show(report, multilabel)
+    if rejection:
+        show_rejection(report)
     if checkpoint["hyper_parameters"].get("tta"):
         log.info(
             "Fitted and scored without test-time augmentation; `classifier test` with --model.tta %s averages the "
             "views' tempered probabilities, so its figures differ.",
             checkpoint["hyper_parameters"]["tta"],
         )
+    fitted_text = f"temperature {temperature:.4g}"
+    if rejection:
+        fitted_text += f", unknown below {rejection['score']} {rejection['threshold']:.4g}"
     log.info(
-        "Calibrated checkpoint (temperature %.4g): %s\nReport: %s\nTest it with: classifier test --ckpt_path %s",
-        temperature, output, output.with_suffix(".json"), output,
+        "Calibrated checkpoint (%s): %s\nReport: %s\nTest it with: classifier test --ckpt_path %s",
+        fitted_text, output, output.with_suffix(".json"), output,
     )  # fmt: skip
     return output
+
+
+def check_rejection(score: str, keep: float) -> None:
+    """Fail before the work on options that cannot make a threshold."""
+    if score not in OOD_SCORES:
+        raise ValueError(f"--ood_score {score!r}: choose one of {', '.join(OOD_SCORES)}")
+    if not 0 < keep <= 1:
+        raise ValueError(f"--keep {keep:g}: the share of validation images to keep known is over 0 and at most 1")
+
+
+def rejection_threshold(
+    logits: dict[str, tuple[Tensor, Tensor]], temperature: float, score: str, keep: float, thresholds: Tensor | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rejection fitted on the validation split's calibrated logits, and its report, with the share of each
+    split it marks unknown (multi-label: at the labels' `thresholds`)."""
+    tempered = {split: raw.float() / temperature for split, (raw, _) in logits.items()}  # as the network divides them
+    rejection = fit_rejection(tempered["val"], score, keep, thresholds is not None)
+    return rejection, {**rejection, "unknown": unknown_shares(tempered, rejection, thresholds)}
+
+
+def fit_rejection(logits: Tensor, score: str, keep: float, multilabel: bool = False) -> dict[str, Any]:
+    """{"score", "threshold", "keep"}: the lowest score (of `score`'s kind, from calibrated validation logits) that
+    still keeps `keep` of the images at or above it; numpy's lower quantile, so the threshold is one of their scores."""
+    scores = ood_score(logits, score, multilabel).numpy()
+    return {"score": score, "threshold": float(np.quantile(scores, 1 - keep, method="lower")), "keep": keep}
+
+
+def unknown_shares(
+    tempered: dict[str, Tensor], rejection: dict[str, Any], thresholds: Tensor | None = None
+) -> dict[str, float]:
+    """The share of each split's images marked unknown, from calibrated logits: under the rejection threshold, and
+    multi-label (given the labels' `thresholds`), with no label at or over its own either."""
+    shares = {}
+    for split, logits in tempered.items():
+        multilabel = thresholds is not None
+        probs = (logits.sigmoid() if multilabel else logits.softmax(dim=-1)).numpy()
+        chosen = decide(probs, thresholds.double().numpy() if multilabel else None)
+        scores = ood_score(logits, rejection["score"], multilabel).numpy()
+        shares[split] = float(rejected(chosen, scores, rejection).mean())
+    return shares
 
 
 def check_writable(output: Path, ckpt_path: Path) -> None:
@@ -223,4 +286,17 @@ def show(report: dict[str, Any], multilabel: bool = False) -> None:
             part = report[split]
             cells = [f"{part[when][key]:.4f}" for key, _ in shown for when in ("before", "after")]
             table.add_row(name, str(part["images"]), *cells)
+    print_table(table)
+
+
+def show_rejection(report: dict[str, Any]) -> None:
+    """The rejection threshold, and the share of each split's images it keeps known and marks unknown."""
+    rejection = report["rejection"]
+    table = Table(title=f"Rejection: unknown below {rejection['score']} {rejection['threshold']:.4g}")
+    for column in ("split", "images", "known", "unknown"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, name in SPLIT_NAMES.items():
+        if split in rejection["unknown"]:
+            unknown = rejection["unknown"][split]
+            table.add_row(name, str(report[split]["images"]), f"{1 - unknown:.1%}", f"{unknown:.1%}")
     print_table(table)

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from classifier.core.atomic import atomic_open, write_json
 from classifier.core.console import print_table
+from classifier.deploy.inputs import UNKNOWN, rejected
 from classifier.evaluation.multilabel_reports import label_sets, write_multilabel_report
+from classifier.evaluation.ood_reports import UnknownImages
 from classifier.evaluation.reports import write_evaluation_report
 from classifier.model.thresholds import decisions
 
@@ -26,7 +28,9 @@ class PredictionWriter(Callback):
     """`predictions.csv` for validate, test and predict; `metrics.json` and the report files for validate and test.
 
     Probabilities are the network's own (softmax, or one sigmoid per label); a multi-label network's labels are those
-    at or over its thresholds.
+    at or over its thresholds. predict marks an image unknown when the checkpoint's rejection says so (`classifier
+    calibrate`; not with --model.reject false); validate and test keep the most probable class, which their metrics
+    are about.
     """
 
     def __init__(self, output: str | None = None, topk: int = 0) -> None:
@@ -37,13 +41,17 @@ class PredictionWriter(Callback):
         """
         self.output = output
         self.topk = topk
-        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # rows, targets, probabilities, OOD scores
+        self.unknown_images = UnknownImages()  # test's --data.ood_dir
 
-    def _collect(self, trainer: Trainer, pl_module: LightningModule, logits: Tensor, batch: Any) -> None:
+    def _collect(
+        self, trainer: Trainer, pl_module: LightningModule, logits: Tensor, batch: Any, scores: Tensor | None = None
+    ) -> None:
         if trainer.sanity_checking:
             return
         _, targets, rows = batch
-        self._outputs.append((rows.cpu(), targets.cpu(), pl_module.net.probabilities(logits).cpu()))
+        scores = torch.full((len(rows),), torch.nan) if scores is None else scores.float().cpu()
+        self._outputs.append((rows.cpu(), targets.cpu(), pl_module.net.probabilities(logits).cpu(), scores))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.state.fn == "validate":
@@ -51,9 +59,11 @@ class PredictionWriter(Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, pl_module, outputs, batch)
+        self.unknown_images.collect(trainer, pl_module, outputs, batch)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(trainer, pl_module, outputs, batch)
+        logits, scores = outputs  # the scores when predict rejects (`ImageClassifier.predict_step`)
+        self._collect(trainer, pl_module, logits, batch, scores)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -61,12 +71,13 @@ class PredictionWriter(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer, pl_module, "test")
+        self.unknown_images.report(trainer, pl_module, Path(trainer.log_dir or trainer.default_root_dir))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer, pl_module, "predict")
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        rows, targets, probs = _gather(self._outputs, len(pl_module.class_names))
+        rows, targets, probs, scores = _gather(self._outputs, len(pl_module.class_names))
         self._outputs = []
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
@@ -77,10 +88,11 @@ class PredictionWriter(Callback):
         output = Path(self.output) if self.output else run_dir / "predictions.csv"
         paths = [trainer.datamodule.paths(stage)[row] for row in rows.tolist()]
         if stage == "predict":
-            unreadable = trainer.datamodule.unreadable
-            write_predictions(output, paths, None, probs, classes, self.topk, unreadable, thresholds)
+            unreadable, rejection = trainer.datamodule.unreadable, pl_module.rejection
+            scores = scores if rejection else None
+            write_predictions(output, paths, None, probs, classes, self.topk, unreadable, thresholds, scores, rejection)
             log.info("Predictions for %d images (%d unreadable): %s", len(paths), len(unreadable), output)
-            show_predictions(paths, probs, classes, max(1, self.topk), thresholds)
+            show_predictions(paths, probs, classes, max(1, self.topk), thresholds, scores, rejection)
             return
         replaced = (run_dir / "metrics.json").is_file()  # the same checkpoint evaluated again
         write_predictions(output, paths, targets, probs, classes, thresholds=thresholds)
@@ -105,11 +117,15 @@ def write_predictions(
     topk: int = 0,
     unreadable: dict[Path, str] | None = None,
     thresholds: Tensor | None = None,
+    scores: Tensor | None = None,
+    rejection: dict | None = None,
 ) -> None:
-    """One row per image: path, [target,] prediction, confidence, [status, top-K,] then prob_<class> columns.
+    """One row per image: path, [target,] prediction, confidence, [ood_score,] [status, top-K,] then prob_<class>.
 
-    Multi-label (given each label's `thresholds`): path, [target,] labels, [status, top-K,] prob_<class>, where
-    target and labels are `;`-joined sets ("" for none), labels those at or over their thresholds.
+    Multi-label (given each label's `thresholds`): path, [target,] labels, [ood_score,] [status, top-K,]
+    prob_<class>, where target and labels are `;`-joined sets ("" for none), labels those at or over their
+    thresholds. With `scores` (predict under a rejection), the prediction (multi-label: the labels) of an image below
+    `rejection`'s threshold is `unknown` (`classifier.deploy.inputs.rejected`); its confidence and probabilities stay.
     """
     ranked = probs.argsort(dim=-1, descending=True)[:, :topk].tolist()
     labelled = targets is not None
@@ -119,10 +135,16 @@ def write_predictions(
         decided = ["prediction", "confidence"]
         cells = [[classes[c], f"{p:.7g}"] for c, p in zip(predicted.tolist(), confidence.tolist(), strict=True)]
         truth = [classes[t] for t in targets.tolist()] if labelled else []
+        chosen = predicted.numpy()
     else:
         decided = ["labels"]
-        cells = [[text] for text in label_sets(decisions(probs.numpy(), thresholds.numpy()), classes)]
+        chosen = decisions(probs.numpy(), thresholds.numpy())
+        cells = [[text] for text in label_sets(chosen, classes)]
         truth = label_sets(targets.numpy(), classes) if labelled else []
+    if scores is not None:
+        decided.append("ood_score")
+        for i, unknown in enumerate(rejected(chosen, scores.numpy(), rejection)):
+            cells[i] = [UNKNOWN if unknown else cells[i][0], *cells[i][1:], f"{float(scores[i]):.7g}"]
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(output, newline="") as file:
         writer = csv.writer(file)
@@ -153,26 +175,47 @@ def show_classification_report(report: list[dict], title: str) -> None:
 
 
 def show_predictions(
-    paths: list[Path], probs: Tensor, classes: list[str], topk: int, thresholds: Tensor | None = None
+    paths: list[Path],
+    probs: Tensor,
+    classes: list[str],
+    topk: int,
+    thresholds: Tensor | None = None,
+    scores: Tensor | None = None,
+    rejection: dict | None = None,
 ) -> None:
-    """The first images' top classes; multi-label, first the labels each gets at its thresholds."""
+    """The first images' top classes; multi-label, first the labels each gets at its thresholds; under a rejection,
+    first the decision (a class, or unknown), and the OOD score last."""
     table = Table(title=f"Predictions (first {min(len(paths), SHOWN_PREDICTIONS)} of {len(paths)})")
     table.add_column("image")
-    if thresholds is not None:
-        table.add_column("labels")
-        shown = probs[:SHOWN_PREDICTIONS]
-        labels = [text or "(none)" for text in label_sets(decisions(shown.numpy(), thresholds.numpy()), classes)]
+    shown = probs[:SHOWN_PREDICTIONS]
+    decided = thresholds is not None or scores is not None  # a column of decisions before the most likely classes
+    if decided:
+        table.add_column("labels" if thresholds is not None else "prediction")
+        if thresholds is None:
+            chosen = shown.argmax(dim=-1).numpy()
+            verdicts = [classes[c] for c in chosen]
+        else:
+            chosen = decisions(shown.numpy(), thresholds.numpy())
+            verdicts = [text or "(none)" for text in label_sets(chosen, classes)]
+        if scores is not None:
+            unknown = rejected(chosen, scores[:SHOWN_PREDICTIONS].numpy(), rejection)
+            verdicts = [UNKNOWN if no else verdict for verdict, no in zip(verdicts, unknown, strict=True)]
     for k in range(topk):
-        table.add_column(f"top {k + 1}" if topk > 1 else "prediction" if thresholds is None else "most likely")
+        table.add_column(f"top {k + 1}" if topk > 1 else "most likely" if decided else "prediction")
+    if scores is not None:
+        table.add_column(f"{rejection['score']} (unknown < {rejection['threshold']:.4g})", justify="right")
     values, indices = probs.topk(min(topk, probs.shape[-1]), dim=-1)
     for i, path in enumerate(paths[:SHOWN_PREDICTIONS]):
         cells = [f"{classes[c]} ({v:.3f})" for v, c in zip(values[i].tolist(), indices[i].tolist(), strict=True)]
-        table.add_row(path.name, *([labels[i]] if thresholds is not None else []), *cells)
+        score = [] if scores is None else [f"{float(scores[i]):.4g}"]
+        table.add_row(path.name, *([verdicts[i]] if decided else []), *cells, *score)
     print_table(table)
 
 
-def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Every rank's (rows, targets, probabilities), concatenated and ordered by row."""
+def _gather(
+    outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]], num_classes: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every rank's (rows, targets, probabilities, OOD scores), concatenated and ordered by row."""
     local = [torch.cat(parts) for parts in zip(*outputs, strict=True)] if outputs else None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         everyone: list[Any] = [None] * torch.distributed.get_world_size()
@@ -181,6 +224,6 @@ def _gather(outputs: list[tuple[Tensor, Tensor, Tensor]], num_classes: int) -> t
         local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
     if local is None:
         empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.zeros(0, num_classes)
+        return empty, empty, torch.zeros(0, num_classes), torch.zeros(0)
     order = local[0].argsort()
-    return local[0][order], local[1][order], local[2][order]
+    return local[0][order], local[1][order], local[2][order], local[3][order]

@@ -19,6 +19,7 @@ from torchmetrics import CatMetric, MeanMetric
 from classifier.model.losses import build_loss, inverse_frequency_weights
 from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
 from classifier.model.net import ClassifierNet
+from classifier.model.ood import ood_score
 from classifier.model.thresholds import tune_thresholds
 from classifier.model.tta import TTA, predict_logits
 
@@ -59,6 +60,8 @@ class ImageClassifier(LightningModule):
         temperature: float = 1.0,
         thresholds: list[float] | float | None = None,
         target_precision: float | None = None,
+        rejection: dict | None = None,
+        reject: bool = True,
     ) -> None:
         """
         Args:
@@ -105,6 +108,9 @@ class ImageClassifier(LightningModule):
                 of those tuned on validation at every validation of a fit and saved with the checkpoint.
             target_precision: Multilabel: tune each label's threshold to the lowest that reaches this precision on
                 validation, instead of the one that maximises its F1.
+            rejection: {"score": "energy" or "msp", "threshold", "keep"}: below this `classifier.model.ood` score an
+                image is unknown (multilabel: unless a label reaches its threshold). Set by `classifier calibrate`.
+            reject: predict marks the images below the rejection threshold unknown; false gives every image a class.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -117,7 +123,15 @@ class ImageClassifier(LightningModule):
         if (thresholds is not None or target_precision is not None) and not self.multilabel:
             raise ValueError("--model.thresholds and --model.target_precision are for multi-label data")
         self.net = ClassifierNet(
-            backbone, self.class_names, drop_rate, image_size, head_hidden_dims, preprocessing, temperature, task
+            backbone,
+            self.class_names,
+            drop_rate,
+            image_size,
+            head_hidden_dims,
+            preprocessing,
+            temperature,
+            task,
+            rejection=rejection,
         )
         if (given := self._given_thresholds()) is not None:
             self.net.thresholds.copy_(given)
@@ -150,6 +164,11 @@ class ImageClassifier(LightningModule):
                 f"--model.temperature is {self.net.temperature}: fit and lr_find train the unscaled logits, so they "
                 "need 1 (a checkpoint written by `classifier calibrate` is for test and predict; resume from the one "
                 "it was calibrated from)"
+            )
+        if stage == "fit" and self.net.rejection:
+            raise ValueError(
+                "--model.rejection is set: its threshold was fitted on other weights than fit trains; fit without it "
+                "(resume from the checkpoint it was calibrated from), then calibrate the new checkpoint"
             )
         if stage == "fit" and self.hparams.class_weights == "auto":
             datamodule = self.trainer.datamodule
@@ -328,8 +347,24 @@ class ImageClassifier(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test")[1]
 
-    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.predict_logits(batch[0])
+    @property
+    def rejection(self) -> dict | None:
+        """The rejection predict applies: the network's (fitted by calibrate), unless --model.reject false."""
+        return self.net.rejection if self.hparams.get("reject", True) else None
+
+    def scored_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """`predict_logits`, and each image's OOD score (the network's rejection kind, energy without one) from the
+        image itself: the view calibrate fitted the threshold on (an extra forward pass under TTA, whose combined
+        logits are log-probabilities, whose energy is 0)."""
+        logits = self.predict_logits(images)
+        plain = logits if self.hparams.tta is None else self(images)
+        return logits, ood_score(plain, (self.net.rejection or {}).get("score", "energy"), self.multilabel)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor | None]:
+        """Logits, and the OOD scores when predict rejects (None otherwise)."""
+        if self.rejection is None:
+            return self.predict_logits(batch[0]), None
+        return self.scored_logits(batch[0])
 
     def on_train_start(self) -> None:
         """The sanity check must not leak into the first epoch's validation metrics."""

@@ -1,7 +1,9 @@
 """The FastAPI app: `/predict`, `/health`, `/ready`, `/info`, `/metrics` and the try-it page at `/`.
 
 Each image's answer holds its top-k classes; a multi-label model's also holds its `labels`: every label whose
-probability is at or over the model's threshold for it, with both."""
+probability is at or over the model's threshold for it, with both. A model calibrated with a rejection threshold
+(`classifier calibrate`) also says whether the image is `unknown` (its `ood_score` below the threshold; multi-label,
+with no label either), and a single-label one its `prediction`: the top class, or "unknown"."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from classifier.deploy.inputs import decide
+from classifier.deploy.inputs import UNKNOWN, decide, rejected
 from classifier.serve.admission import Admission, ApiKey
 from classifier.serve.backends import Backend, describe
 from classifier.serve.batcher import BatcherStopped, MicroBatcher, QueueFull
@@ -68,7 +70,7 @@ def create_app(
     metrics = ServeMetrics()
     decoder = DecodePool(decode_memory)
     batcher = MicroBatcher(
-        backend.predict_batch,
+        backend.scored_batch if backend.rejection else backend.predict_batch,  # the scores only where they decide
         max_batch_size,
         batch_timeout_ms,
         max_queue,
@@ -129,7 +131,7 @@ def create_app(
             if isinstance(item, Refused):  # at its header: counted and answered as the refusals below
                 raise item
             pixels = await decoder.run(item.memory, lambda: prepare(item))
-            probabilities = await batcher.predict(pixels)
+            output = await batcher.predict(pixels)
         except Refused as refused:
             metrics.refused.labels(refused.reason).inc()
             return failed(upload, refused.status, refused.message)
@@ -141,17 +143,21 @@ def create_app(
         except Exception:  # noqa: BLE001 - logged; the client gets a 500 for this file and the server goes on
             log.exception("Preprocessing or inference failed for %s", upload.name)
             return failed(upload, 500, "the server failed on this image")
+        probabilities, score = output if backend.rejection else (output, None)
         order = np.argsort(-probabilities, kind="stable")[:topk]
         top = [{"class": backend.class_names[i], "probability": float(probabilities[i])} for i in order]
-        answer = {"file": upload.name, "status": "ok", "top": top}
+        answer = {"file": upload.name, "status": "ok"}
+        if backend.rejection:
+            answer |= verdict(probabilities, score, backend)
+        answer["top"] = top
         if backend.thresholds is not None:
             answer["labels"] = labels(probabilities, backend.class_names, backend.thresholds)
         return answer
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
-        """Top-k classes (and a multi-label model's labels) for each file of a multipart upload (field `files`), or
-        for a raw image body."""
+        """Top-k classes (a multi-label model's labels; a rejecting model's decision and score) for each file of a
+        multipart upload (field `files`), or for a raw image body."""
         if not state["ready"]:
             return JSONResponse({"error": "the model is still loading"}, status_code=503)
         try:
@@ -218,6 +224,17 @@ def labels(probabilities: np.ndarray, class_names: list[str], thresholds: np.nda
         {"label": class_names[i], "probability": float(probabilities[i]), "threshold": float(thresholds[i])}
         for i in np.flatnonzero(given)
     ]
+
+
+def verdict(probabilities: np.ndarray, score: np.floating, backend: Backend) -> dict[str, Any]:
+    """A rejecting model's decision on one image: single-label, its `prediction` (the top class, or "unknown");
+    whether it is `unknown`; and its `ood_score` (as `OnnxPredictor.classify` and `Predictor.classify` decide)."""
+    chosen = decide(probabilities[None], backend.thresholds)
+    (unknown,) = rejected(chosen, np.array([score]), backend.rejection)
+    answer: dict[str, Any] = {}
+    if backend.thresholds is None:
+        answer["prediction"] = UNKNOWN if unknown else backend.class_names[int(chosen[0])]
+    return answer | {"unknown": bool(unknown), "ood_score": float(score)}
 
 
 def warm_up(backend: Backend) -> None:

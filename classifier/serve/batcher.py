@@ -1,5 +1,7 @@
 """Micro-batching: concurrent requests' images are stacked into one batch of up to `max_batch_size`, gathered for at
-most `batch_timeout_ms`, and run in a worker thread so the event loop keeps accepting and reading requests."""
+most `batch_timeout_ms`, and run in a worker thread so the event loop keeps accepting and reading requests. Each
+image gets its row of the model's output: of its probabilities, or of each of the arrays the model returns (its
+probabilities and its scores)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 log = logging.getLogger(__name__)
+Output = np.ndarray | tuple[np.ndarray, ...]  # a batch's (N, C) probabilities, or those and other (N, ...) arrays
+
+
+def one_row_per_image(arrays: tuple, images: int) -> bool:
+    """Whether a model's output holds (N, C) probabilities first, and a row for each of the N images in every array."""
+    shaped = all(getattr(array, "ndim", 0) >= 1 and len(array) == images for array in arrays)
+    return shaped and arrays[0].ndim == 2
 
 
 class QueueFull(Exception):
@@ -31,11 +40,12 @@ class _Item:
 
 
 class MicroBatcher:
-    """Images in, probabilities out, one call per image; a cancelled call (a client gone) gives its slot back."""
+    """Images in, probabilities (or a tuple of rows) out, one call per image; a cancelled call (a client gone) gives
+    its slot back."""
 
     def __init__(
         self,
-        predict_batch: Callable[[np.ndarray], np.ndarray],
+        predict_batch: Callable[[np.ndarray], Output],
         max_batch_size: int = 16,
         batch_timeout_ms: float = 5.0,
         max_queue: int = 1024,
@@ -90,8 +100,9 @@ class MicroBatcher:
                 item.future.set_exception(BatcherStopped(f"the inference loop ended: {self.failure!r}"))
         self._pending.clear()
 
-    async def predict(self, image: np.ndarray) -> np.ndarray:
-        """The probabilities of one preprocessed uint8 CHW image, computed in the next batch."""
+    async def predict(self, image: np.ndarray) -> np.ndarray | tuple[np.ndarray, ...]:
+        """The probabilities (or the row of each array the model returns) of one preprocessed uint8 CHW image,
+        computed in the next batch."""
         if self.failure is not None:
             raise BatcherStopped(f"the inference loop ended: {self.failure!r}")
         if len(self._pending) >= self.max_queue:
@@ -131,15 +142,16 @@ class MicroBatcher:
     async def _compute(self, batch: list[_Item]) -> None:
         """One batch through the model, each row to its request; a result of the wrong shape fails the batch."""
         started = time.perf_counter()
-        probabilities = await asyncio.get_running_loop().run_in_executor(
+        output = await asyncio.get_running_loop().run_in_executor(
             self._executor, self.predict_batch, np.stack([item.image for item in batch])
         )
-        if getattr(probabilities, "ndim", 0) != 2 or len(probabilities) != len(batch):
-            shape = getattr(probabilities, "shape", type(probabilities).__name__)
-            raise ValueError(f"the model returned {shape} for a batch of {len(batch)} images")
-        for item, row in zip(batch, probabilities, strict=True):
+        arrays = output if isinstance(output, tuple) else (output,)
+        if not one_row_per_image(arrays, len(batch)):
+            shapes = ", ".join(str(getattr(array, "shape", type(array).__name__)) for array in arrays)
+            raise ValueError(f"the model returned {shapes} for a batch of {len(batch)} images")
+        for item, row in zip(batch, zip(*arrays, strict=True), strict=True):
             if not item.future.done():
-                item.future.set_result(row)
+                item.future.set_result(row if isinstance(output, tuple) else row[0])
         self.on_batch(len(batch), time.perf_counter() - started)
 
     async def _gather_batch(self) -> None:
