@@ -17,12 +17,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from classifier.core.geometry import resize_mode, scale_size
-from classifier.core.imageio import list_images
 from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDataset, loader
 from classifier.data.device_augment import CropBatch, CropPlanner
 from classifier.data.duplicates import warn_before_fit
 from classifier.data.file_facts import verify_files
-from classifier.data.file_lists import predict_files, readable
+from classifier.data.file_lists import ood_files, predict_files, readable
 from classifier.data.ram_cache import cached_split
 from classifier.data.samplers import EpochStart, training_sampler
 from classifier.data.split_source import make_splits, recorded_split
@@ -240,7 +239,8 @@ class ImageFolderDataModule(LightningDataModule):
             self.datasets["predict"] = self._dataset("predict", paths, [-1] * len(paths))
             return
         if stage == "test" and self.hparams.ood_dir:  # checked before any image is evaluated
-            self.datasets["ood"] = self._ood_dataset(Path(self.hparams.ood_dir))
+            paths = ood_files(Path(self.hparams.ood_dir), self.hparams.skip_bad_images)
+            self.datasets["ood"] = self._dataset("ood", paths, [-1] * len(paths))
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
         # fit checks the test split too, once into the verification cache: its bad files and copies are found now
         subsets = {name: self.splits.subset(name) for name in (SPLITS if stage == "fit" else needed)}
@@ -343,17 +343,6 @@ class ImageFolderDataModule(LightningDataModule):
             return ImageDataset(paths, targets, self.transform(training), size if training else None)
         interpolation = self.data_config["interpolation"]
         return DeviceCropDataset(paths, targets, self.planner(training), interpolation, size, cache, self.gpu_decode)
-
-    def _ood_dataset(self, folder: Path) -> FileDataset:
-        """--data.ood_dir's images that decode, as eval sees them; an error naming the option when it holds none."""
-        paths = list_images(folder) if folder.is_dir() else []
-        if not paths:
-            state = "holds no images" if folder.is_dir() else "is not a folder"
-            raise ValueError(f"--data.ood_dir {folder} {state}: give a folder of images of none of the classes")
-        checked = verify_files(paths, num_threads=2 * available_cores())
-        bad = {path: facts.reason for path, facts in checked.items() if facts.reason is not None}
-        paths = readable(paths, bad, self.hparams.skip_bad_images)
-        return self._dataset("ood", paths, [-1] * len(paths))
 
     @cached_property
     def split_csv(self) -> str:

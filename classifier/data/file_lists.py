@@ -39,6 +39,17 @@ def predict_files(predict_dir: str | None) -> tuple[list[Path], dict[Path, str]]
     return readable, unreadable
 
 
+def ood_files(folder: Path, skip_bad_images: bool) -> list[Path]:
+    """--data.ood_dir's images that decode; an error naming the option when it holds none."""
+    paths = list_images(folder) if folder.is_dir() else []
+    if not paths:
+        state = "holds no images" if folder.is_dir() else "is not a folder"
+        raise ValueError(f"--data.ood_dir {folder} {state}: give a folder of images of none of the classes")
+    checked = verify_files(paths, num_threads=2 * available_cores())
+    bad = {path: facts.reason for path, facts in checked.items() if facts.reason is not None}
+    return readable(paths, bad, skip_bad_images)
+
+
 def readable(paths: list[Path], bad: dict[Path, str], skip_bad_images: bool) -> list[Path]:
     """`paths` without the unreadable ones (`bad`, with their reasons): skipped with a warning, or an error."""
     if not bad:
