@@ -34,6 +34,7 @@ bench:  ## Reproduce the accuracy figures the tests no longer time (docs/perform
 	$(BIN)/python -m benchmarks.multilabel
 	$(BIN)/python -m benchmarks.near_copies
 	$(BIN)/python -m benchmarks.resize_modes
+	$(BIN)/python -m benchmarks.ood
 
 data:  ## Rewrite the bundled digits under data/digits from scikit-learn
 	$(BIN)/classifier demo-data digits data/digits

@@ -217,13 +217,27 @@ def test_ood_benchmark_prints_energy_beside_msp(
     tiny = ("--model.backbone", "test_resnet", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     monkeypatch.setattr(ood, "RECIPE", (*ood.RECIPE, *tiny))
     out = tmp_path / "ood.json"
-    ood.main(["--seed", "3", "--out", str(out)])
+    ood.main(["--seeds", "3", "--out", str(out)])
     stdout = capsys.readouterr().out
-    figures = json.loads(out.read_text())
-    energy, msp = figures["scores"]["energy"], figures["scores"]["msp"]
-    assert (energy["ood/images_test"], energy["ood/images_ood"]) == (270, 9) == (msp["ood/images_test"], 9)
+    (found,) = json.loads(out.read_text())["runs"]
+    energy, msp = found["scores"]["energy"], found["scores"]["msp"]
+    assert found["seed"] == 3 and energy["ood/images_test"] == msp["ood/images_test"] == 270
+    assert energy["ood/images_ood"] == msp["ood/images_ood"] == 9
     assert energy["ood/threshold"] != msp["ood/threshold"]  # each calibrated on its own score
     for name, key, _, _ in ood.ROWS:
-        (line,) = [line for line in stdout.splitlines() if line.strip().startswith(name)]
+        (line,) = [line.split() for line in stdout.splitlines() if line.strip().startswith(name)]
         ratio = energy[key] / max(msp[key], 1e-12)
-        assert line.split()[len(name.split()) :][:3] == [f"{energy[key]:.4f}", f"{msp[key]:.4f}", f"{ratio:.3f}"]
+        assert line[len(name.split()) :][:3] == [f"{energy[key]:.4f}", f"{msp[key]:.4f}", f"{ratio:.3f}"]
+
+    worse = json.loads(json.dumps(found))  # a second seed, as --seeds would give, whose energy AUROC is 0.5
+    worse["scores"]["energy"]["ood/auroc"] = 0.5
+    ood.show_range([found, worse])
+    (ranged,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("OOD AUROC")]
+    low, high = sorted([0.5, energy["ood/auroc"]])
+    met = sum(value >= ood.TARGET_AUROC for value in (0.5, energy["ood/auroc"]))
+    assert ranged[2:] == [
+        f"{low:.4f}-{high:.4f}",
+        f"{msp['ood/auroc']:.4f}-{msp['ood/auroc']:.4f}",
+        f"{met},",
+        str(2 * (msp["ood/auroc"] >= ood.TARGET_AUROC)),
+    ]

@@ -70,7 +70,7 @@ def batches(module: ImageFolderDataModule, split: str) -> list[tuple[torch.Tenso
     for batch in loader:
         batch = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
         if isinstance(batch, CropBatch):
-            out.append((batch.render((SIZE, SIZE), jitter=False), batch.targets, batch.rows))
+            out.append((batch.render(module.input_hw, jitter=False), batch.targets, batch.rows))
         else:
             out.append((batch[0].float(), batch[1], batch[2]))
     return out
