@@ -26,11 +26,12 @@ from classifier.deploy.parity import (
     check_parity,
     check_quantized,
 )
-from classifier.deploy.predictor import Predictor, scored_logits
+from classifier.deploy.predictor import Predictor
 from classifier.deploy.preprocess import METADATA_KEY, PARITY_FILE, checked, describe, file_sha256, write_preprocess
 from classifier.deploy.run_metrics import run_test_metrics
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, normalisation
+from classifier.model.ood import scored_logits
 from classifier.model.tta import TTA, predict_logits
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class ExportedModel(nn.Module):
         if not self.scores:
             logits = predict_logits(self.net, images, self.tta, self.net.multilabel)
             return self.net.probabilities(logits) if self.softmax else logits.float()
-        logits, scores = scored_logits(self.net, images, self.tta)
+        logits, scores = scored_logits(self.net, images, self.tta, self.net.rejection, self.net.multilabel)
         return self.net.probabilities(logits) if self.softmax else logits.float(), scores
 
 

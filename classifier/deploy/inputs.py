@@ -48,11 +48,6 @@ def join_scored(parts: list[Scored]) -> Scored:
     return probabilities, None if any(score is None for score in scores) else np.concatenate(scores)
 
 
-def score_kind(rejection: Mapping | None) -> str:
-    """The `classifier.model.ood` score a network is judged by: its rejection's, else energy."""
-    return rejection["score"] if rejection else "energy"
-
-
 @dataclass(frozen=True)
 class Classification:
     """One image's decision.

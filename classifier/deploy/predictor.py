@@ -12,20 +12,11 @@ import torch
 from torch import Tensor
 
 from classifier.core.imageio import as_rgb_image
-from classifier.deploy.inputs import Classifies, ImageInput, Scored, join_scored, predict_in_chunks, score_kind
+from classifier.deploy.inputs import Classifies, ImageInput, Scored, join_scored, predict_in_chunks
 from classifier.model.checkpoints import read_checkpoint
 from classifier.model.net import ClassifierNet, eval_transform, normalisation
-from classifier.model.ood import ood_score
+from classifier.model.ood import scored_logits
 from classifier.model.tta import TTA, predict_logits
-
-
-def scored_logits(net: ClassifierNet, images: Tensor, tta: TTA | None) -> tuple[Tensor, Tensor]:
-    """The logits of normalised images (with `tta`, the views' combined ones) and each image's OOD score, of its
-    rejection's kind (energy without one), from the image itself: the view `classifier calibrate` fitted the
-    threshold on (an extra forward pass under TTA, whose combined logits are log-probabilities)."""
-    logits = predict_logits(net, images, tta, net.multilabel)
-    plain = logits if tta is None else net(images)
-    return logits, ood_score(plain, score_kind(net.rejection), net.multilabel)
 
 
 class Predictor(Classifies):
@@ -99,8 +90,9 @@ class Predictor(Classifies):
 
     @torch.inference_mode()
     def scored_batch(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """`predict_batch`'s probabilities, and each image's (N,) OOD score (`scored_logits`)."""
-        logits, scores = scored_logits(self.net, (images.to(self.device).float() - self.mean) / self.std, self.tta)
+        """`predict_batch`'s probabilities, and each image's (N,) OOD score (`classifier.model.ood.scored_logits`)."""
+        net, images = self.net, (images.to(self.device).float() - self.mean) / self.std
+        logits, scores = scored_logits(net, images, self.tta, net.rejection, net.multilabel)
         return self.net.probabilities(logits).cpu(), scores.cpu()
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Tensor:

@@ -151,9 +151,8 @@ def unknown_shares(
 ) -> dict[str, float]:
     """The share of each split's images marked unknown, from calibrated logits: under the rejection threshold, and
     multi-label (given the labels' `thresholds`), with no label at or over its own either."""
-    shares = {}
+    shares, multilabel = {}, thresholds is not None
     for split, logits in tempered.items():
-        multilabel = thresholds is not None
         probs = (logits.sigmoid() if multilabel else logits.softmax(dim=-1)).numpy()
         chosen = decide(probs, thresholds.double().numpy() if multilabel else None)
         scores = ood_score(logits, rejection["score"], multilabel).numpy()

@@ -30,7 +30,8 @@ from classifier.core.atomic import atomic_open, write_json
 from classifier.core.console import print_table
 from classifier.core.figures import save_figure
 from classifier.deploy.inputs import rejected
-from classifier.model.ood import ood_score
+from classifier.evaluation.ranks import gathered_by_row
+from classifier.model.ood import plain_scores, score_kind
 
 log = logging.getLogger(__name__)
 TPR = 0.95  # the share of test images the FPR's threshold keeps
@@ -58,7 +59,7 @@ class UnknownImages:
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        kind = (pl_module.net.rejection or {}).get("score", "energy")
+        kind = score_kind(pl_module.net.rejection)
         threshold = (pl_module.rejection or {}).get("threshold")  # none under --model.reject false
         metrics = ood_metrics(test[1], ood[1], threshold, test[2], ood[2])
         earlier = json.loads((run_dir / "metrics.json").read_text())  # the test split's, written just before
@@ -80,11 +81,11 @@ class UnknownImages:
 
 def image_scores(pl_module: LightningModule, images: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """(scores, labelled) of a batch: the checkpoint's score of each image itself, as predict scores it
-    (`ImageClassifier.scored_logits`: without TTA, whose combined logits have no energy), and whether it has a label at
-    or over its threshold in `logits` (multi-label; a single-label image is never labelled this way)."""
+    (`classifier.model.ood.plain_scores`: without TTA, whose combined logits have no energy), and whether it has a
+    label at or over its threshold in `logits` (multi-label; a single-label image is never labelled this way)."""
     net = pl_module.net
-    plain = logits if pl_module.hparams.tta is None else pl_module(images)
-    scores = ood_score(plain.detach(), (net.rejection or {}).get("score", "energy"), net.multilabel).cpu()
+    scores = plain_scores(pl_module, images, logits, pl_module.hparams.tta, net.rejection, net.multilabel)
+    scores = scores.detach().cpu()
     if not net.multilabel:
         return scores, torch.zeros(len(scores), dtype=torch.bool)
     return scores, (net.probabilities(logits.detach()) >= net.thresholds).any(-1).cpu()
@@ -105,16 +106,10 @@ def folder_scores(trainer: Trainer, pl_module: LightningModule) -> list[tuple[Te
 
 def _gathered(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every rank's (rows, scores, labelled), concatenated and ordered by row, as numpy arrays."""
-    local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, local)
-        shares = [share for share in everyone if share is not None]
-        local = [torch.cat(column) for column in zip(*shares, strict=True)] if shares else None
-    if local is None:
+    columns = gathered_by_row(parts)
+    if columns is None:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=bool)
-    order = local[0].argsort()
-    rows, scores, labelled = (column[order].numpy() for column in local)
+    rows, scores, labelled = (column.numpy() for column in columns)
     return rows, scores, labelled
 
 

@@ -17,6 +17,7 @@ from classifier.core.console import print_table
 from classifier.deploy.inputs import UNKNOWN, rejected
 from classifier.evaluation.multilabel_reports import label_sets, write_multilabel_report
 from classifier.evaluation.ood_reports import UnknownImages
+from classifier.evaluation.ranks import gathered_by_row
 from classifier.evaluation.reports import write_evaluation_report
 from classifier.model.thresholds import decisions
 
@@ -216,14 +217,9 @@ def _gather(
     outputs: list[tuple[Tensor, Tensor, Tensor, Tensor]], num_classes: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Every rank's (rows, targets, probabilities, OOD scores), concatenated and ordered by row."""
-    local = [torch.cat(parts) for parts in zip(*outputs, strict=True)] if outputs else None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, local)
-        parts = [part for part in everyone if part is not None]
-        local = [torch.cat(column) for column in zip(*parts, strict=True)] if parts else None
-    if local is None:
+    columns = gathered_by_row(outputs)
+    if columns is None:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros(0, num_classes), torch.zeros(0)
-    order = local[0].argsort()
-    return local[0][order], local[1][order], local[2][order], local[3][order]
+    rows, targets, probabilities, scores = columns
+    return rows, targets, probabilities, scores

@@ -19,7 +19,7 @@ from torchmetrics import CatMetric, MeanMetric
 from classifier.model.losses import build_loss, inverse_frequency_weights
 from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
 from classifier.model.net import ClassifierNet
-from classifier.model.ood import ood_score
+from classifier.model.ood import scored_logits
 from classifier.model.thresholds import tune_thresholds
 from classifier.model.tta import TTA, predict_logits
 
@@ -353,12 +353,8 @@ class ImageClassifier(LightningModule):
         return self.net.rejection if self.hparams.get("reject", True) else None
 
     def scored_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """`predict_logits`, and each image's OOD score (the network's rejection kind, energy without one) from the
-        image itself: the view calibrate fitted the threshold on (an extra forward pass under TTA, whose combined
-        logits are log-probabilities, whose energy is 0)."""
-        logits = self.predict_logits(images)
-        plain = logits if self.hparams.tta is None else self(images)
-        return logits, ood_score(plain, (self.net.rejection or {}).get("score", "energy"), self.multilabel)
+        """`predict_logits`, and each image's OOD score from the image itself (`classifier.model.ood.plain_scores`)."""
+        return scored_logits(self, images, self.hparams.tta, self.net.rejection, self.multilabel)
 
     def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> tuple[Tensor, Tensor | None]:
         """Logits, and the OOD scores when predict rejects (None otherwise)."""

@@ -9,8 +9,12 @@ al., 2021, "Can multi-label classification networks know what they don't know?")
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch.nn.functional as F
 from torch import Tensor
+
+from classifier.model.tta import TTA, predict_logits
 
 OOD_SCORES = ("energy", "msp")
 
@@ -23,3 +27,31 @@ def ood_score(logits: Tensor, score: str = "energy", multilabel: bool = False) -
     if score == "msp":
         return (logits.sigmoid() if multilabel else logits.softmax(-1)).amax(-1)
     raise ValueError(f"--ood_score {score!r}: choose one of {', '.join(OOD_SCORES)}")
+
+
+def score_kind(rejection: Mapping | None) -> str:
+    """The score a network is judged by: its rejection's (fitted by `classifier calibrate`), else energy."""
+    return rejection["score"] if rejection else "energy"
+
+
+def plain_scores(
+    model: Callable[[Tensor], Tensor],
+    images: Tensor,
+    logits: Tensor,
+    tta: TTA | None,
+    rejection: Mapping | None,
+    multilabel: bool,
+) -> Tensor:
+    """Each image's score of `rejection`'s kind, from the image itself (the view calibrate fitted the threshold on):
+    `logits` without TTA; with it, one more forward pass, since the views' combined logits are log-probabilities,
+    whose energy is 0."""
+    plain = logits if tta is None else model(images)
+    return ood_score(plain, score_kind(rejection), multilabel)
+
+
+def scored_logits(
+    model: Callable[[Tensor], Tensor], images: Tensor, tta: TTA | None, rejection: Mapping | None, multilabel: bool
+) -> tuple[Tensor, Tensor]:
+    """`classifier.model.tta.predict_logits` of normalised images, and each image's `plain_scores`."""
+    logits = predict_logits(model, images, tta, multilabel)
+    return logits, plain_scores(model, images, logits, tta, rejection, multilabel)
