@@ -12,7 +12,7 @@ help:  ## List the targets
 install:  ## Create .venv (VENV=...) and install classifier with its test tools and every extra
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev,export,serve,mlflow,tune,explain,parquet]"
+	$(BIN)/pip install -e ".[dev,export,serve,mlflow,tune,explain,parquet,shards]"
 
 train:  ## Train configs/resnet18.yaml on the bundled digits (CONFIG=... for another)
 	$(BIN)/classifier fit --config $(CONFIG)
@@ -35,6 +35,7 @@ bench:  ## Reproduce the accuracy figures the tests no longer time (docs/perform
 	$(BIN)/python -m benchmarks.near_copies
 	$(BIN)/python -m benchmarks.resize_modes
 	$(BIN)/python -m benchmarks.ood --seeds 0 1 2 3 4 42
+	$(BIN)/python -m benchmarks.shards
 
 data:  ## Rewrite the bundled digits under data/digits from scikit-learn
 	$(BIN)/classifier demo-data digits data/digits

@@ -18,6 +18,7 @@ EXTRAS = {
     "explain": ("pytorch_grad_cam",),
     "tune": ("optuna",),
     "mlflow": ("mlflow",),
+    "shards": ("litdata",),
 }
 
 
@@ -45,6 +46,9 @@ COMMANDS = (
     Command("cv", "classifier.commands.cv:cross_validate", "k-fold cross-validation, with the folds' ensemble"),
     Command("tune", "classifier.commands.tune:tune", "search fit's options with Optuna", "tune"),
     Command("check-data", "classifier.commands.check_data:check_data", "audit the data before a run"),
+    Command(
+        "shard", "classifier.commands.shard:shard", "write a split as LitData shards, for fit --data.shards", "shards"
+    ),
     Command("explain", "classifier.commands.explain:explain", "class activation maps and embeddings", "explain"),
     Command("calibrate", "classifier.commands.calibrate:calibrate", "fit a temperature and an unknown threshold"),
     Command(

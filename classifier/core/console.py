@@ -32,7 +32,9 @@ NOISY_WARNINGS = (
     r"It is recommended to use `self.log\('val/f1/",  # DDP: the per-class F1 is synced by its metric already
     # Lightning looks for a loader with state_dict(); the datamodule's sampler resumes inside the epoch itself
     r"You're resuming from a checkpoint that ended before the epoch ended",
-    r"LightningCLI's args parameter is intended",  # `cv` and `check-data` parse fit's options after their own
+    r"LightningCLI's args parameter is intended",
+    # shards: LitData gives each loader worker its own chunks, so its length is exact
+    r"Your `IterableDataset` has `__len__` defined",  # `cv` and `check-data` parse fit's options after their own
     # an EMA run evaluated: its checkpoint's weights are the averaged ones already, so there is nothing to restore
     r"You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage",
 )

@@ -105,7 +105,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path, min_size: int | None = None) -> Image.Image:
+def load_rgb(path: Path | BinaryIO, min_size: int | None = None) -> Image.Image:
     """Decode one file to RGB; the file is closed before returning.
 
     With `min_size`, a JPEG decodes at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least

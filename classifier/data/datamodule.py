@@ -7,36 +7,36 @@ import zlib
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from timm.data.random_erasing import RandomErasing
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from classifier.core.geometry import resize_mode, scale_size
+if TYPE_CHECKING:
+    from classifier.data.shards import ShardDataset, StreamedLoader
+
+from classifier.core.geometry import resize_mode
 from classifier.data.datasets import DeviceCropDataset, FileDataset, ImageDataset, loader
-from classifier.data.device_augment import CropBatch, CropPlanner
 from classifier.data.duplicates import warn_before_fit
 from classifier.data.file_facts import verify_files
 from classifier.data.file_lists import ood_files, predict_files, readable
-from classifier.data.ram_cache import cached_split
+from classifier.data.rendering import DeviceRendering
 from classifier.data.samplers import EpochStart, training_sampler
+from classifier.data.shard_meta import ShardMeta, read_meta, shard_splits, split_files
 from classifier.data.split_source import make_splits, recorded_split
 from classifier.data.splits import SPLITS, Splits, write_split_files
-from classifier.data.transforms import crop_decode_size, train_transform
+from classifier.data.transforms import train_transform
 from classifier.data.workers import available_cores, default_num_workers
 from classifier.model.checkpoints import MACHINE_SETTINGS, read_checkpoint
-from classifier.model.net import PREPROCESSING_KEYS, eval_transform, normalisation, resolve_preprocessing
+from classifier.model.net import PREPROCESSING_KEYS, eval_transform, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[Tensor, Tensor, Tensor]
 
-
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(DeviceRendering, LightningDataModule):
     """Splits, transforms and loaders for a folder of class subfolders (or train/ val/ test/ of them)."""
 
     def __init__(
@@ -73,6 +73,8 @@ class ImageFolderDataModule(LightningDataModule):
         sampler: Literal["random", "balanced"] = "random",
         decode: Literal["auto", "cpu", "gpu"] = "auto",
         cache: Literal["none", "ram"] = "none",
+        shards: str | None = None,
+        shard_cache: str | None = None,
     ) -> None:
         """
         Args:
@@ -125,6 +127,11 @@ class ImageFolderDataModule(LightningDataModule):
                 eval's resize, image_size / crop_pct; train with enough pixels for the smallest crop that
                 crop_scale and crop_ratio allow, or its own size), and crops them on the device every epoch. Falls
                 back to reading from disk, with a warning, when they would not fit.
+            shards: Shards written by `classifier shard` (a folder, or an s3://, gs://, azure://, hf:// or file://
+                URL): fit, validate and test stream them with LitData instead of reading data_dir, and their split,
+                classes and task are the run's. The checkpoint records their split table, as a folder run's.
+            shard_cache: Where LitData keeps the chunks it downloads from a URL (node-local scratch on a cluster);
+                LitData's default when None.
         """
         super().__init__()
         # the checkpoint keeps the split table itself, so a test elsewhere does not need this file
@@ -139,11 +146,24 @@ class ImageFolderDataModule(LightningDataModule):
         self.unlisted: list[Path] = []  # images of data_dir that a recorded split does not hold
         self.unreadable: dict[Path, str] = {}  # predict's files that cannot be decoded, with the reason
         self._normalisation_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._shard_paths: dict[str, list[Path]] = {}  # each streamed split's files, in row order
+        self._streamed: StreamedLoader | None = None  # the training loader over shards, whose position is saved
+        self._stream_position: dict[str, Any] | None = None  # where a resumed run's streaming epoch goes on
+
+    @cached_property
+    def shard_meta(self) -> ShardMeta:
+        """--data.shards' metadata: classes, task, split table."""
+        return read_meta(self.hparams.shards)
 
     @cached_property
     def splits(self) -> Splits:
-        """Every image with its split: from --data.splits, else from the checkpoint, else made from the folder."""
+        """Every image with its split: from --data.shards, else --data.splits, else the checkpoint, else made from
+        the folder."""
         hp = self.hparams
+        if hp.shards:
+            splits = shard_splits(self.shard_meta, self.splits_file, self.checkpoint_path, self._checkpoint_split)
+            hp.data_dir, hp.classes = str(splits.root), splits.classes
+            return splits
         recorded = recorded_split(self.splits_file, self.checkpoint_path, self._checkpoint_split, hp.data_dir)
         splits = make_splits(hp, recorded, self.task == "multilabel", bool(self.splits_file))
         if recorded is not None and not hp.manifest:
@@ -164,6 +184,8 @@ class ImageFolderDataModule(LightningDataModule):
     def task(self) -> str:
         """multilabel (each image has a set of labels: --data.label_delimiter or --data.label_columns) or
         multiclass (one class each); linked to the model's `task`."""
+        if self.hparams.shards:
+            return self.shard_meta.task
         return "multilabel" if self.hparams.label_delimiter or self.hparams.label_columns else "multiclass"
 
     @property
@@ -226,6 +248,12 @@ class ImageFolderDataModule(LightningDataModule):
                 f"--data.resize_mode {resize_mode(self.data_config['crop_mode'])} renders on the CPU: use it with "
                 "--data.decode cpu or auto, and --data.cache none (the device paths render --data.resize_mode crop)"
             )
+        if self.hparams.shards and (self.hparams.cache == "ram" or self.hparams.decode == "gpu"):
+            raise ValueError("--data.shards streams and decodes in LitData's loader workers: use it with "
+                             "--data.cache none and --data.decode cpu or auto")  # fmt: skip
+        if stage == "fit" and self.hparams.shards and self.hparams.sampler == "balanced":
+            raise ValueError("--data.sampler balanced draws images with replacement; shards stream each image once "
+                             "an epoch: use --model.class_weights auto for rare classes")  # fmt: skip
         if stage == "fit" and self.device_rendered and self.hparams.auto_augment:  # eval never augments
             raise ValueError(
                 f"--data.auto_augment {self.hparams.auto_augment} works on PIL images in the loader workers; "
@@ -242,6 +270,18 @@ class ImageFolderDataModule(LightningDataModule):
             paths = ood_files(Path(self.hparams.ood_dir), self.hparams.skip_bad_images)
             self.datasets["ood"] = self._dataset("ood", paths, [-1] * len(paths))
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}[stage]
+        if self.hparams.shards:
+            for name in needed:
+                self.datasets[name] = self._shard_dataset(name)
+        else:
+            for name, (paths, targets) in self.checked_splits(needed, stage).items():
+                self.datasets[name] = self._dataset(name, paths, targets, self._cache(name, paths))
+        self._write_splits_csv()
+
+    def checked_splits(self, needed: tuple[str, ...], stage: str) -> dict[str, tuple[list[Path], list]]:
+        """The files and targets of splits `needed`, every file checked to decode (a bad one refused, or skipped
+        under --data.skip_bad_images) and unchanged since a recorded split. `fit` also checks the test split, and
+        warns of duplicates and leaks, before it costs a run."""
         # fit checks the test split too, once into the verification cache: its bad files and copies are found now
         subsets = {name: self.splits.subset(name) for name in (SPLITS if stage == "fit" else needed)}
         every_path = [path for paths, _ in subsets.values() for path in paths]
@@ -256,78 +296,30 @@ class ImageFolderDataModule(LightningDataModule):
         bad = {path: checked[path].reason for path in needed_paths if checked[path].reason is not None}
         # every split's bad files in one error, not one per split
         keep = set(readable(needed_paths, bad, self.hparams.skip_bad_images))
-        for name in needed:
-            kept = [(path, target) for path, target in zip(*subsets[name], strict=True) if path in keep]
-            paths, targets = [path for path, _ in kept], [target for _, target in kept]
-            self.datasets[name] = self._dataset(name, paths, targets, self._cache(name, paths))
         if stage == "fit" and (self.trainer is None or self.trainer.is_global_zero):
             warn_before_fit(self.splits, checked, set(needed_paths))
-        self._write_splits_csv()
+        kept = {}
+        for name in needed:
+            pairs = [(path, target) for path, target in zip(*subsets[name], strict=True) if path in keep]
+            kept[name] = ([path for path, _ in pairs], [target for _, target in pairs])
+        return kept
 
-    @property
-    def gpu_decode(self) -> bool:
-        """Whether JPEGs are decoded on the device: `--data.decode gpu`, or `auto` on a CUDA device unless an
-        auto_augment policy needs PIL images or the resize mode renders on the CPU."""
-        decode = self.hparams.decode
-        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        if decode == "gpu" and self.trainer is not None and not on_cuda:
-            raise ValueError("--data.decode gpu needs a CUDA device; use --data.decode auto or cpu")
-        auto = on_cuda and not self.hparams.auto_augment and self.device_renders_mode
-        return decode == "gpu" or (decode == "auto" and auto)
+    def _shard_dataset(self, name: str) -> ShardDataset | FileDataset:
+        """Split `name` streamed from --data.shards; an empty val split (fit may go without one) as no images. The
+        shuffle seed is drawn from this module's generator, fresh at setup, so a resumed run draws it again."""
+        meta = self.shard_meta
+        self._shard_paths[name] = split_files(self.splits, meta, name)[0]
+        if not meta.counts.get(name):
+            if name == "val" and self.trainer is not None and self.trainer.state.fn == "fit":
+                return self._dataset(name, [], [])
+            raise ValueError(f"--data.shards {meta.location} holds no {name} split")
+        training = name == "train"
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator)) if training else 0
+        size = self.decode_size(training) if training else None
+        location, cache = meta.split_location(name), self.hparams.shard_cache
+        from classifier.data.shards import ShardDataset  # optional: LitData, the [shards] extra
 
-    @property
-    def device_rendered(self) -> bool:
-        """Whether batches are cropped, flipped and jittered on the device rather than in the loader workers."""
-        return self.gpu_decode or self.hparams.cache == "ram"
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        """(height, width) of the images the model sees."""
-        _, height, width = self.data_config["input_size"]
-        return height, width
-
-    @property
-    def scale_size(self) -> tuple[int, int]:
-        """(height, width) eval resizes to before its centre crop (timm's), which eval's RAM cache keeps."""
-        return scale_size(self.data_config)
-
-    @property
-    def train_decode_size(self) -> int | None:
-        """The shorter side training images keep: enough for the smallest crop the settings allow; None for all."""
-        hp = self.hparams
-        aspect = self.input_hw[1] / self.input_hw[0] if self.data_config["crop_mode"] == "center" else 1.0
-        return crop_decode_size(max(self.input_hw), min(self.scale_size), hp.crop_scale, hp.crop_ratio, aspect)
-
-    def decode_size(self, training: bool) -> int | tuple[int, int] | None:
-        """Training keeps enough pixels for its smallest crop (a shorter side); eval those of its resize."""
-        return self.train_decode_size if training else self.scale_size
-
-    @property
-    def device_renders_mode(self) -> bool:
-        """Whether the device paths (RAM cache, GPU decode) render this resize mode: `crop` only."""
-        return self.data_config.get("crop_mode", "center") == "center"
-
-    def planner(self, training: bool) -> CropPlanner:
-        """Per-sample crop, flip and jitter plans with this module's settings, for the device-rendered path."""
-        hp = self.hparams
-        return CropPlanner(
-            self.input_hw,
-            self.scale_size,
-            training,
-            hp.crop_scale,
-            hp.crop_ratio,
-            hp.hflip,
-            hp.color_jitter,
-        )
-
-    def _cache(self, name: str, paths: list[Path]) -> dict[Path, Tensor] | None:
-        """The split's checked images presized in RAM; None without `--data.cache ram`, for the single-pass test
-        split, and when they would not fit."""
-        if self.hparams.cache != "ram" or name not in ("train", "val") or not paths:
-            return None
-        copies = self.trainer.num_devices if self.trainer is not None else 1
-        size, interpolation = self.decode_size(name == "train"), self.data_config["interpolation"]
-        return cached_split(paths, size, interpolation, name == "train", copies, name, 2 * available_cores())
+        return ShardDataset(location, self.transform(training), size, training, seed, cache)
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None
@@ -367,13 +359,21 @@ class ImageFolderDataModule(LightningDataModule):
             Path(log_dir), self.split_csv, self.unlisted, hp.data_dir, self.split_source, self.checkpoint_path
         )
 
-    def _loader(self, name: str) -> DataLoader:
+    def _loader(self, name: str) -> DataLoader | StreamedLoader:
         dataset = self.datasets[name]
         trainer = self.trainer
         workers = self.hparams.num_workers
         if workers is None:
             workers = default_num_workers(trainer.num_devices if trainer is not None else 1)
         training = name == "train"
+        if not isinstance(dataset, FileDataset):  # shards: LitData splits the work across ranks and workers
+            streamed = dataset.loader(self.hparams.batch_size, workers)
+            if training:
+                self._streamed = streamed
+                if self._stream_position is not None:
+                    streamed.resume(self._stream_position)
+                    self._stream_position = None
+            return streamed
         sampler = None
         if training:  # order and augmentation seeds from this module's generator, which checkpoints save
             balanced, classes = self.hparams.sampler == "balanced", len(self.class_names)
@@ -402,53 +402,44 @@ class ImageFolderDataModule(LightningDataModule):
         return self._loader("ood")
 
     def paths(self, stage: str) -> list[Path]:
-        """Files of a stage's dataset, in row-index order."""
+        """Files of a stage's dataset, in row-index order (streamed from shards: where they were when written)."""
+        if stage in self._shard_paths:
+            return self._shard_paths[stage]
         return self.datasets[stage].paths
-
-    def transfer_batch_to_device(self, batch: Batch | CropBatch, device: torch.device, dataloader_idx: int) -> Any:
-        """A CropBatch moves itself, decoding its JPEGs on the device."""
-        if isinstance(batch, CropBatch):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch: Batch | CropBatch, dataloader_idx: int) -> Batch:
-        """uint8 -> normalised float on the device, rendering device-side crops first; then random erasing."""
-        if isinstance(batch, CropBatch):
-            jitter = bool(self.hparams.color_jitter) and self.trainer is not None and self.trainer.training
-            images, targets, rows = batch.render(self.input_hw, jitter), batch.targets, batch.rows
-        else:
-            images, targets, rows = batch
-        mean, std = self._normalisation(images.device)
-        images = (images.float() - mean) / std
-        if self.hparams.random_erasing and self.trainer is not None and self.trainer.training:
-            # timm's random erasing, on the normalised batch, filling with per-pixel noise
-            images = RandomErasing(self.hparams.random_erasing, mode="pixel", device=images.device)(images)
-        return images, targets, rows
-
-    def _normalisation(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Mean and std on the 0-255 scale, copied to `device` once rather than every batch."""
-        if device not in self._normalisation_on:
-            self._normalisation_on[device] = normalisation(self.data_config, device)
-        return self._normalisation_on[device]
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state, so a resumed run draws the same batches and augmentations (inside an epoch, its
         state when the epoch began, with the samples trained on since); the split table, so that `validate`, `test`
         and a resumed fit see the images this run was trained on, whatever the folder holds by then."""
-        done = self._samples_done()
-        generator = self.epoch_start.state if done else self.generator.get_state()
-        return {"generator": generator, "samples_done": done, "splits": self.split_table}
+        batches = self._batches_done()
+        state = {"generator": self.generator.get_state(), "samples_done": 0, "splits": self.split_table}
+        if batches and self._streamed is not None:  # streamed from shards: LitData's position, as the trainer's
+            state["stream"] = self._streamed.position(batches, self.trainer.world_size)
+        elif batches:
+            done = batches * self.hparams.batch_size * self.trainer.world_size
+            state |= {"generator": self.epoch_start.state, "samples_done": done}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
         self.epoch_start.done = state_dict.get("samples_done", 0)
+        position = state_dict.get("stream")
+        if position is None or self.trainer is None or self.trainer.state.fn != "fit":
+            return
+        if position["world_size"] != self.trainer.world_size:
+            raise ValueError(
+                f"the checkpoint was saved inside an epoch streamed from shards by {position['world_size']} "
+                f"processes, and this run has {self.trainer.world_size}: resume with {position['world_size']} "
+                "(--trainer.devices x --trainer.num_nodes), or from a checkpoint saved at an epoch's end"
+            )
+        self._stream_position = position
 
-    def _samples_done(self) -> int:
-        """Training samples, over all ranks, of the epoch a checkpoint is saved inside; 0 between epochs."""
+    def _batches_done(self) -> int:
+        """Training batches, on each rank, of the epoch a checkpoint is saved inside; 0 between epochs."""
         trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit" or self.epoch_start.state is None:
+        if trainer is None or trainer.state.fn != "fit":
+            return 0
+        if self.epoch_start.state is None and self._streamed is None:
             return 0
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        if not 0 < batches < trainer.num_training_batches:
-            return 0
-        return batches * self.hparams.batch_size * trainer.world_size
+        return batches if 0 < batches < trainer.num_training_batches else 0

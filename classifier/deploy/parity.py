@@ -17,6 +17,7 @@ import torch
 
 from classifier.core.imageio import list_images
 from classifier.data.datamodule import ImageFolderDataModule
+from classifier.data.shard_meta import split_files
 from classifier.deploy.inputs import Scored, decide
 from classifier.deploy.onnx_predictor import OnnxPredictor, probabilities_from_logits
 from classifier.deploy.predictor import Predictor
@@ -58,18 +59,48 @@ def records_split(checkpoint: dict) -> bool:
     return bool((checkpoint.get(ImageFolderDataModule.__qualname__) or {}).get("splits"))
 
 
-def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | None) -> tuple[list[Path], list[int]]:
-    """The files of split `name` recorded in the checkpoint, as `classifier test` finds them, checked unchanged."""
+@dataclass
+class FrozenSplit:
+    """Split `name` of a checkpoint's run: its files and labels, and the shards its images are read from when the
+    run streamed them (`--data.shards`), so that parity needs no copy of the files."""
+
+    name: str
+    paths: list[Path]
+    labels: list
+    shards: ImageFolderDataModule | None = None
+
+    def pixels(self, predictor: Predictor, chosen: list[Path]) -> np.ndarray:
+        """uint8 NCHW pixels of `chosen`, through the checkpoint's eval transform, as `classifier test` sees them."""
+        if self.shards is None:
+            return np.stack([predictor.preprocess(path).numpy() for path in chosen])
+        from classifier.data.shards import read_rows  # optional: LitData, the [shards] extra
+
+        row = {path: index for index, path in enumerate(self.paths)}
+        meta, cache = self.shards.shard_meta, self.shards.hparams.shard_cache
+        return torch.stack(
+            read_rows(meta, self.name, [row[path] for path in chosen], predictor.transform, cache)
+        ).numpy()
+
+
+def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | None) -> FrozenSplit:
+    """Split `name` recorded in the checkpoint, as `classifier test` finds it: its files checked unchanged, or the
+    shards it was streamed from."""
     if not records_split(checkpoint):
         raise LookupError(f"{ckpt_path} records no frozen split")
     datamodule = ImageFolderDataModule.from_checkpoint(ckpt_path, data_dir, num_workers=0)
+    if datamodule.hparams.shards:
+        return FrozenSplit(name, *split_files(datamodule.splits, datamodule.shard_meta, name), datamodule)
     datamodule.splits.verify(name, datamodule.split_source)
-    return datamodule.splits.subset(name)
+    return FrozenSplit(name, *datamodule.splits.subset(name))
 
 
-def pytorch_images(predictor: Predictor, source: str, paths: list[Path], labels: list[int] | None) -> CheckImages:
-    """Files preprocessed and classified by the checkpoint's own `Predictor`."""
-    pixels = np.stack([predictor.preprocess(path).numpy() for path in paths])
+def pytorch_images(
+    predictor: Predictor, source: str, paths: list[Path], labels: list[int] | None, pixels: np.ndarray | None = None
+) -> CheckImages:
+    """Images preprocessed (from `paths`, unless their `pixels` are given) and classified by the checkpoint's own
+    `Predictor`."""
+    if pixels is None:
+        pixels = np.stack([predictor.preprocess(path).numpy() for path in paths])
     known = None if labels is None else np.array(labels)
     probabilities, scores = reference(predictor, pixels)
     return CheckImages(source, pixels, probabilities, known, paths, predictor.thresholds, scores)
@@ -124,14 +155,15 @@ def check_images(
         return random_images(predictor)
     if check == "auto":
         try:
-            paths, labels = frozen_split(checkpoint, ckpt_path, "test", data_dir)
+            split = frozen_split(checkpoint, ckpt_path, "test", data_dir)
         except (LookupError, OSError, ValueError) as error:
             raise type(error)(
                 f"--check auto: the test split of {ckpt_path} cannot be checked: {error}\nPass --data_dir where its "
                 "images are now, --check DIR for other images, or --check random"
             ) from error
-        chosen, labels = sample(paths, labels, limit)
-        return pytorch_images(predictor, f"test split of {ckpt_path} ({counted(chosen, paths)})", chosen, labels)
+        chosen, labels = sample(split.paths, split.labels, limit)
+        source = f"test split of {ckpt_path} ({counted(chosen, split.paths)})"
+        return pytorch_images(predictor, source, chosen, labels, split.pixels(predictor, chosen))
     folder = Path(check)
     if not folder.is_dir():
         raise FileNotFoundError(f"--check {check} is not a folder of images (nor auto, random or none)")
@@ -165,8 +197,8 @@ def calibration_images(
 ) -> Calibration:
     """Up to 200 images of the checkpoint's train split, spread over it; the --check folder's when it has none."""
     try:
-        paths, _ = frozen_split(checkpoint, ckpt_path, "train", data_dir)
-        source = "train split"
+        split = frozen_split(checkpoint, ckpt_path, "train", data_dir)
+        paths, source = split.paths, "train split"
     except (LookupError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0]
         if images is None or images.paths is None:
@@ -176,9 +208,9 @@ def calibration_images(
             ) from error
         log.warning("--quantize int8: %s; calibrating on the --check images, which also score it: its accuracy "
                     "there is optimistic (parity.json flags it)", reason)  # fmt: skip
-        paths, source = images.paths, "--check"
+        paths, source, split = images.paths, "--check", FrozenSplit("check", images.paths, [])
     chosen = sorted(set(np.linspace(0, len(paths) - 1, min(CALIBRATION_IMAGES, len(paths))).round().astype(int)))
-    batches = [predictor.preprocess(paths[i]).numpy()[None] for i in chosen]
+    batches = [image[None] for image in split.pixels(predictor, [paths[i] for i in chosen])]
     return Calibration(f"{len(batches)} {source} images", batches, scored=source == "--check")
 
 

@@ -19,7 +19,15 @@ from classifier.core.atomic import atomic_path
 
 # settings of the machine, not of the model: a checkpoint never brings them along
 MACHINE_SETTINGS = frozenset(
-    {"data.num_workers", "data.decode", "data.cache", "data.predict_dir", "model.channels_last", "model.compile"}
+    {
+        "data.num_workers",
+        "data.decode",
+        "data.cache",
+        "data.shard_cache",
+        "data.predict_dir",
+        "model.channels_last",
+        "model.compile",
+    }
 )
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; only it can be memory-mapped
 FORBIDDEN_GLOBAL = re.compile(r"GLOBAL ([\w.]*\w)|Unsupported globals: ([\w.]*\w)")  # torch's wordings, then timm's
