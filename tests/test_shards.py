@@ -167,6 +167,7 @@ def test_bad_shards_and_bad_files_end_with_errors_that_name_them(few_digits: Pat
         (["--data.shards", str(tmp_path / "none")], [str(tmp_path / "none"), META_FILE]),
         (["--data.shards", str(output), "--data.cache", "ram"], ["--data.shards", "--data.cache none"]),
         (["--data.shards", str(output), "--data.splits", str(tmp_path / "x.csv")], ["--data.splits", "shard"]),
+        (["--data.shards", str(output), "--data.num_folds", "3", "--data.fold", "1"], ["--data.fold 1", "no folds"]),
     ):
         failed = classifier_here("fit", "--config", str(config), *flags)
         assert failed.returncode != 0

@@ -161,7 +161,8 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
         the folder."""
         hp = self.hparams
         if hp.shards:
-            splits = shard_splits(self.shard_meta, self.splits_file, self.checkpoint_path, self._checkpoint_split)
+            recorded = (self.checkpoint_path, self._checkpoint_split)
+            splits = shard_splits(self.shard_meta, self.splits_file, (hp.num_folds, hp.fold), *recorded)
             hp.data_dir, hp.classes = str(splits.root), splits.classes
             return splits
         recorded = recorded_split(self.splits_file, self.checkpoint_path, self._checkpoint_split, hp.data_dir)
@@ -319,7 +320,9 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
         location, cache = meta.split_location(name), self.hparams.shard_cache
         from classifier.data.shards import ShardDataset  # optional: LitData, the [shards] extra
 
-        return ShardDataset(location, self.transform(training), size, training, seed, cache)
+        trainer = self.trainer
+        ranks = (trainer.world_size, trainer.global_rank, trainer.num_nodes) if trainer is not None else None
+        return ShardDataset(location, self.transform(training), size, training, seed, cache, ranks)
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None

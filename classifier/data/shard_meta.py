@@ -82,9 +82,23 @@ def read_meta(location: str) -> ShardMeta:
     return ShardMeta(location=location, **fields)
 
 
-def shard_splits(meta: ShardMeta, splits_file: str | None, checkpoint: Path | None, table: bytes | None) -> Splits:
-    """The split the shards were written with; refused beside --data.splits, or beside a checkpoint trained on
-    another split, since the shards hold their own."""
+def shard_splits(
+    meta: ShardMeta,
+    splits_file: str | None,
+    folds: tuple[int | None, int],
+    checkpoint: Path | None,
+    table: bytes | None,
+) -> Splits:
+    """The split the shards were written with; refused beside --data.splits or another fold (num_folds, fold), or
+    beside a checkpoint trained on another split, since the shards hold their own."""
+    settings = meta.settings
+    written = (settings.get("num_folds"), settings.get("fold", 0) if settings.get("num_folds") else 0)
+    if folds[0] and tuple(folds) != written:
+        held = f"fold {written[1]} of {written[0]}" if written[0] else "no folds"
+        raise ValueError(
+            f"--data.num_folds {folds[0]} --data.fold {folds[1]} with --data.shards {meta.location}, which hold "
+            f"{held}: write shards of each fold with `classifier shard --data.num_folds K --data.fold I`"
+        )
     if splits_file:
         raise ValueError(
             f"--data.splits {splits_file} with --data.shards {meta.location}: shards hold the split they were written "
@@ -95,7 +109,6 @@ def shard_splits(meta: ShardMeta, splits_file: str | None, checkpoint: Path | No
             f"--data.shards {meta.location} hold another split than checkpoint {checkpoint} was trained on: "
             "evaluate it on the shards (or the folder) it was trained from"
         )
-    settings = meta.settings
     return read_splits(
         meta.split_table,
         f"--data.shards {meta.location}",

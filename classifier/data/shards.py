@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
+from litdata.utilities.env import _DistributedEnv
 from torch import Tensor
 
 from classifier.core.imageio import load_rgb
@@ -48,6 +49,7 @@ class ShardDataset(StreamingDataset):
         training: bool,
         seed: int = 0,
         cache_dir: str | None = None,
+        ranks: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__(
             litdata_location(location),
@@ -56,6 +58,8 @@ class ShardDataset(StreamingDataset):
             drop_last=training,  # eval: every image once, however many ranks
             seed=seed,
         )
+        if ranks is not None:  # (world size, rank, nodes) from the trainer: LitData guesses the nodes from the GPUs
+            self.distributed_env = _DistributedEnv(*ranks)
         self.image_transform = transform
         self.min_size = min_size
         self.training = training
