@@ -181,7 +181,7 @@ def test_help_lists_every_command_on_its_own_line(capsys) -> None:
     assert exit_.value.code == 0
     listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
     expected = ["fit", "validate", "test", "predict", "lr_find", "cv", "tune", "check-data", "shard", "explain"]
-    expected += ["calibrate", "export", "serve", "runs", "demo-data"]
+    expected += ["calibrate", "export", "serve", "push", "runs", "demo-data"]
     assert list(listed) == expected
     assert all(len(line.split()) > 2 for line in listed.values())  # each says what it does
 

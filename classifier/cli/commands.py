@@ -55,6 +55,7 @@ COMMANDS = (
         "export", "classifier.commands.export:export", "export a checkpoint to ONNX & co., parity checked", "export"
     ),
     Command("serve", "classifier.commands.serve:serve", "serve a checkpoint or an ONNX file over HTTP", "serve"),
+    Command("push", "classifier.commands.push:push", "a checkpoint as a Hugging Face model repo timm loads", "export"),
     Command("runs", "classifier.commands.runs:list_runs", "list the training runs under a folder"),
     Command(
         "demo-data", "classifier.commands.demo_data:demo_data", "write the bundled digits, photos or multi-label scenes"

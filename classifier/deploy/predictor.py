@@ -54,6 +54,11 @@ class Predictor(Classifies):
             tta = checkpoint.get("hyper_parameters", {}).get("tta")
         return cls(net, device, None if tta == "none" else tta, batch_size)
 
+    @classmethod
+    def from_pretrained(cls, source: str, device: str | torch.device = "cpu", batch_size: int = 64) -> Predictor:
+        """Predict with a model repo `classifier push` wrote: hf-hub:ID, local-dir:PATH, or its folder."""
+        return cls(ClassifierNet.from_repo(str(source)), device, None, batch_size)
+
     @property
     def class_names(self) -> list[str]:
         return self.net.class_names

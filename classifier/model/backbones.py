@@ -69,10 +69,12 @@ def load_pretrained(model: nn.Module, name: str, pretrained: bool | str, kwargs:
         load_local_weights(model, Path(pretrained))
 
 
-def load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load a timm/torchvision state dict or a checkpoint of this project, dropping a head of another shape."""
+def load_local_weights(model: nn.Module, path: Path, keep_head: bool = True, option: str = "") -> None:
+    """Load a timm/torchvision state dict or a checkpoint of this project, dropping a head of another shape (or any
+    head, without `keep_head`: one trained for other classes). `option` names the source in errors."""
+    option = option or f"--model.pretrained {path}"
     if not path.is_file():
-        raise FileNotFoundError(f"--model.pretrained {path} does not exist")
+        raise FileNotFoundError(f"{option} does not exist")
     with loading("--model.pretrained", path):
         # weights_only (not the default before timm 1.0.26); unwraps state_dict/model, strips module.
         state = timm.models.load_state_dict(str(path), weights_only=True)
@@ -82,21 +84,25 @@ def load_local_weights(model: nn.Module, path: Path) -> None:
             break
     own = model.state_dict()
     head = _head_prefixes(model)
-    dropped = [key for key, value in state.items() if key.startswith(head) and own.get(key, value).shape != value.shape]
+    dropped = [
+        key
+        for key, value in state.items()
+        if key.startswith(head) and (not keep_head or own.get(key, value).shape != value.shape)
+    ]
     dropped += [key for key in state if key.startswith(head) and key not in own]  # a model built without a head
     wrong = [key for key, value in state.items() if key in own and own[key].shape != value.shape and key not in dropped]
     missing = [key for key in own if key not in state and not key.startswith(head)]
     unexpected = [key for key in state if key not in own and key not in dropped]
     if wrong or missing or unexpected:
         raise ValueError(
-            f"--model.pretrained {path} does not fit {type(model).__name__}: "
+            f"{option} does not fit {type(model).__name__}: "
             f"{len(wrong)} tensors of another shape {wrong[:3]}, {len(missing)} missing {missing[:3]}, "
             f"{len(unexpected)} unexpected {unexpected[:3]}"
         )
     for key in dropped:
         del state[key]
     if dropped:
-        log.info("Pretrained head %s has another shape; it is dropped and trained from scratch.", ", ".join(dropped))
+        log.info("Pretrained head %s is for other classes; it is dropped and trained from scratch.", ", ".join(dropped))
     model.load_state_dict(state, strict=False)
     log.info("Loaded pretrained weights from %s", path)
 

@@ -67,8 +67,9 @@ class ImageClassifier(LightningModule):
         Args:
             class_names: Class names in index order (linked from the datamodule).
             backbone: Any timm model name.
-            pretrained: False, True for the hub's weights, or a path to a local weights file. Read once, when a
-                fit starts from scratch; a checkpoint never needs it again.
+            pretrained: False, True for the hub's weights, a path to a local weights file, or a model repo (hf-hub:ID,
+                local-dir:PATH, or the folder `classifier push` wrote). Read once, when a fit starts from scratch; a
+                checkpoint never needs it again.
             drop_rate: Dropout before the classifier head.
             image_size: Input size, for backbones built for one size (linked from the datamodule).
             task: multiclass (one class per image, softmax) or multilabel (a set of labels per image, one sigmoid

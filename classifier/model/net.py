@@ -12,12 +12,14 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from timm.data import create_transform
 from timm.data.transforms import ResizeKeepRatio
 from torch import Tensor, nn
 
 from classifier.core.geometry import RESIZE_MODES, image_hw
 from classifier.model.backbones import backbone_data_config, backbone_kwargs, create_backbone, load_pretrained
+from classifier.model.repos import OURS, is_repo, load_repo_weights, repo_files
 
 # the eval preprocessing a network was trained with; what export and serving need to feed it
 PREPROCESSING_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
@@ -131,6 +133,24 @@ class ClassifierNet(nn.Module):
         if self.multilabel:  # each class's decision threshold: tuned on validation, saved with the weights
             self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
 
+    @classmethod
+    def from_repo(cls, source: str) -> ClassifierNet:
+        """The network of a repo `classifier push` wrote (hf-hub:ID, local-dir:PATH or its folder), as its checkpoint
+        had it: class names, preprocessing, temperature, rejection and multi-label thresholds."""
+        config, weights = repo_files(source, "the repo")
+        if OURS not in config:
+            raise ValueError(
+                f"{source}: its config.json is a timm model's, without {OURS!r} (task, temperature, preprocessing): "
+                f"fine-tune from it with --model.pretrained {source} instead"
+            )
+        description = dict(config[OURS])
+        thresholds = description.pop("thresholds", None)
+        net = cls(**description)
+        net.backbone.load_state_dict(load_file(str(weights)))
+        if thresholds is not None:
+            net.thresholds.copy_(torch.tensor(thresholds))
+        return net
+
     @property
     def multilabel(self) -> bool:
         """Whether each class is a yes/no of its own (sigmoid outputs) rather than one of the classes (softmax)."""
@@ -146,7 +166,10 @@ class ClassifierNet(nn.Module):
         return 0 if self.head_hidden_dims else len(self.class_names)
 
     def load_pretrained(self, pretrained: bool | str) -> None:
-        """Start from the hub's (True) or a local file's backbone weights: once, at the start of a fresh fit."""
+        """Start from the hub's (True), a local file's or a model repo's weights: once, at the start of a fresh fit."""
+        if is_repo(pretrained):  # a model repo: a whole network, its head too when its classes are ours
+            load_repo_weights(self.backbone, pretrained, self.backbone_name, self.class_names)
+            return
         kwargs = backbone_kwargs(self.backbone_name, self._backbone_outputs, self.drop_rate, self.image_size)
         load_pretrained(self.backbone, self.backbone_name, pretrained, kwargs)
 
