@@ -157,16 +157,16 @@ def test_the_upload_makes_a_private_repo_of_the_folder_unless_public(
             calls.append(("upload", sorted(p.name for p in Path(options["folder_path"]).iterdir()), options["repo_id"]))
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeHub)
-    for flags, private in (([], True), (["--public"], False)):
+    for flags, private in ((["--with_onnx"], True), (["--public"], False)):
         calls.clear()
-        output = tmp_path / f"repo{len(flags)}"
+        output = tmp_path / f"repo{private}"
         done = classifier_here("push", "--ckpt_path", str(trained_checkpoint), "--output", str(output),
                                "--repo_id", "me/digits", *flags)  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert calls[0] == ("create", "me/digits", {"repo_type": "model", "private": private, "exist_ok": True})
-        assert calls[1] == (
-            "upload",
-            ["README.md", "config.json", "confusion_matrix.png", "model.safetensors"],
-            "me/digits",
-        )
+        files = ["README.md", "config.json", "confusion_matrix.png", "model.safetensors"]
+        if "--with_onnx" in flags:  # classifier export's files, its parity check passed
+            files = sorted([*files, "model.onnx", "parity.json", "preprocess.json"])
+            assert json.loads((output / "parity.json").read_text())["passed"]
+        assert calls[1] == ("upload", files, "me/digits")
         assert "hf-hub:me/digits" in (output / "README.md").read_text()
