@@ -1,15 +1,17 @@
 """Each benchmark runs end to end, on the least work that still yields every figure, and writes and prints them all.
 
 The figures themselves are measured by running the benchmarks (`make bench`, docs/performance.md), not here. Each
-runs in this process, through its `main(argv)` (a new interpreter costs seconds of imports); the `classifier`
-commands a benchmark starts are still processes of their own, as in a real run.
+runs in this process, through its `main(argv)`, and so do the `classifier` commands it starts (its test swaps
+`classifier_here` in for the benchmark's own way of starting them): a new interpreter costs seconds of imports.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,10 +30,24 @@ def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def in_process(*args: str) -> None:
+    """A benchmark's `classifier` commands, run in this process: their own processes would import for 5 s each."""
+    done = classifier_here(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_throughput_benchmark_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_throughput_benchmark_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from benchmarks import throughput
 
+    def here(command: list[str], **_: object) -> None:  # its `classifier fit`s in this process: 5 s of imports each
+        assert command[:3] == [sys.executable, "-m", "classifier"], command
+        done = classifier_here(*command[3:])
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.setattr(throughput, "subprocess", SimpleNamespace(run=here))  # the benchmark's name only
     out = tmp_path / "throughput.json"
     tiny = ["--num-images", "80", "--classes", "4", "--size", "48x40", "--model", "test_resnet", "--image-size", "32"]
     tiny += ["--batch-size", "16", "--workers", "0", "--epochs", "2", "--steps", "2", "--warmup-steps", "1"]
@@ -69,12 +85,13 @@ def test_train_resolution_benchmark_shows_the_drafts_against_the_full_decode(
 
 @pytest.mark.slow
 def test_bundled_digits_benchmark_scores_the_run_and_the_svm_on_one_split(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from benchmarks import bundled_digits
 
+    monkeypatch.setattr(bundled_digits, "classifier", in_process)
     out = tmp_path / "digits.json"
-    # one TTA: each is a `classifier test` process of its own, seconds of imports; the test checks the last one
+    # one TTA: each is a `classifier test` run of its own; the test checks the last one
     tiny = ["--seeds", "3", "--tta", "flip", "--quick", "--max-epochs", "1"]
     bundled_digits.main([*tiny, "--runs", str(tmp_path / "runs"), "--out", str(out)])
     stdout = capsys.readouterr().out
@@ -143,11 +160,7 @@ def test_multilabel_benchmark_compares_the_tuned_thresholds_with_half(
 ) -> None:
     from benchmarks import multilabel
 
-    def here(*args: str) -> None:  # the benchmark's commands in this process: their own would import for 5 s each
-        done = classifier_here(*args)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    monkeypatch.setattr(multilabel, "classifier", here)
+    monkeypatch.setattr(multilabel, "classifier", in_process)
     measured = []
     original = multilabel.test_metrics
     monkeypatch.setattr(multilabel, "test_metrics", lambda *args: measured.append(original(*args)) or measured[-1])
@@ -208,11 +221,7 @@ def test_ood_benchmark_prints_energy_beside_msp(
 ) -> None:
     from benchmarks import ood
 
-    def here(*args: str) -> None:  # the benchmark's commands in this process: their own would import for 5 s each
-        done = classifier_here(*args)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    monkeypatch.setattr(ood, "classifier", here)
+    monkeypatch.setattr(ood, "classifier", in_process)
     monkeypatch.setattr(ood, "PHOTOS_PER_CLASS", 3)
     tiny = ("--model.backbone", "test_resnet", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     monkeypatch.setattr(ood, "RECIPE", (*ood.RECIPE, *tiny))
@@ -241,3 +250,38 @@ def test_ood_benchmark_prints_energy_beside_msp(
         f"{met},",
         str(2 * (msp["ood/auroc"] >= ood.TARGET_AUROC)),
     ]
+
+
+@pytest.mark.slow
+def test_shards_benchmark_sets_each_data_path_and_size_beside_the_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import shards
+
+    monkeypatch.setattr(shards, "classifier", in_process)
+    out = tmp_path / "shards.json"
+    shards.main(["--quick", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    assert set(figures["datasets"]) == {"digits", "photos"}
+    for name, found in figures["datasets"].items():
+        assert set(found["img_s"]) == set(shards.PATHS), name
+        assert all(speed > 0 for speed in found["img_s"].values()), name
+        for path, speed in found["img_s"].items():
+            assert found["img_s_vs_folder"][path] == pytest.approx(speed / found["img_s"]["folder"]), (name, path)
+            (line,) = [line.split() for line in stdout.splitlines() if line.split()[:2] == [name, path]]
+            assert line[2:] == [f"{speed:.0f}", f"{found['img_s_vs_folder'][path]:.2f}"], (name, path)
+        folder, sharded = found["folder"], found["shards"]
+        assert folder["files"] == found["images"] and sharded["files"] >= 7  # 3 splits' chunks and index, the metadata
+        assert 0 < folder["bytes"] <= folder["allocated"] and 0 < sharded["bytes"] <= sharded["allocated"]
+        assert found["bytes_vs_folder"] == pytest.approx(sharded["bytes"] / folder["bytes"]), name
+        assert found["allocated_vs_folder"] == pytest.approx(sharded["allocated"] / folder["allocated"]), name
+    assert figures["datasets"]["digits"]["images"] == 10 * 20 and figures["datasets"]["photos"]["images"] == 3 * 8
+    # 200 files of about 120 bytes take a block each; the shards' few files hold them all in far fewer blocks
+    assert figures["datasets"]["digits"]["allocated_vs_folder"] < 0.5
+    (row,) = figures["accuracy"]
+    assert row["seed"] == 42 and row["folder_fit_img_s"] > 0 and row["shards_fit_img_s"] > 0
+    for source in ("folder", "shards"):
+        assert 0 <= row[f"{source}_test_acc"] <= 1
+    (line,) = [line.split() for line in stdout.splitlines() if line.split()[:1] == ["42"]]
+    assert line[1:3] == [f"{row['folder_test_acc']:.4f}", f"{row['shards_test_acc']:.4f}"]

@@ -111,6 +111,12 @@ def test_a_streamed_split_gives_the_folders_eval_pixels_in_its_order(small_digit
     assert streamed.class_names == folder.class_names and streamed.task == "multiclass"
     assert streamed.split_csv == folder.split_csv  # what the checkpoint records
 
+    streamed.setup("fit")  # training: shuffled anew each epoch, each sample once
+    loader = streamed._loader("train")
+    epochs = [list(loader) for _ in range(2)]
+    orders = [[row for _, _, rows in epoch for row in rows.tolist()] for epoch in epochs]
+    assert orders[0] != orders[1] and all(len(order) == len(set(order)) > 100 for order in orders)
+
     rows = [5, 0, 7]  # what export's parity check reads of a streamed run: a few rows, in one pass
     pixels = read_rows(streamed.shard_meta, "test", rows, folder.transform(False), None)
     assert all(torch.equal(pixels[i], folder.datasets["test"][row][0]) for i, row in enumerate(rows))
@@ -120,6 +126,15 @@ def test_a_streamed_split_gives_the_folders_eval_pixels_in_its_order(small_digit
     url.setup("test")
     assert all(torch.equal(a[0], b[0]) for a, b in zip(url._loader("test"), folder._loader("test"), strict=True))
     assert list((tmp_path / "cache").rglob("*.bin"))
+
+
+def test_every_training_batch_from_shards_mixes_the_classes_as_the_folders_do(digit_shards: Path) -> None:
+    """The split table lists the digits class by class, and LitData shuffles chunks, then samples within a window of
+    256: written in that order, a batch would hold 2 or 3 digits (test accuracy halved, on the same data)."""
+    streamed = ImageFolderDataModule(shards=str(digit_shards), backbone="test_resnet", image_size=32, num_workers=0)
+    streamed.setup("fit")
+    classes = [len(set(targets.tolist())) for _, targets, _ in streamed._loader("train")]
+    assert len(classes) == 19 and min(classes) >= 8  # 1,248 digits in batches of 64, of the 10 classes
 
 
 def test_multi_label_shards_keep_each_images_label_set(tmp_path: Path) -> None:

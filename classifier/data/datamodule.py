@@ -75,6 +75,7 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
         cache: Literal["none", "ram"] = "none",
         shards: str | None = None,
         shard_cache: str | None = None,
+        shard_storage_options: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -132,10 +133,13 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
                 classes and task are the run's. The checkpoint records their split table, as a folder run's.
             shard_cache: Where LitData keeps the chunks it downloads from a URL (node-local scratch on a cluster);
                 LitData's default when None.
+            shard_storage_options: Passed to LitData's client for a URL: an S3-compatible endpoint, or Azure's
+                account_url and credential. Never saved in checkpoints (it may hold secrets): keep it in a config file.
         """
         super().__init__()
         # the checkpoint keeps the split table itself, so a test elsewhere does not need this file
-        self.save_hyperparameters(ignore=["splits"])
+        self.save_hyperparameters(ignore=["splits", "shard_storage_options"])  # secrets stay out of checkpoints
+        self.shard_storage_options = shard_storage_options
         self.splits_file = splits
         self.checkpoint_path: Path | None = None  # see use_checkpoint
         self._checkpoint_split: bytes | None = None  # its compressed split table
@@ -153,7 +157,7 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
     @cached_property
     def shard_meta(self) -> ShardMeta:
         """--data.shards' metadata: classes, task, split table."""
-        return read_meta(self.hparams.shards)
+        return read_meta(self.hparams.shards, self.shard_storage_options)
 
     @cached_property
     def splits(self) -> Splits:
@@ -322,7 +326,8 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
 
         trainer = self.trainer
         ranks = (trainer.world_size, trainer.global_rank, trainer.num_nodes) if trainer is not None else None
-        return ShardDataset(location, self.transform(training), size, training, seed, cache, ranks)
+        options = self.shard_storage_options
+        return ShardDataset(location, self.transform(training), size, training, seed, cache, ranks, options)
 
     def _dataset(
         self, name: str, paths: list[Path], targets: list[int], cache: dict[Path, Tensor] | None = None

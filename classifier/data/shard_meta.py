@@ -16,7 +16,7 @@ from classifier.data.splits import Splits, read_splits
 
 META_FILE = "classifier_shards.json"  # beside the splits' folders: classes, task, split table, settings
 FORMAT = 1
-REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://", "r2://", "local:")
+REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "r2://", "local:")
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,14 @@ def is_remote(location: str) -> bool:
     return litdata_location(location).startswith(REMOTE_SCHEMES)
 
 
-def read_meta(location: str) -> ShardMeta:
-    """The metadata of the shards at `location` (a folder or URL), with a clear error when there are none."""
+def read_meta(location: str, storage_options: dict | None = None) -> ShardMeta:
+    """The metadata of the shards at `location` (a folder or URL; `storage_options` for its store's client), with a
+    clear error when there are none."""
+    if location.startswith("hf://"):
+        raise ValueError(
+            f"--data.shards {location}: LitData reads hf:// URLs as Parquet datasets, not as chunks; download the "
+            "repo (`hf download --repo-type dataset ID --local-dir DIR`) and pass DIR"
+        )
     source = litdata_location(location)
     if is_remote(source):
         with tempfile.TemporaryDirectory() as scratch:
@@ -59,7 +65,7 @@ def read_meta(location: str) -> ShardMeta:
                 from litdata.streaming.downloader import get_downloader  # optional: the [shards] extra
 
                 remote = f"{source.rstrip('/')}/{META_FILE}"
-                get_downloader(source, scratch, []).download_file(remote, str(local))
+                get_downloader(source, scratch, [], storage_options).download_file(remote, str(local))
                 text = local.read_text()
             except Exception as error:  # noqa: BLE001 - each client raises its own kind; the message names it
                 raise FileNotFoundError(

@@ -49,7 +49,9 @@ def write_shards(
     settings: dict[str, Any],
 ) -> Written:
     """`kept` (each split's readable files and targets, in row order) as LitData chunks under OUTPUT/<split>, and
-    META_FILE beside them; an existing OUTPUT is refused, so shards are never half replaced."""
+    META_FILE beside them; an existing OUTPUT is refused, so shards are never half replaced. The train split is
+    written in a seeded random order (each sample keeps its row): the table lists it class by class, and LitData's
+    shuffle only mixes the samples of nearby chunks."""
     target = new_output(output)
     fingerprint = {path: splits.fingerprints[i] for i, path in enumerate(splits.paths)}
     counts, sizes, source_bytes = {}, {}, {}
@@ -63,6 +65,8 @@ def write_shards(
             (row, str(path), rel.as_posix(), label, fingerprint.get(rel, ""))
             for row, (path, rel, label) in enumerate(zip(paths, relative, targets, strict=True))
         ]
+        if name == "train":  # LitData shuffles chunks, then samples within a window of them: mixed chunks mix batches
+            items = [items[i] for i in np.random.default_rng(settings.get("seed", 0)).permutation(len(items))]
         log.info("Writing the %s split: %d images", name, len(items))
         optimize(
             fn=encode,
@@ -71,7 +75,7 @@ def write_shards(
             chunk_bytes=chunk_bytes,
             num_workers=min(num_workers, len(items)),
             reorder_files=False,
-            keep_data_ordered=True,  # chunks in row order: an eval split streams in the order the table lists it
+            keep_data_ordered=True,  # in this order: an eval split streams in row order
             start_method="fork",
             verbose=True,
         )

@@ -50,10 +50,12 @@ class ShardDataset(StreamingDataset):
         seed: int = 0,
         cache_dir: str | None = None,
         ranks: tuple[int, int, int] | None = None,
+        storage_options: dict | None = None,
     ) -> None:
         super().__init__(
             litdata_location(location),
             cache_dir=cache_dir,
+            storage_options=storage_options,
             shuffle=training,
             drop_last=training,  # eval: every image once, however many ranks
             seed=seed,
@@ -139,11 +141,19 @@ class StreamedLoader:
         self.loader.load_state_dict(position["loader"])
 
 
-def read_rows(meta: ShardMeta, name: str, rows: list[int], transform: Callable, cache_dir: str | None) -> list[Tensor]:
-    """The eval pixels of `rows` of split `name`, in that order, read in one pass over its shards: they stream in
-    row order, so the pass ends at the last row wanted."""
+def read_rows(
+    meta: ShardMeta,
+    name: str,
+    rows: list[int],
+    transform: Callable,
+    cache_dir: str | None,
+    storage_options: dict | None = None,
+) -> list[Tensor]:
+    """The eval pixels of `rows` of split `name`, in that order, read in one pass over its shards, which ends once
+    every row wanted was read (val and test stream in row order, so at the last)."""
     wanted, found = set(rows), {}
-    for pixels, _, row in ShardDataset(meta.split_location(name), transform, None, False, cache_dir=cache_dir):
+    location = meta.split_location(name)
+    for pixels, _, row in ShardDataset(location, transform, None, False, 0, cache_dir, None, storage_options):
         if row in wanted:
             found[row] = pixels
             if len(found) == len(wanted):

@@ -76,10 +76,9 @@ class FrozenSplit:
         from classifier.data.shards import read_rows  # optional: LitData, the [shards] extra
 
         row = {path: index for index, path in enumerate(self.paths)}
-        meta, cache = self.shards.shard_meta, self.shards.hparams.shard_cache
-        return torch.stack(
-            read_rows(meta, self.name, [row[path] for path in chosen], predictor.transform, cache)
-        ).numpy()
+        shards, rows = self.shards, [row[path] for path in chosen]
+        options = (shards.hparams.shard_cache, shards.shard_storage_options)
+        return torch.stack(read_rows(shards.shard_meta, self.name, rows, predictor.transform, *options)).numpy()
 
 
 def frozen_split(checkpoint: dict, ckpt_path: Path, name: str, data_dir: str | None) -> FrozenSplit:
