@@ -109,6 +109,8 @@ def test_a_streamed_split_gives_the_folders_eval_pixels_in_its_order(small_digit
             assert torch.equal(rows, want_rows) and torch.equal(targets, torch.as_tensor(want_targets))
             assert torch.equal(images, want_images)
     assert streamed.class_names == folder.class_names and streamed.task == "multiclass"
+    secret = ImageFolderDataModule(shards=str(tmp_path / "shards"), shard_storage_options={"credential": "s3cr3t"})
+    assert "s3cr3t" not in str(dict(secret.hparams))  # what checkpoints and config files keep
     assert streamed.split_csv == folder.split_csv  # what the checkpoint records
 
     streamed.setup("fit")  # training: shuffled anew each epoch, each sample once
@@ -183,6 +185,7 @@ def test_bad_shards_and_bad_files_end_with_errors_that_name_them(few_digits: Pat
         (["--data.shards", str(output), "--data.cache", "ram"], ["--data.shards", "--data.cache none"]),
         (["--data.shards", str(output), "--data.splits", str(tmp_path / "x.csv")], ["--data.splits", "shard"]),
         (["--data.shards", str(output), "--data.num_folds", "3", "--data.fold", "1"], ["--data.fold 1", "no folds"]),
+        (["--data.shards", "hf://datasets/me/digits"], ["hf://datasets/me/digits", "Parquet"]),
     ):
         failed = classifier_here("fit", "--config", str(config), *flags)
         assert failed.returncode != 0
