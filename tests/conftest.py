@@ -121,15 +121,15 @@ def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def unknown_run(digits_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one digits model that says "unknown": best.ckpt of 5 epochs of `test_resnet` at 32 px on all the digits,
-    calibrated (temperature and energy threshold) by `classifier calibrate` in a process of its own
-    (`best-calibrated.ckpt` and `.json`), its ONNX export (`export/`, parity checked on 60 test digits), and a
-    folder `mixed/` of 10 digits and 12 photo-like shapes (`shape_*`), the unknowns. Read only."""
+    calibrated (temperature and energy threshold) by `classifier calibrate` (`best-calibrated.ckpt` and `.json`),
+    its ONNX export (`export/`, parity checked on 60 test digits), and a folder `mixed/` of 10 digits and 12
+    photo-like shapes (`shape_*`), the unknowns. Read only."""
 
     def build(folder: Path) -> None:
         config = tiny_config(folder, digits_dir, trainer={"max_epochs": 5}, data={"batch_size": 64})
         cli_main(["fit", "--config", str(config), "--model.optimizer.lr", "0.01"])
         best = run_dir(folder, 0) / "checkpoints" / "best.ckpt"
-        classifier_process("calibrate", "--ckpt_path", str(best), "--data.num_workers", "0")
+        cli_main(["calibrate", "--ckpt_path", str(best), "--data.num_workers", "0"])
         calibrated = best.with_name("best-calibrated.ckpt")
         cli_main(["export", "--ckpt_path", str(calibrated), "--output", str(folder / "export"), "--check_images", "60"])
         mixed = folder / "mixed"

@@ -1,5 +1,5 @@
-"""Faults during training, on real `classifier` processes: SIGTERM, SLURM's requeue signal, a full disk, NaN losses
-and a resume with the wrong settings; each asserts on what is left on disk."""
+"""Faults during training: SIGTERM, SLURM's requeue signal and a full disk on real `classifier` processes; NaN losses
+and a resume with the wrong settings through the command in this process; each asserts on what is left on disk."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from classifier.core.atomic import PARTIAL_SUFFIX, atomic_open
 from classifier.core.errors import DiskFullError
 from classifier.model.checkpoints import read_checkpoint
 from classifier.training.trainer import AtomicCheckpointIO
-from tests.helpers import run_dir, tiny_config
+from tests.helpers import classifier_here, run_dir, tiny_config
 from tests.helpers.faults import (
     STEPS_PER_EPOCH,
     assert_same_weights,
@@ -172,12 +172,19 @@ def test_checkpoints_and_reports_are_renamed_into_place_from_their_own_folder(
     assert {"training_curves.png", "confusion_matrix.png", "classification_report.csv"} <= targets.keys()
 
 
+def here(args: list[str]) -> tuple[int, str]:
+    """`classifier ARGS` as its entry point ends it (exit status, one-line error), in this process: a NaN loss is
+    not a fault of the process, and a process of its own would spend 5 s importing."""
+    done = classifier_here(*args)
+    return done.returncode, done.stderr
+
+
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step_with_finite_checkpoints(
     small_digits: Path, tmp_path: Path
 ) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 3})  # 4 steps an epoch
     nan = ["--trainer.callbacks+=tests.helpers.faults.NaNAt", "--trainer.callbacks.step=5"]
-    code, stderr = run(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "1", *nan])
+    code, stderr = here(["fit", "--config", str(config), "--checkpoint.every_n_train_steps", "1", *nan])
 
     assert code == 1
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -192,7 +199,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step_with_finite_checkpoints(
 
 def test_a_diverging_learning_rate_stops_in_the_epoch_it_diverges(small_digits: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, small_digits, trainer={"max_epochs": 3})
-    code, stderr = run(["fit", "--config", str(config), "--model.optimizer.init_args.lr", "1e4"])
+    code, stderr = here(["fit", "--config", str(config), "--model.optimizer.init_args.lr", "1e4"])
 
     assert code == 1
     stopped = re.search(r"error: training diverged: the loss was (nan|inf) at epoch (\d+), batch \d+ \(global", stderr)

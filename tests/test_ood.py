@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from classifier.core.imageio import list_images
 from classifier.deploy.predictor import Predictor
-from tests.helpers import classifier_here, classifier_process, own_run, run_dir
+from tests.helpers import classifier_here, own_run, run_dir
 
 
 def logits_of(predictor: Predictor, paths: list[Path]) -> torch.Tensor:
@@ -35,7 +35,8 @@ def split_paths(run: Path, data_dir: Path) -> list[Path]:
 def test_ood_dir_scores_the_folder_against_the_test_split(unknown_run: Path, digits_dir: Path, tmp_path: Path) -> None:
     run = own_run(run_dir(unknown_run, 0), tmp_path)
     calibrated, shapes = run / "checkpoints" / "best-calibrated.ckpt", unknown_run / "shapes"
-    classifier_process("test", "--ckpt_path", str(calibrated), "--data.ood_dir", str(shapes))
+    tested = classifier_here("test", "--ckpt_path", str(calibrated), "--data.ood_dir", str(shapes))
+    assert tested.returncode == 0, tested.stderr[-3000:]
     metrics = json.loads((run / "test" / "metrics.json").read_text())
 
     predictor = Predictor.from_checkpoint(calibrated, tta="none")

@@ -196,7 +196,7 @@ def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(run.info.run_name for run in children) == [f"version_{fold}" for fold in range(5)]
     mean = parent.data.metrics["mean/val/f1_macro"]
-    assert mean == pytest.approx(summary["mean"]["val/f1_macro"])
+    assert mean == pytest.approx(summary["mean"]["val/f1_macro"], rel=5e-6)  # cv_summary.json keeps 6 digits
 
 
 def test_multilabel_scenes_trains_on_the_demo_scenes_and_monitors_map(tmp_path: Path) -> None:

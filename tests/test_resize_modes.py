@@ -19,7 +19,7 @@ from classifier.core.imageio import load_rgb
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.deploy.preprocess import resize_and_crop, to_chw_uint8
 from classifier.model.net import eval_transform, resolve_preprocessing
-from tests.helpers import classifier_here, classifier_process, read_csv, run_dir, save_image, tiny_config
+from tests.helpers import classifier_here, read_csv, run_dir, save_image, tiny_config
 from tests.helpers.serving import start_server
 
 MODES = ("crop", "squash", "letterbox")
@@ -121,18 +121,18 @@ def test_the_ram_cache_refuses_modes_it_cannot_render_by_name(tmp_path: Path, mo
 
 @pytest.fixture(scope="module")
 def mode_runs(small_digits: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A best.ckpt of the small digits at 32 x 48 for each mode: letterbox fitted for 3 epochs in a process of its
-    own, as a user runs it; crop and squash for 2 steps in this one (their tests compare predictions only)."""
+    """A best.ckpt of the small digits at 32 x 48 for each mode, fitted by the `classifier` command (in this process:
+    the server is the process boundary these tests cross): letterbox for 3 epochs, crop and squash for 2 steps (their
+    tests compare predictions only)."""
     runs = {}
     for mode in MODES:
         folder = tmp_path_factory.mktemp(mode)
         data = {"image_size": [32, 48], "resize_mode": mode}
         steps = {"max_epochs": 3} if mode == "letterbox" else {"max_epochs": 1, "limit_train_batches": 2}
         config = tiny_config(folder, small_digits, data=data, trainer=steps)
-        if mode == "letterbox":
-            classifier_process("fit", "--config", str(config), "--model.optimizer.lr", "0.01")
-        else:
-            assert classifier_here("fit", "--config", str(config)).returncode == 0
+        lr = ["--model.optimizer.lr", "0.01"] if mode == "letterbox" else []
+        fitted = classifier_here("fit", "--config", str(config), *lr)
+        assert fitted.returncode == 0, fitted.stderr[-3000:]
         runs[mode] = run_dir(folder, 0) / "checkpoints" / "best.ckpt"
     return runs
 
@@ -144,14 +144,16 @@ def test_letterbox_digits_fit_test_export_and_serve_at_32_by_48(
     stored = torch.load(best, weights_only=False)["net"]["preprocessing"]
     assert (stored["input_size"], stored["crop_mode"], stored["crop_pct"]) == ([3, 32, 48], "border", 1.0)
 
-    classifier_process("test", "--ckpt_path", str(best))
+    tested = classifier_here("test", "--ckpt_path", str(best))
+    assert tested.returncode == 0, tested.stderr[-3000:]
     metrics = json.loads((best.parents[1] / "test" / "metrics.json").read_text())
     rows = read_csv(best.parents[1] / "test" / "predictions.csv")
     accuracy = np.mean([row["prediction"] == row["target"] for row in rows])
     assert len(rows) == 30 and metrics["test/acc"] == pytest.approx(accuracy, abs=1e-6)
     assert metrics["test/acc"] > 0.1  # over chance after 3 epochs (benchmarks/resize_modes.py: the modes trained)
 
-    classifier_process("export", "--ckpt_path", str(best), "--output", str(tmp_path / "export"))
+    exported = classifier_here("export", "--ckpt_path", str(best), "--output", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
     model = onnx.load(tmp_path / "export" / "model.onnx")
     dims = [dim.dim_param or dim.dim_value for dim in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims[1:] == [3, 32, 48]
