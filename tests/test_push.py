@@ -21,13 +21,14 @@ from tests.helpers import classifier_here, classifier_process, own_run, run_dir,
 
 @pytest.fixture(scope="session")
 def pushed(unknown_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The calibrated digits model, tested and pushed to a folder (`repo/`), each command a process of its own."""
+    """The calibrated digits model, tested and pushed to a folder (`repo/`)."""
 
     def build(folder: Path) -> None:
         run = own_run(run_dir(unknown_run, 0), folder)
         checkpoint = run / "checkpoints" / "best-calibrated.ckpt"
-        classifier_process("test", "--ckpt_path", str(checkpoint))
-        classifier_process("push", "--ckpt_path", str(checkpoint), "--output", str(folder / "repo"), "--license", "mit")
+        for command in (["test"], ["push", "--output", str(folder / "repo"), "--license", "mit"]):
+            done = classifier_here(*command, "--ckpt_path", str(checkpoint))
+            assert done.returncode == 0, done.stderr[-3000:]
 
     return built_once(tmp_path_factory, "pushed", build)
 

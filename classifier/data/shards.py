@@ -38,8 +38,9 @@ def sample_seed(shuffle_seed: int, epoch: int, row: int) -> int:
 
 class ShardDataset(StreamingDataset):
     """(uint8 CHW image, target, row) per sample of one split's shards: the original file's bytes decoded as the
-    folder path decodes them, then `transform`. Training shuffles (LitData's chunk-then-sample shuffle, seeded with
-    `seed`) and drops the samples that would leave ranks unequal; eval keeps every sample once, in order."""
+    folder path decodes them, then `transform`. Training shuffles (LitData's: the chunks, then all the samples of
+    each, seeded with `seed`) and drops the samples that would leave ranks unequal; eval keeps every sample once, in
+    order."""
 
     def __init__(
         self,
@@ -57,6 +58,7 @@ class ShardDataset(StreamingDataset):
             cache_dir=cache_dir,
             storage_options=storage_options,
             shuffle=training,
+            item_shuffle_window=0 if training else None,  # each chunk wholly permuted, not in windows of 256
             drop_last=training,  # eval: every image once, however many ranks
             seed=seed,
         )
