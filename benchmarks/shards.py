@@ -15,7 +15,7 @@ shards with `classifier shard` (its split: `configs/resnet18.yaml`'s, seed 42), 
   each seed, then `classifier test`: test accuracy side by side (they should agree within seed noise), and the
   run's own training images/s from its summary.json.
 
-    python -m benchmarks.shards --out shards.json    # 16 minutes on a 2-core VM shared with other jobs, most of it fits
+    python -m benchmarks.shards --out shards.json    # 6 minutes on an idle 2-core VM, most of it the six fits
     python -m benchmarks.shards --quick              # a smoke test (tiny data, one fit each): about a minute, most of
                                                      # it the imports of the seven `classifier` commands it runs
 """
