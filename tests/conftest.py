@@ -26,7 +26,7 @@ from classifier.cli.entry import cli_main
 from classifier.data.digits import write_digits
 from classifier.data.file_facts import CACHE_ENV
 from classifier.data.scenes import write_scenes
-from tests.helpers import classifier_process, digit_subset, run_dir, tiny_config, write_photos
+from tests.helpers import digit_subset, run_dir, tiny_config, write_photos
 from tests.helpers.faults import digits_config, last_of, read_sample_log, run
 
 
@@ -102,18 +102,19 @@ def trained_checkpoint(small_digits: Path, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="session")
 def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The one multi-label run of the tests, made as a user makes it, each command a process of its own: 120
-    generated scenes (`scenes/`: images under opaque names, labels.csv and labels_onehot.csv), best.ckpt of 3 epochs
-    of `test_resnet` at 32 px fitted on labels.csv (`--data.label_delimiter ";"`), and its ONNX export (`export/`,
-    with parity.json). Read only: a test that evaluates it works on `own_run`'s copy."""
+    """The one multi-label run of the tests, fitted and exported in this process (test_multilabel_cli.py runs the
+    commands it checks in processes of their own): 120 generated scenes (`scenes/`: images under opaque names,
+    labels.csv and labels_onehot.csv), best.ckpt of 3 epochs of `test_resnet` at 32 px fitted on labels.csv
+    (`--data.label_delimiter ";"`), and its ONNX export (`export/`, with parity.json). Read only: a test that
+    evaluates it works on `own_run`'s copy."""
 
     def build(folder: Path) -> None:
         scenes = write_scenes(folder / "scenes", count=120, sizes=(40, 56))
         data = {"manifest": str(scenes / "labels.csv"), "label_delimiter": ";", "data_dir": None}
         config = tiny_config(folder, scenes, data=data, trainer={"max_epochs": 3})
-        classifier_process("fit", "--config", str(config), "--model.optimizer.lr", "0.01")
+        cli_main(["fit", "--config", str(config), "--model.optimizer.lr", "0.01"])
         best = run_dir(folder, 0) / "checkpoints" / "best.ckpt"
-        classifier_process("export", "--ckpt_path", str(best), "--output", str(folder / "export"))
+        cli_main(["export", "--ckpt_path", str(best), "--output", str(folder / "export")])
 
     return built_once(tmp_path_factory, "multilabel", build)
 

@@ -26,7 +26,7 @@ from tests.helpers.faults import (
     start,
 )
 
-KILLS = 4  # each kill costs a restart (about 10 s, most of it imports); 4 land among saves made every 0.25 s
+KILLS = 3  # each kill costs a restart (about 10 s, most of it imports); 3 land among saves made every 0.25 s
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(multilabel_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The shared multi-label run (fitted and exported in processes of their own), its run folder copied here for
+    """The shared multi-label run (fitted and exported once), its run folder copied here for
     the commands that write into it, and its checkpoint's thresholds."""
     run = own_run(run_dir(multilabel_run, 0), tmp_path_factory.mktemp("multilabel"))
     best = run / "checkpoints" / "best.ckpt"
@@ -77,7 +77,7 @@ def test_predict_writes_each_image_s_labels_over_their_thresholds(trained: dict,
 def test_export_passes_parity_and_the_server_answers_the_same_labels(trained: dict, tmp_path: Path) -> None:
     from classifier.deploy.onnx_predictor import OnnxPredictor
 
-    exported = trained["shared"] / "export"  # by `classifier export`, in a process of its own
+    exported = trained["shared"] / "export"  # by `classifier export`
     parity = json.loads((exported / "parity.json").read_text())
     assert parity["passed"] and parity["task"] == "multilabel"
     assert {size: run["label_set_agreement"] for size, run in parity["batch_sizes"].items()} == dict.fromkeys(

@@ -16,7 +16,7 @@ from classifier.deploy.predictor import Predictor
 from classifier.model.net import ClassifierNet
 from classifier.model.repos import OURS
 from tests.conftest import built_once
-from tests.helpers import classifier_here, classifier_process, own_run, run_dir, tiny_config
+from tests.helpers import classifier_here, own_run, run_dir, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +96,10 @@ def test_fine_tuning_from_the_pushed_repo_starts_at_its_level(pushed: Path, digi
     assert level > 0.6  # far above what one epoch at a learning rate of 1e-5 reaches from scratch (0.1: chance)
     config = tiny_config(tmp_path, digits_dir, trainer={"max_epochs": 1}, data={"batch_size": 64})
 
-    classifier_process(
+    done = classifier_here(
         "fit", "--config", str(config), "--model.pretrained", str(pushed / "repo"), "--model.optimizer.lr", "1e-5"
     )
+    assert done.returncode == 0, done.stderr[-3000:]
 
     first = json.loads((run_dir(tmp_path, 0) / "summary.json").read_text())
     assert first["best_epoch"] == 0 and first["best_value"] == pytest.approx(level, abs=0.03)

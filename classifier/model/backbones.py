@@ -102,7 +102,8 @@ def load_local_weights(model: nn.Module, path: Path, keep_head: bool = True, opt
     for key in dropped:
         del state[key]
     if dropped:
-        log.info("Pretrained head %s is for other classes; it is dropped and trained from scratch.", ", ".join(dropped))
+        why = "has another shape" if keep_head else "is for other classes"
+        log.info("Pretrained head %s %s; it is dropped and trained from scratch.", ", ".join(dropped), why)
     model.load_state_dict(state, strict=False)
     log.info("Loaded pretrained weights from %s", path)
 
