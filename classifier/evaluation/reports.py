@@ -32,15 +32,17 @@ def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, num_classes: in
 def classification_report(
     targets: np.ndarray, predicted: np.ndarray, classes: list[str]
 ) -> list[dict[str, float | str | int]]:
-    """Per-class precision, recall, F1 and support, then macro and support-weighted averages (scikit-learn's)."""
+    """Per-class precision, recall, F1 and support, then macro and support-weighted averages over the classes the
+    split holds or the model predicts (scikit-learn's)."""
     labels = np.arange(len(classes))
     per_class = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
     rows = [
         {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
         for name, p, r, f, n in zip(classes, *per_class, strict=True)
     ]
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(targets, predicted, labels=labels, average=average,
+    present = np.union1d(targets, predicted)  # scikit-learn's default, as metrics.json's macro F1: a class neither
+    for average in ("macro", "weighted"):  # in the split nor predicted has no F1 to average in
+        p, r, f, _ = precision_recall_fscore_support(targets, predicted, labels=present, average=average,
                                                      zero_division=0)  # fmt: skip
         rows.append({"class": f"{average} avg", "precision": float(p), "recall": float(r), "f1": float(f),
                      "support": len(targets)})  # fmt: skip

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
     MulticlassF1Score,
+    MulticlassStatScores,
     MultilabelAveragePrecision,
     MultilabelExactMatch,
     MultilabelF1Score,
@@ -17,25 +20,43 @@ from torchmetrics.classification import (
 )
 
 FAST = {"validate_args": False}  # argument checks read values back to the host: a sync every step
+# torchmetrics merges the states of metrics that are equal after the first update (compute groups): when the
+# first batch is all right, top-5's state equals balanced accuracy's, and top-5 reports top-1 for the whole run
+SEPARATE = {"compute_groups": False}
+
+
+class BalancedAccuracy(MulticlassStatScores):
+    """scikit-learn's balanced accuracy: the mean recall of the classes the targets hold. torchmetrics' macro
+    accuracy also averages in, at 0, a class that is only predicted (one absent from a small split or a fold)."""
+
+    def __init__(self, num_classes: int, **kwargs: object) -> None:
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> Tensor:
+        tp, _, _, fn = self._final_state()
+        support = tp + fn
+        present = support > 0
+        return (tp[present] / support[present]).mean() if present.any() else torch.tensor(0.0)
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """acc, balanced_acc, f1_macro, f1_weighted, ece and, past 5 classes, top5_acc, named `{prefix}{name}`."""
     metrics = {
         "acc": MulticlassAccuracy(num_classes, average="micro", **FAST),
-        "balanced_acc": MulticlassAccuracy(num_classes, average="macro", **FAST),
+        "balanced_acc": BalancedAccuracy(num_classes, **FAST),
         "f1_macro": MulticlassF1Score(num_classes, average="macro", **FAST),
         "f1_weighted": MulticlassF1Score(num_classes, average="weighted", **FAST),
         "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1", **FAST),
     }
     if num_classes > 5:
         metrics["top5_acc"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **FAST)
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics, prefix=prefix, **SEPARATE)
 
 
 def ranking_metrics(num_labels: int, prefix: str) -> MetricCollection:
     """map: the mean over labels of each label's average precision, from the scores (no threshold)."""
-    return MetricCollection({"map": MultilabelAveragePrecision(num_labels, average="macro", **FAST)}, prefix=prefix)
+    average_precision = MultilabelAveragePrecision(num_labels, average="macro", **FAST)
+    return MetricCollection({"map": average_precision}, prefix=prefix, **SEPARATE)
 
 
 def decision_metrics(num_labels: int, prefix: str) -> MetricCollection:
@@ -51,4 +72,5 @@ def decision_metrics(num_labels: int, prefix: str) -> MetricCollection:
             "hamming": MultilabelHammingDistance(num_labels, average="micro", **FAST),
         },
         prefix=prefix,
+        **SEPARATE,
     )
