@@ -8,7 +8,6 @@ import csv
 import json
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from classifier.data.scenes import LABELS
 from tests.helpers import classifier_process, own_run, read_csv, run_dir, tiny_config
-from tests.helpers.serving import start_server
+from tests.helpers.serving import served
 
 pytestmark = pytest.mark.slow
 
@@ -86,13 +85,7 @@ def test_export_passes_parity_and_the_server_answers_the_same_labels(trained: di
     model = exported / "model.onnx"
     image = sorted((trained["scenes"] / "images").iterdir())[0]
     expected = OnnxPredictor(model).classify(image)
-    server, url = start_server(model)
-    try:
-        answer = httpx.post(f"{url}/predict", files=[("files", (image.name, image.read_bytes()))], timeout=30).json()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    (result,) = answer["results"]
+    result = served(model, image)
     assert [entry["label"] for entry in result["labels"]] == expected.labels
     for entry in result["labels"]:
         assert entry["probability"] == pytest.approx(expected.probabilities[entry["label"]], abs=1e-4)

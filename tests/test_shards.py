@@ -9,7 +9,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -33,7 +32,7 @@ from tests.helpers.faults import (
     read_sample_log,
     run,
 )
-from tests.helpers.serving import start_server
+from tests.helpers.serving import served
 
 
 class RankSampleLog(Callback):
@@ -230,13 +229,7 @@ def test_a_run_from_shards_tests_predicts_exports_and_serves_as_any_other(
     assert parity["passed"] and "test split" in parity["images"]
     model, image = exported / "model.onnx", photos / "3.png"
     expected = OnnxPredictor(model).classify(image)
-    server, url = start_server(checkpoint)
-    try:
-        answer = httpx.post(f"{url}/predict", files=[("files", (image.name, image.read_bytes()))], timeout=30).json()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    (result,) = answer["results"]
+    result = served(checkpoint, image)
     assert result["top"][0]["class"] == expected.prediction
     assert result["top"][0]["probability"] == pytest.approx(expected.probability, abs=1e-4)
 

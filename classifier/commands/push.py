@@ -26,10 +26,10 @@ def push(argv: list[str]) -> Path:
     parser.add_argument("--repo_id", help="upload to this user/name repo (token: HF_TOKEN or `hf auth login`)")
     parser.add_argument("--public", action="store_true", help="make a new repo public (default private)")
     options = parser.parse_args(argv)
-    login = hub_login(options.repo_id) if options.repo_id else None  # before any work: offline fails here
+    api = hub_login(options.repo_id) if options.repo_id else None  # before any work: offline fails here
     folder = write_repo(options.ckpt_path, options.output, options.license, options.with_onnx, options.repo_id)
     log.info("Wrote the model repo %s; load it with timm.create_model('local-dir:%s', pretrained=True)", folder, folder)
-    if login is not None:
-        url = upload(login[0], folder, options.repo_id, options.public)
+    if api is not None:
+        url = upload(api, folder, options.repo_id, options.public)
         log.info("Uploaded to %s (%s)", url, "public" if options.public else "private")
     return folder

@@ -128,9 +128,9 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
                 eval's resize, image_size / crop_pct; train with enough pixels for the smallest crop that
                 crop_scale and crop_ratio allow, or its own size), and crops them on the device every epoch. Falls
                 back to reading from disk, with a warning, when they would not fit.
-            shards: Shards written by `classifier shard` (a folder, or an s3://, gs://, azure://, hf:// or file://
-                URL): fit, validate and test stream them with LitData instead of reading data_dir, and their split,
-                classes and task are the run's. The checkpoint records their split table, as a folder run's.
+            shards: Shards written by `classifier shard` (a folder, or an s3://, gs://, azure:// or file:// URL):
+                fit, validate and test stream them with LitData instead of reading data_dir, and their split, classes
+                and task are the run's. The checkpoint records their split table, as a folder run's.
             shard_cache: Where LitData keeps the chunks it downloads from a URL (node-local scratch on a cluster);
                 LitData's default when None.
             shard_storage_options: Passed to LitData's client for a URL: an S3-compatible endpoint, or Azure's
@@ -324,9 +324,8 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
         location, cache = meta.split_location(name), self.hparams.shard_cache
         from classifier.data.shards import ShardDataset  # optional: LitData, the [shards] extra
 
-        trainer = self.trainer
+        trainer, options = self.trainer, self.shard_storage_options
         ranks = (trainer.world_size, trainer.global_rank, trainer.num_nodes) if trainer is not None else None
-        options = self.shard_storage_options
         return ShardDataset(location, self.transform(training), size, training, seed, cache, ranks, options)
 
     def _dataset(
@@ -411,9 +410,7 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
 
     def paths(self, stage: str) -> list[Path]:
         """Files of a stage's dataset, in row-index order (streamed from shards: where they were when written)."""
-        if stage in self._shard_paths:
-            return self._shard_paths[stage]
-        return self.datasets[stage].paths
+        return self._shard_paths[stage] if stage in self._shard_paths else self.datasets[stage].paths
 
     def state_dict(self) -> dict[str, Any]:
         """The generator's state, so a resumed run draws the same batches and augmentations (inside an epoch, its
@@ -445,9 +442,8 @@ class ImageFolderDataModule(DeviceRendering, LightningDataModule):
     def _batches_done(self) -> int:
         """Training batches, on each rank, of the epoch a checkpoint is saved inside; 0 between epochs."""
         trainer = self.trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return 0
-        if self.epoch_start.state is None and self._streamed is None:
+        streaming = self.epoch_start.state is not None or self._streamed is not None  # a loader that can resume
+        if trainer is None or trainer.state.fn != "fit" or not streaming:
             return 0
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return batches if 0 < batches < trainer.num_training_batches else 0

@@ -16,7 +16,7 @@ from classifier.data.splits import Splits, read_splits
 
 META_FILE = "classifier_shards.json"  # beside the splits' folders: classes, task, split table, settings
 FORMAT = 1
-REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "r2://", "local:")
+REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")  # hf:// is read as Parquet: refused
 
 
 @dataclass(frozen=True)

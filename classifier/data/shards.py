@@ -1,8 +1,8 @@
 """Streaming one split of the LitData shards `classifier shard` wrote: its dataset, decoded and transformed in the
 loader workers, and its loader.
 
-LitData (`StreamingDataset`, `StreamingDataLoader`) does the streaming: from a folder, or from s3://, gs://, azure://
-or hf:// through its own clients, each rank and worker reading its own chunks. Two things are ours:
+LitData (`StreamingDataset`, `StreamingDataLoader`) does the streaming: from a folder, or from s3://, gs:// or
+azure:// through its own clients, each rank and worker reading its own chunks. Two things are ours:
 
 - Augmentation seeds. Each training sample's transform is seeded from (the shuffle seed, the epoch, its row), so a
   sample is augmented the same way whichever worker decodes it and whenever the run was resumed.
@@ -98,10 +98,6 @@ class StreamedLoader:
             pin_memory=torch.cuda.is_available(),
         )
         self.yielded = 0  # batches the latest iterator gave
-
-    @property
-    def dataset(self) -> ShardDataset:
-        return self.loader.dataset
 
     def __iter__(self) -> Iterator[Any]:
         # an iterator that trained on batches ends an epoch: the next starts afresh, where LitData would replay a

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 PREPROCESSING_TO_TIMM = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def hub_login(repo_id: str) -> tuple[Any, str]:
-    """(HfApi, the account) for an upload to `repo_id`, checked before any work: a missing network or token ends in
+def hub_login(repo_id: str) -> Any:
+    """The HfApi for an upload to `repo_id`, its token checked before any work: a missing network or token ends in
     one line."""
     from huggingface_hub import HfApi
 
@@ -31,13 +31,13 @@ def hub_login(repo_id: str) -> tuple[Any, str]:
         raise ValueError(f"--repo_id {repo_id}: give it as user/name (or organisation/name)")
     api = HfApi()
     try:
-        account = api.whoami()["name"]
+        api.whoami()
     except Exception as error:  # noqa: BLE001 - offline, no token, a bad token: each its own type
         raise ConnectionError(
             f"--repo_id {repo_id}: the Hugging Face hub did not accept this machine's token ({type(error).__name__}); "
             "go online and set HF_TOKEN or run `hf auth login`, or leave out --repo_id to write the folder only"
         ) from None
-    return api, account
+    return api
 
 
 def write_repo(ckpt_path: Path, output: Path, license: str, with_onnx: bool, repo_id: str | None = None) -> Path:
@@ -46,21 +46,16 @@ def write_repo(ckpt_path: Path, output: Path, license: str, with_onnx: bool, rep
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"--output {output} exists and is not empty: give a new folder")
     checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
-    if "net" not in checkpoint:
-        raise ValueError(f"--ckpt_path {ckpt_path} holds no network description: was it written by `classifier fit`?")
-    description = dict(checkpoint["net"])
-    if description.get("head_hidden_dims"):
+    net = ClassifierNet.from_checkpoint(checkpoint, f"--ckpt_path {ckpt_path}")
+    if net.head_hidden_dims:
         raise ValueError(
-            f"--ckpt_path {ckpt_path} has an MLP head (--model.head_hidden_dims {description['head_hidden_dims']}), "
+            f"--ckpt_path {ckpt_path} has an MLP head (--model.head_hidden_dims {net.head_hidden_dims}), "
             "which timm cannot build: a timm repo holds a timm model, its head a single layer"
         )
     metrics, report = tested_metrics(ckpt_path)  # before any file is written: a model card needs them
-    net = ClassifierNet(**description)
-    state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
-    net.load_state_dict({key: state[key] for key in net.state_dict()})
     if with_onnx:  # first: export replaces its whole output folder
         export_checkpoint(ckpt_path, output=output)
-    ours = description | {"thresholds": net.thresholds.tolist() if net.multilabel else None}
+    ours = checkpoint["net"] | {"thresholds": net.thresholds.tolist() if net.multilabel else None}
     data_config = {key: net.preprocessing[key] for key in PREPROCESSING_TO_TIMM if key in net.preprocessing}
     model_config = {"label_names": net.class_names, OURS: ours, "pretrained_cfg": {"license": license}}
     save_for_hf(net.backbone, str(output), model_config=model_config, data_config=data_config, safe_serialization=True)

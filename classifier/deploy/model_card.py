@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from classifier.core.atomic import write_text
+from classifier.data.splits import SPLITS
 from classifier.model.net import ClassifierNet
 
-SPLITS = ("train", "val", "test")
 INDEX_METRICS = {  # metrics.json's name -> (model-index type, name), the ones the hub shows
     "test/acc": ("accuracy", "Test accuracy"),
     "test/balanced_acc": ("accuracy", "Test balanced accuracy"),

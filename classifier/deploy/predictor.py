@@ -45,11 +45,7 @@ class Predictor(Classifies):
         `tta` is the test-time augmentation the checkpoint was configured with by default; "none" turns it off.
         """
         checkpoint = read_checkpoint(path, "checkpoint")
-        if "net" not in checkpoint:
-            raise ValueError(f"{path} holds no network description: was it written by `classifier fit`?")
-        net = ClassifierNet(**checkpoint["net"])
-        state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
-        net.load_state_dict({key: state[key] for key in net.state_dict()})
+        net = ClassifierNet.from_checkpoint(checkpoint, str(path))
         if tta == "checkpoint":
             tta = checkpoint.get("hyper_parameters", {}).get("tta")
         return cls(net, device, None if tta == "none" else tta, batch_size)

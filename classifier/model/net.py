@@ -134,6 +134,17 @@ class ClassifierNet(nn.Module):
             self.register_buffer("thresholds", torch.full((num_classes,), 0.5))
 
     @classmethod
+    def from_checkpoint(cls, checkpoint: dict, source: str) -> ClassifierNet:
+        """The network a checkpoint (as `read_checkpoint` gives it) describes, with its weights; `source` names the
+        checkpoint in the error for one that `fit` did not write."""
+        if "net" not in checkpoint:
+            raise ValueError(f"{source} holds no network description: was it written by `classifier fit`?")
+        net = cls(**checkpoint["net"])
+        state = {key.removeprefix("net."): value for key, value in checkpoint["state_dict"].items()}
+        net.load_state_dict({key: state[key] for key in net.state_dict()})
+        return net
+
+    @classmethod
     def from_repo(cls, source: str) -> ClassifierNet:
         """The network of a repo `classifier push` wrote (hf-hub:ID, local-dir:PATH or its folder), as its checkpoint
         had it: class names, preprocessing, temperature, rejection and multi-label thresholds."""

@@ -82,6 +82,18 @@ def start_server(
     raise RuntimeError(f"the server was not ready within {timeout_s} s: {process.stdout.read()[-3000:]}")
 
 
+def served(model: Path, image: Path) -> dict:
+    """`classifier serve`'s answer to one image POSTed to /predict, the server started for it and stopped after."""
+    server, url = start_server(model)
+    try:
+        answer = httpx.post(f"{url}/predict", files=[("files", (image.name, image.read_bytes()))], timeout=30).json()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    (result,) = answer["results"]
+    return result
+
+
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     """A process's resident memory now (VmRSS), or at its peak so far (VmHWM), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
