@@ -21,7 +21,7 @@ from torchvision.transforms import TrivialAugmentWide
 from classifier import ImageClassifier, ImageFolderDataModule, cli_main
 from classifier.cli.base import ClassifierCLI
 from classifier.data.images import load_rgb
-from classifier.training.lr_find import lr_find_figure
+from classifier.training.lr_find import lr_find_figure, suggest
 from tests.helpers import read_csv, run_dir, save_image, spy_of, tiny_config
 
 
@@ -258,7 +258,7 @@ def test_ema_weights_differ_from_the_live_ones_and_are_the_ones_evaluated(small_
     assert not torch.allclose(with_live_weights, written, atol=1e-4)
 
 
-def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
+def test_lr_find_starts_at_chance_and_suggests_by_its_rule(
     small_digits: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     finders, figures = [], []
@@ -274,7 +274,7 @@ def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
     config = tiny_config(tmp_path, small_digits)
     with caplog.at_level("INFO", logger="classifier"):
         cli_main(["lr_find", "--config", str(config), "--num_training", "50", "--early_stop_threshold", "null",
-                  "--min_lr", "1e-5", "--max_lr", "0.1"])  # fmt: skip
+                  "--min_lr", "1e-5", "--max_lr", "0.1", "--rule", "minimum"])  # fmt: skip
     (plotted,) = (tmp_path / "lightning_logs" / "tiny" / "lr_find").glob("*/lr_find.png")
     with Image.open(plotted) as plot:
         assert min(plot.size) > 300
@@ -283,13 +283,32 @@ def test_lr_find_starts_at_chance_and_suggests_the_steepest_descent(
     np.testing.assert_allclose(lrs[2:] / lrs[1:-1], (0.1 / 1e-5) ** (1 / 50), rtol=1e-6)  # geometric
     # a fresh model guesses: its first loss is the chance level, ln 10, not Lightning's half of it
     assert losses[0] == pytest.approx(np.log(10), rel=0.1)
-    # the steepest fall per decade of learning rate, past the first 10 points and before the lowest loss
-    lowest = 10 + int(np.argmin(losses[10:]))
-    steepest = 10 + int(np.argmin(np.gradient(losses[10 : lowest + 1], np.log10(lrs[10 : lowest + 1]))))
-    assert losses[steepest] < losses[10] and steepest < lowest  # on the descending part
+    written = np.loadtxt(plotted.with_name("lr_find.csv"), delimiter=",", skiprows=1)
+    np.testing.assert_allclose(written, np.stack([lrs, losses], axis=1), rtol=1e-8)  # the points, for another rule
+    # minimum: a tenth of the rate of the lowest loss past the first 10 points
+    rate = lrs[10 + int(np.argmin(losses[10:]))] / 10
     suggested = [line for line in caplog.text.splitlines() if line.startswith("Use it with: --model.optimizer.lr ")]
-    assert suggested == [f"Use it with: --model.optimizer.lr {lrs[steepest]:.3g}"]
-    assert figures[0].axes[0].get_title() == f"Suggested learning rate: {lrs[steepest]:.3g}"
+    assert suggested == [f"Use it with: --model.optimizer.lr {rate:.3g}"]
+    assert f"Suggested learning rate (rule: minimum): {rate:.3g}" in caplog.text
+    axes = figures[0].axes[0]
+    assert axes.get_title() == f"Suggested learning rate: {rate:.3g} (rule: minimum)"
+    assert axes.lines[-1].get_xdata()[0] == pytest.approx(rate)  # the line at the suggestion
+
+
+def test_each_lr_find_rule_reads_its_point_of_a_known_curve() -> None:
+    """A sweep that is flat at chance for 20 points, falls along a logistic centred on point 55, bottoms out at
+    point 80 and then diverges."""
+    lrs = np.logspace(-6, 0, 100)
+    points = np.arange(100)
+    losses = np.where(points < 20, 2.3, 2.3 - 2 / (1 + np.exp(-(points - 55) / 6)))
+    losses[81:] = losses[80] + np.linspace(0.1, 4, 19)
+    assert suggest(lrs, losses, "minimum") == (pytest.approx(lrs[80] / 10), 80)
+    assert suggest(lrs, losses, "steepest") == (pytest.approx(lrs[55]), 55)
+    # the longest strict fall holds one point of the flat part and 19..80: 62 points, whose index 0 is point 19;
+    # fastai starts it one before (point 18) and takes int(62/3) + int(62/6) = 20 + 10 points on: point 48
+    assert suggest(lrs, losses, "valley") == (pytest.approx(lrs[48]), 48)
+    rising = np.linspace(2.3, 5, 100)
+    assert all(suggest(lrs, rising, rule) is None for rule in ("valley", "minimum", "steepest"))
 
 
 @pytest.fixture

@@ -213,7 +213,9 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     trainer = {"max_epochs": 1, "callbacks": [spy]}
     config = tiny_config(tmp_path, small_digits, trainer=trainer, data={"test_fraction": 0.155})
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    run_classifier("fit", "--config", str(config), *ddp, "--data.sampler", "balanced", cwd=tmp_path)
+    weights = "[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"  # the loss is a weighted mean: test's must not depend on the ranks
+    run_classifier("fit", "--config", str(config), *ddp, "--data.sampler", "balanced", "--model.class_weights",
+                   weights, cwd=tmp_path)  # fmt: skip
     best = run_dir(tmp_path, 0) / "checkpoints" / "best.ckpt"
     assert best.is_file() and (run_dir(tmp_path, 0) / "splits.csv").is_file()
     # the balanced sampler under DDP: each rank draws half of one epoch's worth, with replacement, other images
@@ -221,6 +223,8 @@ def test_two_process_ddp_on_cpu(small_digits: Path, tmp_path: Path) -> None:
     drawn = [[row for batch in json.loads((tmp_path / "spy" / f"rank{rank}.json").read_text()) for row in batch["rows"]]
              for rank in (0, 1)]  # fmt: skip
     assert [len(rows) for rows in drawn] == [train_rows // 2 // 32 * 32] * 2  # full batches of this rank's half
+    summary = json.loads((run_dir(tmp_path, 0) / "summary.json").read_text())
+    assert summary["train_images"] == len(drawn[0]) + len(drawn[1])  # both ranks' images, not rank 0's
     assert drawn[0] != drawn[1] and all(0 <= row < train_rows for row in drawn[0] + drawn[1])
     assert len(set(drawn[0] + drawn[1])) < len(drawn[0] + drawn[1])  # drawn with replacement
 

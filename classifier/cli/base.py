@@ -31,6 +31,7 @@ from classifier.core.console import debugging, parse_error_line
 from classifier.core.errors import USAGE_ERROR
 from classifier.data.datamodule import ImageFolderDataModule
 from classifier.evaluation.predictions import PredictionWriter
+from classifier.model.metrics import metric_mode
 from classifier.model.module import ImageClassifier
 from classifier.training.callbacks import EarlyStopping, FitReport, RNGStateCheckpoint
 from classifier.training.faults import DivergenceGuard, LastCheckpoint
@@ -161,6 +162,11 @@ class ClassifierCLI(LightningCLI):
         if best and best.monitor == SINGLE_LABEL_MONITOR and (data.get("label_delimiter") or data.get("label_columns")):
             best.monitor = config.early_stopping.monitor = "val/map"
             log.info("multi-label data: checkpoints and early stopping monitor val/map (--checkpoint.monitor)")
+        if best and (mode := metric_mode(best.monitor)) not in (None, best.mode):
+            log.info("--checkpoint.monitor %s is better %s: checkpoints and early stopping keep its %s (mode %s, "
+                     "not %s)", best.monitor, *(("lower", "lowest") if mode == "min" else ("higher", "highest")),
+                     mode, best.mode)  # fmt: skip
+            best.mode = config.early_stopping.mode = mode
         if not best or (best.every_n_train_steps is None and best.train_time_interval is None):
             return
         intervals = {"every_n_train_steps": best.every_n_train_steps, "train_time_interval": best.train_time_interval}

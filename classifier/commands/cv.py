@@ -18,10 +18,11 @@ from classifier.cli.base import ClassifierCLI, ParsedCLI
 from classifier.core.atomic import atomic_open, write_json
 from classifier.core.console import print_table
 from classifier.data.splits import LABEL_SEPARATOR
-from classifier.evaluation.multilabel_reports import image_losses, multilabel_scores, write_multilabel_report
+from classifier.evaluation.multilabel_reports import multilabel_scores, write_multilabel_report
 from classifier.evaluation.predictions import write_predictions
 from classifier.evaluation.reports import write_evaluation_report
 from classifier.model.checkpoints import MACHINE_SETTINGS, read_checkpoint
+from classifier.model.losses import checkpoints_criterion, probabilities_loss
 from classifier.model.module import classification_metrics
 from classifier.training.tracking import log_cross_validation
 
@@ -151,8 +152,9 @@ def aggregate(runs: list[Path], options: list[str]) -> Path:
     _write_rows(cv_dir / "oof_predictions.csv", oof_rows)
     ensemble = {}
     if test_probs:
-        thresholds = fold_thresholds(runs)
-        ensemble = _ensemble(test_probs, cv_dir / "ensemble", None if thresholds is None else thresholds.mean(axis=0))
+        checkpoints = [read_checkpoint(run / "checkpoints" / "best.ckpt", "--aggregate") for run in runs]
+        criterion, thresholds = checkpoints_criterion(checkpoints), fold_thresholds(checkpoints)
+        ensemble = _ensemble(test_probs, cv_dir / "ensemble", criterion, thresholds)
     log_cross_validation(runs, cv_dir, summary, ensemble)  # when the folds ran with MLflow
     _show(summary, ensemble)
     log.info("Cross-validation of %d folds: %s", len(runs), cv_dir)
@@ -171,18 +173,20 @@ def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def fold_thresholds(runs: list[Path]) -> np.ndarray | None:
-    """Each fold model's per-label decision thresholds (folds x labels), as its checkpoint keeps them; None for
+def fold_thresholds(checkpoints: list[dict]) -> np.ndarray | None:
+    """The mean of the fold models' per-label decision thresholds, as their checkpoints keep them; None for
     single-label models."""
-    states = [read_checkpoint(run / "checkpoints" / "best.ckpt", "--aggregate")["state_dict"] for run in runs]
+    states = [checkpoint["state_dict"] for checkpoint in checkpoints]
     if "net.thresholds" not in states[0]:
         return None
-    return np.stack([state["net.thresholds"].float().numpy() for state in states])
+    return np.stack([state["net.thresholds"].float().numpy() for state in states]).mean(axis=0)
 
 
-def _ensemble(per_fold: list[list[dict[str, str]]], out: Path, thresholds: np.ndarray | None) -> dict[str, float]:
-    """Average the fold models' test probabilities; score and report the ensemble as `test` does one model (multi-label,
-    deciding each label at `thresholds`, the mean of the folds')."""
+def _ensemble(
+    per_fold: list[list[dict[str, str]]], out: Path, criterion: torch.nn.Module, thresholds: np.ndarray | None
+) -> dict[str, float]:
+    """Average the fold models' test probabilities; score and report the ensemble as `test` does one model: its loss
+    by the folds' criterion, multi-label deciding each label at `thresholds`, the mean of the folds'."""
     classes = [column.removeprefix("prob_") for column in per_fold[0][0] if column.startswith("prob_")]
     paths = [row["path"] for row in per_fold[0]]
     if any([row["path"] for row in rows] != paths for rows in per_fold):
@@ -191,11 +195,11 @@ def _ensemble(per_fold: list[list[dict[str, str]]], out: Path, thresholds: np.nd
     out.mkdir(parents=True, exist_ok=True)
     image_paths = [Path(path) for path in paths]
     if thresholds is not None:
-        return _label_ensemble(per_fold[0], probs, classes, thresholds, image_paths, out)
+        return _label_ensemble(per_fold[0], probs, classes, criterion, thresholds, image_paths, out)
     targets = np.array([classes.index(row["target"]) for row in per_fold[0]])
     metrics = classification_metrics(len(classes), prefix="test/")
     scores = {name: float(value) for name, value in metrics(torch.from_numpy(probs), torch.from_numpy(targets)).items()}
-    scores["test/loss"] = float(-np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, None)).mean())
+    scores["test/loss"] = probabilities_loss(criterion, torch.from_numpy(probs), torch.from_numpy(targets))
     write_json(out / "metrics.json", dict(sorted(scores.items())))
     image_paths = [Path(path) for path in paths]
     write_predictions(out / "predictions.csv", image_paths, torch.from_numpy(targets), torch.from_numpy(probs), classes)
@@ -207,6 +211,7 @@ def _label_ensemble(
     rows: list[dict[str, str]],
     probs: np.ndarray,
     classes: list[str],
+    criterion: torch.nn.Module,
     thresholds: np.ndarray,
     paths: list[Path],
     out: Path,
@@ -214,7 +219,7 @@ def _label_ensemble(
     """The multi-label ensemble's scores (those `test` logs), predictions.csv and report files."""
     targets = np.array([[int(name in row["target"].split(LABEL_SEPARATOR)) for name in classes] for row in rows])
     scores = {f"test/{name}": value for name, value in multilabel_scores(targets, probs, thresholds).items()}
-    scores["test/loss"] = float(image_losses(targets, probs).mean())
+    scores["test/loss"] = probabilities_loss(criterion, torch.from_numpy(probs), torch.from_numpy(targets))
     write_json(out / "metrics.json", dict(sorted(scores.items())))
     tensors = torch.from_numpy(targets), torch.from_numpy(probs), torch.from_numpy(thresholds)
     write_predictions(out / "predictions.csv", paths, tensors[0], tensors[1], classes, thresholds=tensors[2])

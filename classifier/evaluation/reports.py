@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: files only, and the user's backend stays as it is
 from matplotlib.ticker import MaxNLocator
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import precision_recall_fscore_support
 from torchmetrics.functional.classification import multiclass_calibration_error
@@ -50,14 +49,18 @@ def classification_report(
 
 
 def calibration_bins(targets: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
-    """(mean confidence, accuracy, count) per equal-width confidence bin, for the reliability diagram."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == targets
-    accuracy, mean_confidence = calibration_curve(correct.astype(int), confidence, n_bins=bins, strategy="uniform")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    counts = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=bins)  # scikit-learn's binning
-    filled = iter(zip(mean_confidence.tolist(), accuracy.tolist(), strict=True))  # the non-empty bins, in order
-    return [(*next(filled), int(count)) if count else (float("nan"), float("nan"), 0) for count in counts]
+    """(mean confidence, accuracy, count) per bin of `test/ece`: torchmetrics' `bins` equal-width bins [low, high) of
+    the float32 confidence, and a last one for confidence exactly 1, which a float32 softmax often gives."""
+    confidence, predicted = torch.from_numpy(probs).float().max(dim=1)
+    correct = (predicted.numpy() == targets).astype(np.float64)
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float32)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).numpy()
+    counts = np.bincount(index, minlength=bins + 1)
+    sums = [np.bincount(index, weights=values, minlength=bins + 1) for values in (confidence.double().numpy(), correct)]
+    return [
+        (float(conf / count), float(right / count), int(count)) if count else (float("nan"), float("nan"), 0)
+        for conf, right, count in zip(*sums, counts, strict=True)
+    ]
 
 
 def expected_calibration_error(targets: np.ndarray, probs: np.ndarray) -> float:
@@ -112,12 +115,14 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: list[str], normalize: b
 
 
 def reliability_figure(per_bin: list, ece: float) -> Figure:
-    """Accuracy against confidence per bin; a calibrated model follows the diagonal.
+    """Accuracy against confidence per bin of the ECE (`calibration_bins`); a calibrated model follows the diagonal.
 
-    Opaque bars and an unfilled hatched gap, so no colour comes from two overlapping ones; each is in the legend.
+    Opaque bars and an unfilled hatched gap, so no colour comes from two overlapping ones; each is in the legend. The
+    images of confidence exactly 1 (a bin of their own in the ECE) are a diamond at 1.
     """
     figure = Figure(figsize=(6, 6), dpi=100, layout="constrained")
     axes = figure.subplots()
+    *per_bin, (_, certain_accuracy, certain) = per_bin
     width = 1 / len(per_bin)
     centres = (np.arange(len(per_bin)) + 0.5) * width
     accuracy = np.array([a if count else 0.0 for _, a, count in per_bin])
@@ -126,6 +131,9 @@ def reliability_figure(per_bin: list, ece: float) -> Figure:
     axes.bar(centres, confidence - accuracy, bottom=accuracy, width=width, fill=False, hatch="///",
              edgecolor="tab:red", label="gap to mean confidence")  # fmt: skip
     axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    if certain:
+        axes.plot([1.0], [certain_accuracy], "D", color="tab:blue", markeredgecolor="black", clip_on=False,
+                  label=f"confidence 1: {certain} images")  # fmt: skip
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy")
     axes.set_title(f"reliability diagram, ECE = {ece:.4f}")
     axes.legend(loc="upper left")

@@ -6,7 +6,7 @@ per image: binary cross-entropy, focal or asymmetric over one sigmoid per class,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -100,6 +100,44 @@ def build_loss(
     if name == "ce":
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
     return FocalLoss(gamma=focal_gamma, weight=weight, label_smoothing=label_smoothing)
+
+
+def loss_normaliser(criterion: nn.Module, targets: Tensor) -> Tensor:
+    """What `criterion` divided a batch's summed loss by: the targets' total class weight for weighted class indices
+    (PyTorch's weighted mean), else the number of images. Batch losses averaged with it give the split's loss."""
+    weight = getattr(criterion, "weight", None)
+    if weight is not None and not targets.is_floating_point():
+        return weight[targets].sum()
+    return torch.tensor(float(len(targets)), device=targets.device)
+
+
+def checkpoints_criterion(checkpoints: list[dict[str, Any]]) -> nn.Module:
+    """The loss the checkpoints trained with, their class weights averaged: the criterion of their ensemble (each fold
+    of `cv` counts its own "auto" weights on its own train split)."""
+    hparams = checkpoints[0]["hyper_parameters"]
+    states = [checkpoint["state_dict"] for checkpoint in checkpoints]
+    weights = [state["criterion.weight"].float() for state in states if "criterion.weight" in state]
+    criterion = build_loss(
+        hparams.get("loss"),
+        len(hparams["class_names"]),
+        bool(weights),
+        hparams.get("label_smoothing", 0.0),
+        hparams.get("focal_gamma", 2.0),
+        hparams.get("task", "multiclass"),
+    )
+    if weights:
+        criterion.weight.copy_(torch.stack(weights).mean(dim=0))
+    return criterion
+
+
+def probabilities_loss(criterion: nn.Module, probs: Tensor, targets: Tensor) -> float:
+    """The criterion of probabilities (an ensemble's mean) through the logits that give them: log p for a softmax,
+    logit p for sigmoids (targets 0/1 rows), clipped where a written probability is 0 or 1."""
+    probs = probs.float()
+    with torch.no_grad():
+        if isinstance(criterion, SigmoidLoss):
+            return float(criterion(probs.logit(eps=1e-7), targets.float()))
+        return float(criterion(probs.clamp_min(torch.finfo(torch.float32).tiny).log(), targets))
 
 
 def inverse_frequency_weights(

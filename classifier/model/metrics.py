@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassCalibrationError,
@@ -23,6 +25,15 @@ FAST = {"validate_args": False}  # argument checks read values back to the host:
 # torchmetrics merges the states of metrics that are equal after the first update (compute groups): when the
 # first batch is all right, top-5's state equals balanced accuracy's, and top-5 reports top-1 for the whole run
 SEPARATE = {"compute_groups": False}
+LOWER_IS_BETTER = ("loss", "ece", "hamming")
+HIGHER_IS_BETTER = ("acc", "balanced_acc", "f1_macro", "f1_weighted", "top5_acc", "f1", "map", "ap", "f1_micro",
+                    "precision", "recall", "subset_acc")  # fmt: skip
+
+
+def metric_mode(name: str) -> Literal["min", "max"] | None:
+    """The sense a logged metric improves in (`val/loss`: min, `val/f1/cat`: max); None for a name not logged here."""
+    kind = name.split("/")[1] if name.count("/") else name
+    return "min" if kind in LOWER_IS_BETTER else "max" if kind in HIGHER_IS_BETTER else None
 
 
 class BalancedAccuracy(MulticlassStatScores):
@@ -37,6 +48,26 @@ class BalancedAccuracy(MulticlassStatScores):
         support = tp + fn
         present = support > 0
         return (tp[present] / support[present]).mean() if present.any() else torch.tensor(0.0)
+
+
+class WeightedMean(Metric):
+    """The mean of batch values, each counted `weight` times: a split's loss whatever its batches and ranks, when each
+    batch's loss is a weighted mean over its images (class weights). torchmetrics' MeanMetric drops `weight` under
+    nan_strategy="disable" (1.9), and its NaN check reads values back to the host every step."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: Tensor) -> None:
+        self.total += value.double() * weight
+        self.weight += weight.double()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.weight).float()
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:

@@ -14,10 +14,10 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
-from torchmetrics import CatMetric, MeanMetric
+from torchmetrics import CatMetric
 
-from classifier.model.losses import build_loss, inverse_frequency_weights
-from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
+from classifier.model.losses import build_loss, inverse_frequency_weights, loss_normaliser
+from classifier.model.metrics import WeightedMean, classification_metrics, decision_metrics, ranking_metrics
 from classifier.model.net import ClassifierNet
 from classifier.model.ood import scored_logits
 from classifier.model.thresholds import tune_thresholds
@@ -151,7 +151,7 @@ class ImageClassifier(LightningModule):
         for stage in STAGES:
             scores = ranking_metrics if self.multilabel else classification_metrics
             setattr(self, f"{stage}_metrics", scores(num_classes, prefix=f"{stage}/"))
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", WeightedMean())
             if self.multilabel:
                 setattr(self, f"{stage}_decisions", decision_metrics(num_classes, prefix=f"{stage}/"))
         if self.multilabel:  # validation's scores and labels, to tune the thresholds on
@@ -196,9 +196,21 @@ class ImageClassifier(LightningModule):
             self.pretrained_loaded = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """--model.thresholds wins over the thresholds the checkpoint was tuned to."""
-        if (given := self._given_thresholds()) is not None and "net.thresholds" in checkpoint["state_dict"]:
-            checkpoint["state_dict"]["net.thresholds"] = given
+        """--model.thresholds wins over the thresholds the checkpoint was tuned to, and --model.class_weights over the
+        loss weights it trained with (test's loss is then weighted as asked; `null` drops them)."""
+        state = checkpoint["state_dict"]
+        if (given := self._given_thresholds()) is not None and "net.thresholds" in state:
+            state["net.thresholds"] = given
+        weights = self.hparams.class_weights
+        if weights is None:
+            state.pop("criterion.weight", None)
+        elif isinstance(weights, list):
+            state["criterion.weight"] = torch.tensor(weights, dtype=torch.float)
+        elif "criterion.weight" not in state:
+            raise ValueError(
+                "--model.class_weights auto is counted from the train split when a fit starts, and this checkpoint "
+                "trained without weights: pass a list of one weight per class instead"
+            )
 
     def _given_thresholds(self) -> Tensor | None:
         """--model.thresholds, one per class; None when not given."""
@@ -280,12 +292,11 @@ class ImageClassifier(LightningModule):
         logits = self.predict_logits(images) if stage == "test" else self(images)
         loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
-        metrics.update(logits, targets)
+        # probabilities: torchmetrics would skip its softmax (ECE's) for a batch of logits that all lie in [0, 1]
+        metrics.update(self.net.probabilities(logits.detach()), targets)
         if self.multilabel:
             self._update_decisions(logits, targets, stage)
-        # one value per image weights the epoch mean by batch size; `weight=` would be dropped by nan_strategy
-        # "disable" (torchmetrics 1.9), which this metric needs because its NaN check syncs with the host
-        mean_loss.update(loss.detach().expand(len(targets)))
+        mean_loss.update(loss.detach(), loss_normaliser(self.criterion, loss_targets))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
         return loss, logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -31,10 +32,13 @@ def predict_logits(
     model: Callable[[Tensor], Tensor], images: Tensor, tta: TTA | None, multilabel: bool = False
 ) -> Tensor:
     """Logits, or with TTA the log of the views' mean probabilities (the same thing for softmax and loss);
-    multi-label, the logit of the views' mean sigmoid probabilities (the same thing for sigmoid)."""
+    multi-label, the logit of the views' mean sigmoid probabilities (the same thing for sigmoid). Computed in log
+    space (logsumexp), so a probability that underflows in float32 gives a finite logit, not -inf."""
     views = tta_views(images, tta)
     if len(views) == 1:
         return model(images)
-    if multilabel:
-        return torch.stack([model(view).float().sigmoid() for view in views]).mean(dim=0).logit(eps=1e-7)
-    return torch.stack([model(view).float().softmax(dim=-1) for view in views]).mean(dim=0).log()
+    logits = torch.stack([model(view).float() for view in views])
+    log_views = math.log(len(views))
+    if multilabel:  # logit(mean p) = log mean p - log mean (1 - p)
+        return F.logsigmoid(logits).logsumexp(dim=0) - F.logsigmoid(-logits).logsumexp(dim=0)
+    return logits.log_softmax(dim=-1).logsumexp(dim=0) - log_views

@@ -104,6 +104,10 @@ class FitReport(Callback):
         self.history: list[dict[str, float]] = []  # one row of epoch-level train/ and val/ scalars per epoch
         self.seconds = 0.0  # fit time, validation included, over all sessions of a resumed run
         self.train_images = 0
+        self.best: dict[str, float] | None = None  # the epoch and validation metrics (per class too) best.ckpt holds
+        self._best_value: float | None = None  # the checkpoint's best score when `best` was taken
+        self._validation: dict[str, float] | None = None  # the latest validation's, until the checkpoint judges it
+        self._checkpoint: ModelCheckpoint | None = None
         self._confusion: MulticlassConfusionMatrix | None = None
         self._per_class: ClasswiseWrapper | None = None  # logs val/f1/<class> (multi-label: val/ap/<label>)
         self._started = self._validation_started = self._validation_seconds = 0.0
@@ -113,14 +117,18 @@ class FitReport(Callback):
         self._epoch_images = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "seconds": self.seconds, "train_images": self.train_images}
+        self._settle_best()  # best.ckpt is being written: it holds the validation just judged
+        return {"history": self.history, "seconds": self.seconds, "train_images": self.train_images,
+                "best": self.best, "best_value": self._best_value}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = state_dict["history"]
         self.seconds = state_dict["seconds"]
         self.train_images = state_dict["train_images"]
+        self.best, self._best_value = state_dict.get("best"), state_dict.get("best_value")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint = trainer.checkpoint_callback
         self._started = time.perf_counter()
         self._validation_seconds = 0.0
         self._session_images = 0
@@ -139,6 +147,7 @@ class FitReport(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """The epoch's training and validation metrics are final here, before last.ckpt saves this history."""
+        self._settle_best()
         self._record(trainer, trainer.current_epoch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -177,13 +186,29 @@ class FitReport(Callback):
                     logger.experiment.add_figure("val/confusion_matrix", figure, trainer.current_epoch, close=False)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Runs before the checkpoint callback's (Lightning calls checkpoints last), which judges this validation."""
         if trainer.state.fn == "fit":  # the sanity check too: it is no training time either
             self._validation_seconds += time.perf_counter() - self._validation_started
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            metrics = trainer.callback_metrics.items()
+            scalars = {name: float(value) for name, value in metrics if name.startswith("val/") and value.numel() == 1}
+            self._validation = {"epoch": trainer.current_epoch, **scalars}
+
+    def _settle_best(self) -> None:
+        """Once the checkpoint callback has judged the latest validation: if best.ckpt changed, it holds that one
+        (whichever metric it monitors, per class included, and at any `val_check_interval`)."""
+        score = self._checkpoint.best_model_score if self._checkpoint is not None else None
+        if score is None or self._validation is None:
+            return
+        if self._best_value is None or float(score) != self._best_value:
+            self.best, self._best_value = self._validation, float(score)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._settle_best()
         elapsed = time.perf_counter() - self._started
         training_seconds = elapsed - self._validation_seconds
         self.seconds += elapsed
+        self._count_every_rank(trainer)
         self.train_images += self._session_images
         log_dir = trainer.log_dir
         if log_dir is None or not trainer.is_global_zero:
@@ -193,7 +218,7 @@ class FitReport(Callback):
         save_figure(training_curves_figure(self.history), run_dir / "training_curves.png")
         checkpoint = trainer.checkpoint_callback
         summary = {
-            "best_epoch": self.best_epoch(checkpoint),
+            "best_epoch": self.best_epoch,
             "monitor": checkpoint.monitor if checkpoint else None,
             "best_value": float(checkpoint.best_model_score)
             if checkpoint and checkpoint.best_model_score is not None
@@ -201,6 +226,7 @@ class FitReport(Callback):
             "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
             "epochs": len(self.history),
             "wall_time_s": round(self.seconds, 3),
+            "train_images": self.train_images,  # every rank's, over every session of a resumed run
             "train_images_per_s": round(self._session_images / max(training_seconds, 1e-9), 1),
             "steady_train_images_per_s": steady_throughput(self._epochs),
             "epoch_train_images_per_s": [round(images / max(seconds, 1e-9), 1) for seconds, images in self._epochs],
@@ -208,6 +234,15 @@ class FitReport(Callback):
             "trainable_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
         }
         write_json(run_dir / "summary.json", summary)
+
+    def _count_every_rank(self, trainer: Trainer) -> None:
+        """The images of every rank, not this one's: a collective under DDP (each rank counted its own batches)."""
+        if trainer.world_size == 1:
+            return
+        counts = torch.tensor([self._session_images, *(images for _, images in self._epochs)], dtype=torch.long)
+        counts = trainer.strategy.reduce(counts.to(trainer.strategy.root_device), reduce_op="sum").cpu().tolist()
+        self._session_images = counts[0]
+        self._epochs = [(seconds, images) for (seconds, _), images in zip(self._epochs, counts[1:], strict=True)]
 
     def _record(self, trainer: Trainer, epoch: int) -> None:
         if epoch < 0 or any(row["epoch"] == epoch for row in self.history):
@@ -220,13 +255,10 @@ class FitReport(Callback):
         if row:
             self.history.append({"epoch": epoch, **row})
 
-    def best_epoch(self, checkpoint: ModelCheckpoint | None) -> int | None:
-        """The epoch of the checkpoint's best monitored value, from the recorded history; None before any."""
-        scored = [row for row in self.history if checkpoint and checkpoint.monitor in row]
-        if not scored:
-            return None
-        pick = max if checkpoint.mode == "max" else min
-        return int(pick(scored, key=lambda row: row[checkpoint.monitor])["epoch"])
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of the validation best.ckpt holds; None before any."""
+        return None if self.best is None else int(self.best["epoch"])
 
 
 class EarlyStopping(early_stopping.EarlyStopping):

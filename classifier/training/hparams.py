@@ -56,11 +56,12 @@ def flat_config(config: Namespace) -> dict[str, Any]:
 
 
 def best_metrics(trainer: Trainer) -> dict[str, float]:
-    """`hp/best_val_<name>`: the validation metrics of the epoch best.ckpt holds, with `hp/best_epoch`; {} without."""
+    """`hp/best_val_<name>`: the validation metrics best.ckpt holds (per class only the monitor), with
+    `hp/best_epoch`; {} without."""
     report = next((callback for callback in trainer.callbacks if isinstance(callback, FitReport)), None)
-    epoch = report.best_epoch(trainer.checkpoint_callback) if report is not None else None
-    if epoch is None:
+    if report is None or report.best is None:
         return {}
-    row = next(row for row in report.history if row["epoch"] == epoch)
-    values = {f"{HP_PREFIX}{name.replace('/', '_')}": value for name, value in row.items() if name.startswith("val/")}
-    return {f"{HP_PREFIX}epoch": epoch, **values}
+    monitor = trainer.checkpoint_callback.monitor if trainer.checkpoint_callback else None
+    shown = {name: value for name, value in report.best.items() if name.count("/") == 1 or name == monitor}
+    values = {f"{HP_PREFIX}{name.replace('/', '_')}": value for name, value in shown.items() if name.startswith("val/")}
+    return {f"{HP_PREFIX}epoch": report.best_epoch, **values}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import sys
 from pathlib import Path
+from typing import Literal
 from unittest import mock
 
 import numpy as np
@@ -14,11 +16,14 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.tuner import Tuner, lr_finder
 from matplotlib.figure import Figure
 
+from classifier.core.atomic import atomic_open
 from classifier.core.figures import save_figure
 from classifier.model.module import ImageClassifier
 
 log = logging.getLogger(__name__)
 SKIP_BEGIN = 10  # the first points average few losses: too noisy to suggest from (Lightning skips them too)
+Rule = Literal["valley", "minimum", "steepest"]
+RULE_NAMES = {"valley": "longest valley", "minimum": "lowest loss (rate / 10)", "steepest": "steepest descent"}
 
 
 class DebiasedLRCallback(lr_finder._LRCallback):
@@ -57,36 +62,62 @@ class DebiasedLRCallback(lr_finder._LRCallback):
         self.losses.append(smoothed)
 
 
-def steepest_descent(lrs: np.ndarray, losses: np.ndarray) -> int | None:
-    """Index of the steepest fall of the loss per decade of learning rate, between the first `SKIP_BEGIN` points and
-    the lowest loss: the rate at which the model learns fastest, on the descending part of the curve.
+def suggest(lrs: np.ndarray, losses: np.ndarray, rule: Rule) -> tuple[float, int] | None:
+    """The rate `rule` suggests, and the index of the curve's point it reads, from the points past the first
+    `SKIP_BEGIN`; None when the loss never fell there.
 
-    Lightning's own rule takes the gradient against the rate itself, which on an exponential sweep weighs the
-    first, tiny steps up to a million-fold and lands on noise.
+    - valley (fastai's default, from ESRI): about 2/3 down the longest run of falling losses;
+    - minimum: a tenth of the rate of the lowest loss (fastai's `minimum`);
+    - steepest: the steepest fall of the loss per decade of rate, up to the lowest loss. Lightning's own steepest
+      rule takes the gradient against the rate itself, which on an exponential sweep weighs the first, tiny steps
+      up to a million-fold and lands on noise.
     """
     finite = np.flatnonzero(np.isfinite(losses))
-    candidates = finite[finite >= SKIP_BEGIN]
-    if len(candidates) < 2:
+    points = finite[finite >= SKIP_BEGIN]
+    if len(points) < 2:
         return None
-    lowest = candidates[np.argmin(losses[candidates])]
-    descending = candidates[candidates <= lowest]
+    lowest = points[np.argmin(losses[points])]
+    descending = points[points <= lowest]
     if len(descending) < 2:
         return None
-    slopes = np.gradient(losses[descending], np.log10(lrs[descending]))
-    return int(descending[np.argmin(slopes)])
+    if rule == "minimum":
+        return float(lrs[lowest]) / 10, int(lowest)
+    if rule == "steepest":
+        chosen = descending[np.argmin(np.gradient(losses[descending], np.log10(lrs[descending])))]
+    else:
+        chosen = points[longest_valley(losses[points])]
+    return float(lrs[chosen]), int(chosen)
 
 
-def lr_find_figure(lrs: np.ndarray, losses: np.ndarray, suggested: int | None, num_classes: int) -> Figure:
-    """The smoothed loss against the rate, the level of guessing, and the suggestion."""
+def longest_valley(losses: np.ndarray) -> int:
+    """fastai's `valley`: the index 1/3 + 1/6 of the way along the longest strictly falling subsequence."""
+    longest = [1] * len(losses)
+    start = end = 0
+    for i in range(1, len(losses)):
+        for j in range(i):
+            if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end, start = i, i - longest[i]
+    sections = (end - start) / 3
+    return max(0, start + int(sections) + int(sections / 2))
+
+
+def lr_find_figure(
+    lrs: np.ndarray, losses: np.ndarray, suggestion: tuple[float, int] | None, rule: Rule, num_classes: int
+) -> Figure:
+    """The smoothed loss against the rate, the level of guessing, the point the rule read and its suggestion."""
     figure = Figure(layout="constrained")  # not pyplot's: the user's backend stays as it is
     ax = figure.subplots()
     ax.plot(lrs, losses, label="training loss (running mean)")
     ax.axhline(math.log(num_classes), color="grey", linestyle="--", label=f"chance: ln {num_classes}")
-    if suggested is None:
+    if suggestion is None:
         ax.set_title("No learning rate suggested")
     else:
-        ax.plot(lrs[suggested], losses[suggested], "o", color="red", markersize=9, label="steepest descent")
-        ax.set_title(f"Suggested learning rate: {lrs[suggested]:.3g}")
+        rate, point = suggestion
+        ax.plot(lrs[point], losses[point], "o", color="red", markersize=9, label=f"read: {RULE_NAMES[rule]}")
+        ax.axvline(rate, color="red", linestyle=":", label=f"suggestion: {rate:.3g}")
+        ax.set_title(f"Suggested learning rate: {rate:.3g} (rule: {rule})")
     ax.set(xscale="log", xlabel="learning rate", ylabel="loss")
     ax.legend()
     return figure
@@ -100,8 +131,10 @@ def lr_find(
     max_lr: float,
     num_training: int,
     early_stop_threshold: float | None,
+    rule: Rule = "valley",
 ) -> float | None:
-    """Lightning's range test with a debiased loss curve, its plot in the run folder, and the suggested rate."""
+    """Lightning's range test with a debiased loss curve, its plot and points in the run folder, and the rate `rule`
+    suggests."""
     model.start_from_pretrained()  # the sweep runs in a callback's on_fit_start, before the model's own
     max_epochs = trainer.fit_loop.max_epochs
     trainer.fit_loop.max_epochs = max(max_epochs or 0, num_training)  # on small data the sweep outlasts max_epochs
@@ -121,20 +154,28 @@ def lr_find(
     if finder is None:
         return None
     lrs, losses = np.array(finder.results["lr"]), np.array(finder.results["loss"])
-    suggested = steepest_descent(lrs, losses)
-    suggestion = None if suggested is None else float(lrs[suggested])
+    suggestion = suggest(lrs, losses, rule)
     if not trainer.is_global_zero:
-        return suggestion
+        return None if suggestion is None else suggestion[0]
     run_dir = Path(trainer.log_dir or trainer.default_root_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plot = run_dir / "lr_find.png"
-    save_figure(lr_find_figure(lrs, losses, suggested, len(model.class_names)), plot)
+    save_figure(lr_find_figure(lrs, losses, suggestion, rule, len(model.class_names)), plot)
+    write_curve(run_dir / "lr_find.csv", lrs, losses)
     if suggestion is None:
         log.warning(
             "No learning rate suggested: the loss never fell over %d steps past the first %d. Plot: %s",
             len(losses), SKIP_BEGIN, plot,
         )  # fmt: skip
-    else:
-        log.info("Suggested learning rate: %.3g (plot: %s)\nUse it with: --model.optimizer.lr %.3g",
-                 suggestion, plot, suggestion)  # fmt: skip
-    return suggestion
+        return None
+    log.info("Suggested learning rate (rule: %s): %.3g (plot: %s)\nUse it with: --model.optimizer.lr %.3g",
+             rule, suggestion[0], plot, suggestion[0])  # fmt: skip
+    return suggestion[0]
+
+
+def write_curve(path: Path, lrs: np.ndarray, losses: np.ndarray) -> None:
+    """The sweep's points, to apply another --rule to (`suggest`) without sweeping again."""
+    with atomic_open(path, newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["lr", "loss"])
+        writer.writerows([f"{lr:.9g}", f"{loss:.9g}"] for lr, loss in zip(lrs, losses, strict=True))

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from classifier.model.checkpoints import save_checkpoint
 from classifier.model.module import ImageClassifier
 from classifier.training.faults import RunCheckpointConnector
-from classifier.training.lr_find import lr_find
+from classifier.training.lr_find import Rule, lr_find
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -48,6 +48,7 @@ class ClassifierTrainer(Trainer):
         max_lr: float = 1.0,
         num_training: int = 100,
         early_stop_threshold: float | None = 4.0,
+        rule: Rule = "valley",
     ) -> float | None:
         """Find a learning rate: train briefly while raising it exponentially, and suggest where loss falls fastest.
 
@@ -56,5 +57,7 @@ class ClassifierTrainer(Trainer):
             max_lr: The sweep's last learning rate.
             num_training: Training steps in the sweep.
             early_stop_threshold: Stop once the loss exceeds this multiple of the best loss; None never stops.
+            rule: How the curve gives the rate: valley (about 2/3 down the longest fall, fastai's default), minimum
+                (a tenth of the rate of the lowest loss) or steepest (the steepest fall per decade of rate).
         """
-        return lr_find(self, model, datamodule, min_lr, max_lr, num_training, early_stop_threshold)
+        return lr_find(self, model, datamodule, min_lr, max_lr, num_training, early_stop_threshold, rule)

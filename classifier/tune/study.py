@@ -30,7 +30,7 @@ from classifier.cli.base import ParsedCLI
 from classifier.core.config import differences
 from classifier.core.console import debugging
 from classifier.core.errors import TrialsFailed
-from classifier.model.metrics import classification_metrics, decision_metrics, ranking_metrics
+from classifier.model.metrics import classification_metrics, decision_metrics, metric_mode, ranking_metrics
 from classifier.tune.report import FINISHED, shown, write_outputs
 from classifier.tune.search_space import override_args
 from classifier.tune.trial import TrialCLI, TrialPruning, trial_trainer, trial_value
@@ -125,19 +125,18 @@ class Session:
 
 
 def objective_direction(checkpoint: Namespace, metric: str, direction: str | None) -> str:
-    """--direction, by default the checkpoint's mode when it monitors the metric, with which it must then agree."""
-    mode = "maximize" if checkpoint.mode == "max" else "minimize"
-    if metric == checkpoint.monitor and direction not in (None, mode):
-        raise ValueError(
-            f"--direction {direction}: --checkpoint.mode {checkpoint.mode} keeps the checkpoint of the opposite "
-            f"{metric}; give the two the same sense"
-        )
-    if direction is None and metric != checkpoint.monitor:
+    """--direction, by default the sense the metric improves in (the checkpoint's mode for a metric of the user's own),
+    with which the checkpoint's must then agree when it monitors the metric."""
+    senses = {"max": "maximize", "min": "minimize"}
+    sense = metric_mode(metric) or (checkpoint.mode if metric == checkpoint.monitor else None)
+    if sense is None and direction is None:
         raise ValueError(
             f"--metric {metric} needs --direction maximize or minimize (--checkpoint.mode gives it only for the "
             f"checkpoint's monitor, {checkpoint.monitor})"
         )
-    return direction or mode
+    if sense is not None and direction not in (None, senses[sense]):
+        raise ValueError(f"--direction {direction}: {metric} is better {'lower' if sense == 'min' else 'higher'}")
+    return direction or senses[sense]
 
 
 def check_metric(metric: str, classes: list[str], multilabel: bool = False) -> None:
