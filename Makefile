@@ -31,6 +31,8 @@ lint:  ## Check style with ruff, and the package's layers and torch-free modules
 bench:  ## Reproduce the accuracy figures the tests no longer time (docs/performance.md), each beside its target
 	$(BIN)/python -m benchmarks.first_hour
 	$(BIN)/python -m benchmarks.bundled_digits --seeds 42 1 2
+	$(BIN)/python -m benchmarks.speedrun
+	$(BIN)/python -m benchmarks.lr_find
 	$(BIN)/python -m benchmarks.multilabel
 	$(BIN)/python -m benchmarks.near_copies
 	$(BIN)/python -m benchmarks.resize_modes

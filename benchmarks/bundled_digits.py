@@ -49,11 +49,11 @@ def svm_accuracy(splits_csv: Path, data_dir: Path) -> float:
     return float(svm.score(np.array(features["test"]) / 255, labels["test"]))
 
 
-def measure(seed: int, runs: Path, ttas: list[str], fit_options: list[str]) -> dict[str, float]:
-    """Fit one seed, then test its best checkpoint with each TTA policy."""
+def measure(seed: int, runs: Path, ttas: list[str], fit_options: list[str], config: str = CONFIG) -> dict[str, float]:
+    """Fit `config` with one seed, then test its best checkpoint with each TTA policy."""
     run_root = runs / f"seed_{seed}"
     started = time.perf_counter()
-    classifier("fit", "--config", CONFIG, "--seed_everything", str(seed), "--trainer.logger.save_dir", str(run_root),
+    classifier("fit", "--config", config, "--seed_everything", str(seed), "--trainer.logger.save_dir", str(run_root),
                *fit_options)  # fmt: skip
     row = {"seed": seed, "fit_s": time.perf_counter() - started}
     (run,) = run_root.glob("*/version_*")
@@ -68,15 +68,22 @@ def measure(seed: int, runs: Path, ttas: list[str], fit_options: list[str]) -> d
     return row
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def seeds_parser(description: str) -> argparse.ArgumentParser:
+    """The options of every benchmark that trains the digits over seeds: the seeds, where the runs go, the JSON
+    output, and a smoke run."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
-    parser.add_argument("--tta", nargs="+", default=["none", "crops", "flip", "flip_crops"])
-    parser.add_argument("--lr", type=float, help="train at this rate instead of the config's")
-    parser.add_argument("--max-epochs", type=int, help="train this many epochs instead of the config's")
     parser.add_argument("--runs", type=Path, help="keep the runs here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     parser.add_argument("--quick", action="store_true", help="a smoke run: test_resnet, 2 training batches, 1 epoch")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = seeds_parser(__doc__.splitlines()[0])
+    parser.add_argument("--tta", nargs="+", default=["none", "crops", "flip", "flip_crops"])
+    parser.add_argument("--lr", type=float, help="train at this rate instead of the config's")
+    parser.add_argument("--max-epochs", type=int, help="train this many epochs instead of the config's")
     options = parser.parse_args(argv)
     fit_options = QUICK_FIT.copy() if options.quick else []
     fit_options += ["--model.optimizer.lr", str(options.lr)] if options.lr else []

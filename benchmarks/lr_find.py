@@ -13,14 +13,13 @@ best checkpoint is tested without TTA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bundled_digits import CONFIG, QUICK_FIT, classifier, measure
+from benchmarks.bundled_digits import CONFIG, QUICK_FIT, classifier, measure, seeds_parser
 from classifier.training.lr_find import suggest
 
 RULES = ("valley", "minimum", "steepest")
@@ -37,12 +36,8 @@ def sweep(root: Path, quick: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
+    parser = seeds_parser(__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
-    parser.add_argument("--runs", type=Path, help="keep the runs here (default: a temporary folder)")
-    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: a short sweep, 2 training batches")
     options = parser.parse_args(argv)
     fit_options = QUICK_FIT.copy() if options.quick else []
     with tempfile.TemporaryDirectory() as scratch:

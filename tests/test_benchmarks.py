@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.helpers import classifier_here
 
@@ -100,6 +102,50 @@ def test_bundled_digits_benchmark_scores_the_run_and_the_svm_on_one_split(
     assert [json.loads(path.read_text())["test/acc"] for path in tests[-1:]] == [row["acc_flip"]]
     assert row["seed"] == 3 and row["fit_s"] > 0 and 0.95 < row["svm_acc"] <= 1  # RBF SVM on raw 8x8 pixels
     assert "min–max" in stdout and "acc_flip" in stdout and "svm_acc" in stdout
+
+
+@pytest.mark.slow
+def test_lr_find_benchmark_trains_each_rules_rate_beside_the_configs(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import bundled_digits, lr_find
+
+    monkeypatch.setattr(bundled_digits, "classifier", in_process)
+    monkeypatch.setattr(lr_find, "classifier", in_process)
+    out = tmp_path / "lr_find.json"
+    lr_find.main(["--seeds", "3", "--quick", "--rules", "minimum", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    config, minimum = json.loads(out.read_text())
+    (points,) = (tmp_path / "runs" / "sweep").rglob("lr_find.csv")
+    lrs, losses = np.loadtxt(points, delimiter=",", skiprows=1, unpack=True)
+    assert minimum["lr"] == pytest.approx(lrs[10 + np.argmin(losses[10:])] / 10)  # the rule, on the sweep's points
+    for row in (config, minimum):
+        (run,) = (tmp_path / "runs" / row["rate"] / "seed_3").glob("*/version_*")
+        assert [json.loads((run / "test" / "metrics.json").read_text())["test/acc"]] == row["accuracies"]
+    trained = yaml.safe_load((run / "config.yaml").read_text())["model"]["optimizer"]["init_args"]["lr"]
+    assert trained == pytest.approx(minimum["lr"], rel=1e-2)  # fitted at the suggestion (printed to 3 digits)
+    assert "points from the config's" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_speedrun_benchmark_times_the_recipe_against_the_reference_on_one_split(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import bundled_digits, speedrun
+
+    monkeypatch.setattr(bundled_digits, "classifier", in_process)  # speedrun fits and tests through `measure`
+    out = tmp_path / "speedrun.json"
+    speedrun.main(["--seeds", "3", "--quick", "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    stdout = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    (row,) = figures["rows"]
+    for name, config in (("speedrun", "speedrun_digits"), ("reference", "resnet18")):
+        (run,) = (tmp_path / "runs" / name / "seed_3").glob("*/version_*")
+        assert run.parent.name == config  # each config's own logger name: the two runs do not share a folder
+        assert json.loads((run / "test" / "metrics.json").read_text())["test/acc"] == row[f"{name}_acc"]
+    assert row["seed"] == 3 and row["test_images"] == 270 and 0.95 < row["svm_acc"] <= 1
+    assert row["time_ratio"] == pytest.approx(row["speedrun_fit_s"] / row["reference_fit_s"])
+    assert figures["mean"]["speedrun_acc"] == row["speedrun_acc"]
+    assert "time_ratio" in stdout and "mean |" in stdout and "test errors over all seeds: speedrun" in stdout
 
 
 @pytest.mark.slow

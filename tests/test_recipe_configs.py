@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import mlflow
+import numpy as np
 import pytest
 import timm
 import torch
@@ -190,6 +191,17 @@ def test_cat_breeds_cross_validates_five_folds_with_focal_loss_and_class_weights
     expected = [sum(train.values()) / (len(train) * train[name]) for name in sorted(counts)]  # n / (k * n_c)
     weights = checkpoint["state_dict"]["criterion.weight"]
     assert torch.allclose(weights, torch.tensor(expected), rtol=1e-5), (weights, expected)
+    # the ensemble's test/loss is the folds' criterion (focal, their class weights averaged), as each fold's is
+    folds = [read_checkpoint(root / f"version_{fold}" / "checkpoints" / "best.ckpt") for fold in range(5)]
+    mean_weights = torch.stack([fold["state_dict"]["criterion.weight"] for fold in folds]).mean(0).double().numpy()
+    ensemble = read_csv(root / "cv_0" / "ensemble" / "predictions.csv")
+    classes = sorted(counts)
+    probs = np.array([[float(row[f"prob_{name}"]) for name in classes] for row in ensemble])
+    targets = np.array([classes.index(row["target"]) for row in ensemble])
+    smoothed = np.eye(len(classes))[targets] * (1 - hparams["label_smoothing"]) + hparams["label_smoothing"] / 6
+    terms = -(mean_weights * smoothed * (1 - probs) ** hparams["focal_gamma"] * np.log(probs)).sum()
+    ensemble_loss = json.loads((root / "cv_0" / "ensemble" / "metrics.json").read_text())["test/loss"]
+    assert ensemble_loss == pytest.approx(terms / mean_weights[targets].sum(), rel=1e-5)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'lightning_logs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cat_breeds").experiment_id])
     (parent,) = [run for run in runs if run.info.run_name == "cv_0"]
@@ -214,3 +226,16 @@ def test_multilabel_scenes_trains_on_the_demo_scenes_and_monitors_map(tmp_path: 
     train = [row["label"].split(";") for row in read_csv(run / "splits.csv") if row["split"] == "train"]
     expected = [(len(train) - n) / n for n in (sum(label in labels for labels in train) for label in LABELS)]
     torch.testing.assert_close(positives, torch.tensor(expected))
+
+
+def test_speedrun_digits_trains_as_shipped_on_a_few_digits(tmp_path: Path, digits_dir: Path) -> None:
+    """The speed run's whole schedule, its epochs included, on 8 digits a class: two steps an epoch at batch 32."""
+    data = copy_digits(digits_dir, tmp_path / "digits", dict.fromkeys("0123456789", 8))
+    classifier(tmp_path, "fit", "--config", str(RECIPES / "speedrun_digits.yaml"), "--data.data_dir", str(data))
+    run = tmp_path / "lightning_logs" / "speedrun_digits" / "version_0"
+    shipped = yaml.safe_load((RECIPES / "speedrun_digits.yaml").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == shipped["trainer"]["max_epochs"]
+    checkpoint = read_checkpoint(run / "checkpoints" / "best.ckpt")
+    assert checkpoint["hyper_parameters"]["backbone"] == shipped["model"]["backbone"]
+    assert checkpoint["datamodule_hyper_parameters"]["cache"] == "ram"

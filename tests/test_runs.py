@@ -60,7 +60,8 @@ def test_lr_find_has_a_folder_of_its_own(logs: Path) -> None:
     (sweep,) = (logs / "lightning_logs" / "tiny" / "lr_find").iterdir()
     assert STAMP.fullmatch(sweep.name)
     files = sorted(path.name for path in sweep.iterdir() if not path.name.startswith("events.out.tfevents."))
-    assert files == ["config.yaml", "hparams.yaml", "lr_find.png", "splits.csv"]  # no checkpoints/ of a sweep
+    # the sweep's points and plot; no checkpoints/ of a sweep
+    assert files == ["config.yaml", "hparams.yaml", "lr_find.csv", "lr_find.png", "splits.csv"]
     config = yaml.safe_load((sweep / "config.yaml").read_text())
     assert config["num_training"] == 5 and config["trainer"]["logger"]["init_args"]["version"] == sweep.name
     assert Image.open(sweep / "lr_find.png").size[0] > 300

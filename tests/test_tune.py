@@ -278,7 +278,12 @@ def test_a_study_refuses_another_metric_and_keeps_its_files(
 
 
 @pytest.mark.parametrize(
-    ("config", "logger_name"), [("configs/resnet18.yaml", "resnet18"), ("configs/recipes/cifar_vit.yaml", "cifar_vit")]
+    ("config", "logger_name"),
+    [
+        ("configs/resnet18.yaml", "resnet18"),
+        ("configs/recipes/cifar_vit.yaml", "cifar_vit"),
+        ("configs/recipes/speedrun_digits.yaml", "speedrun_digits"),
+    ],
 )
 def test_each_shipped_search_space_fits_its_config(
     config: str, logger_name: str, digits3: Path, tmp_path: Path
