@@ -293,18 +293,18 @@ class ImageClassifier(LightningModule):
         loss = self.criterion(logits, loss_targets)
         metrics, mean_loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         # probabilities: torchmetrics would skip its softmax (ECE's) for a batch of logits that all lie in [0, 1]
-        metrics.update(self.net.probabilities(logits.detach()), targets)
+        probs = self.net.probabilities(logits.detach())
+        metrics.update(probs, targets)
         if self.multilabel:
-            self._update_decisions(logits, targets, stage)
+            self._update_decisions(probs, targets, stage)
         mean_loss.update(loss.detach(), loss_normaliser(self.criterion, loss_targets))
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=False)
         return loss, logits
 
-    def _update_decisions(self, logits: Tensor, targets: Tensor, stage: str) -> None:
+    def _update_decisions(self, probs: Tensor, targets: Tensor, stage: str) -> None:
         """Multi-label: the decisions' metrics, at 0.5 in a fit (whose validations tune the thresholds), at the
         tuned (or given) thresholds in validate and test; validation's scores are kept to tune them on."""
-        probs = self.net.probabilities(logits.detach())
         thresholds = 0.5 if self.trainer.state.fn == "fit" else self.net.thresholds
         decisions = getattr(self, f"{stage}_decisions")
         decisions.update((probs >= thresholds).long(), targets)

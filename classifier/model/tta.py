@@ -38,7 +38,6 @@ def predict_logits(
     if len(views) == 1:
         return model(images)
     logits = torch.stack([model(view).float() for view in views])
-    log_views = math.log(len(views))
     if multilabel:  # logit(mean p) = log mean p - log mean (1 - p)
         return F.logsigmoid(logits).logsumexp(dim=0) - F.logsigmoid(-logits).logsumexp(dim=0)
-    return logits.log_softmax(dim=-1).logsumexp(dim=0) - log_views
+    return logits.log_softmax(dim=-1).logsumexp(dim=0) - math.log(len(views))

@@ -62,6 +62,7 @@ def best_metrics(trainer: Trainer) -> dict[str, float]:
     if report is None or report.best is None:
         return {}
     monitor = trainer.checkpoint_callback.monitor if trainer.checkpoint_callback else None
-    shown = {name: value for name, value in report.best.items() if name.count("/") == 1 or name == monitor}
-    values = {f"{HP_PREFIX}{name.replace('/', '_')}": value for name, value in shown.items() if name.startswith("val/")}
+    # the best row holds its epoch and the validation's metrics, per class too
+    values = {f"{HP_PREFIX}{name.replace('/', '_')}": value for name, value in report.best.items()
+              if name.count("/") == 1 or name == monitor}  # fmt: skip
     return {f"{HP_PREFIX}epoch": report.best_epoch, **values}
